@@ -1,0 +1,138 @@
+"""Train a co-distillation job.
+
+    python -m codistill.run                                  # jobs/quickstart.yaml: 2 peers on digits, ~1 min on CPU
+    python -m codistill.run --config jobs/digits_dml.yaml --set loss.alpha=0    # the independent baseline
+    python -m codistill.run --set exchange.mode=checkpoint --set exchange.period=20
+    python -m codistill.run --resume runs/quickstart-20261122-101500             # continue a run (Ray engine)
+
+Prints progress per round (per peer: step, train loss, test accuracy), a final table, and writes
+DIR/summary.json (DIR defaults to runs/<name>-<timestamp>; the path is printed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from codistill.config import RunConfig, build, apply_overrides, read_yaml, default_job_path, to_dict
+from codistill.engine import RoundResult, build_summary, make_engine, write_summary
+
+__all__ = ["main", "ConsoleReporter", "format_table", "train"]
+
+
+class ConsoleReporter:
+    """Progress lines per round and a step bar (tqdm) on stderr."""
+
+    def __init__(self, stream=sys.stdout):
+        self.stream = stream
+        self.bar = None
+        self.t0 = time.perf_counter()
+
+    def on_start(self, cfg: RunConfig, total_steps: int) -> None:
+        from tqdm import tqdm
+
+        peers = ", ".join(f"{cfg.peer_name(i)}" for i in range(cfg.num_peers))
+        ex = cfg.exchange
+        detail = f"staleness={ex.staleness}" if ex.mode == "logits" else f"period={ex.period}"
+        self._print(f"codistill {cfg.name}: {cfg.num_peers} peers [{peers}] on {cfg.data.name}, {total_steps} steps, "
+                    f"exchange={ex.mode} ({detail}, topology={ex.topology}), loss={cfg.loss.divergence} "
+                    f"T={cfg.loss.temperature} alpha={cfg.loss.alpha} burn_in={cfg.loss.burn_in}, engine={cfg.engine}")
+        self.bar = tqdm(total=total_steps, unit="step", desc="slowest peer", file=sys.stderr, leave=False,
+                        disable=not sys.stderr.isatty())
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def on_round(self, r: RoundResult) -> None:
+        if self.bar is not None:
+            self.bar.update(r.step - self.bar.n)
+        m = r.metrics
+        self._print(f"round {r.round:3d} step {r.step:6d} [{time.perf_counter() - self.t0:6.1f}s] "
+                    f"ensemble acc {m['ensemble_accuracy']:.4f}  churn {m['churn']:.4f}  pairwise KL {m['mean_pairwise_kl']:.4f}")
+        for p in r.peers:
+            loss = sum(p.step_losses) / max(1, len(p.step_losses))
+            self._print(f"    {p.name:<24} step {p.step:6d}  loss {loss:.4f}  test acc {p.eval.accuracy:.4f}  "
+                        f"{p.steps_per_s:7.1f} steps/s" + (f"  restarts {p.restarts}" if p.restarts else ""))
+
+    def on_event(self, message: str) -> None:
+        self._print(f"  ! {message}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_table(summary: dict) -> str:
+    rows = [("peer", "model", "test acc", "test loss", "steps", "steps/s", "restarts")]
+    for p in summary["peers"]:
+        rows.append((p["name"], p["model"], f"{p['test_accuracy']:.4f}", f"{p['test_loss']:.4f}", str(p["steps"]),
+                     f"{p['steps_per_s']:.1f}", str(p["restarts"])))
+    rows.append(("ensemble", "mean probs", f"{summary['ensemble']['test_accuracy']:.4f}", "", "", "", ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt = lambda r: "|".join(f" {v:<{w}} " for v, w in zip(r, widths))  # noqa: E731
+    out = [line, fmt(rows[0]), line, *(fmt(r) for r in rows[1:-1]), line, fmt(rows[-1]), line]
+    st = summary["staleness"]
+    out.append(f"churn {summary['churn']:.4f}   mean pairwise KL {summary['mean_pairwise_kl']:.4f}   "
+               f"staleness mean {st['mean']:.1f} max {st['max']}   bytes exchanged {summary['bytes_exchanged']:,}   "
+               f"wall {summary['wall_time_s']:.1f}s")
+    return "\n".join(out)
+
+
+def default_out_dir(cfg: RunConfig) -> str:
+    return str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def train(cfg: RunConfig, out_dir: str, reporter=None) -> dict:
+    """Run a validated job; write summary.json and the resolved job to out_dir; return the summary."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "job.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    t0 = time.perf_counter()
+    history = make_engine(cfg, reporter).run(out_dir)
+    summary = build_summary(cfg, history, time.perf_counter() - t0)
+    write_summary(summary, out_dir)
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m codistill.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help=f"job YAML (default: {default_job_path().name})")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a job field by dotted key, e.g. loss.alpha=0 or peers.1.model=cnn (repeatable)")
+    ap.add_argument("--output", help="run directory (default runs/<name>-<timestamp>)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        raw = apply_overrides(read_yaml(args.config or default_job_path()), args.overrides)
+        if args.output:
+            raw.setdefault("output", {})["dir"] = args.output
+        cfg = build(raw)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = cfg.output.dir or default_out_dir(cfg)
+    reporter = ConsoleReporter()
+    try:
+        summary = train(cfg, out_dir, reporter)
+    finally:
+        reporter.close()
+    print(format_table(summary))
+    print(f"summary: {Path(out_dir) / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
