@@ -21,7 +21,6 @@ from pathlib import Path
 import yaml
 
 from codistill.config import RunConfig, build, apply_overrides, read_yaml, default_job_path, to_dict
-from codistill.engine import RoundResult, build_summary, make_engine, write_summary
 
 __all__ = ["main", "ConsoleReporter", "format_table", "train"]
 
@@ -29,8 +28,8 @@ __all__ = ["main", "ConsoleReporter", "format_table", "train"]
 class ConsoleReporter:
     """Progress lines per round and a step bar (tqdm) on stderr."""
 
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self._stream = stream
         self.bar = None
         self.t0 = time.perf_counter()
 
@@ -46,13 +45,17 @@ class ConsoleReporter:
         self.bar = tqdm(total=total_steps, unit="step", desc="slowest peer", file=sys.stderr, leave=False,
                         disable=not sys.stderr.isatty())
 
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
+
     def _print(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
 
-    def on_round(self, r: RoundResult) -> None:
+    def on_round(self, r) -> None:
         if self.bar is not None:
             self.bar.update(r.step - self.bar.n)
         m = r.metrics
@@ -96,6 +99,8 @@ def train(cfg: RunConfig, out_dir: str, reporter=None) -> dict:
     """Run a validated job; write summary.json and the resolved job to out_dir; return the summary."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "job.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from codistill.engine import build_summary, make_engine, write_summary  # torch is imported only to train
+
     t0 = time.perf_counter()
     history = make_engine(cfg, reporter).run(out_dir)
     summary = build_summary(cfg, history, time.perf_counter() - t0)
