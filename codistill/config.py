@@ -196,7 +196,7 @@ class OutputConfig:
     dir: str | None = None
     """Run directory (local path or pyarrow.fs URI); default runs/<name>-<timestamp>."""
     checkpoint_every: int = 0
-    """Peers write their own training checkpoint every N steps (0 = only at the end)."""
+    """Ray engine: peers write their own training checkpoint every N steps (0 = at the end of every round)."""
 
     def validate(self, path: str) -> None:
         _check(self.checkpoint_every >= 0, f"{path}.checkpoint_every", self.checkpoint_every, "an integer >= 0")
@@ -213,7 +213,8 @@ class RunConfig:
     """Training length in passes over a peer's training data; converted to steps."""
     eval_every: int = 100
     """Steps per round: peers are evaluated on the test set after each round."""
-    engine: Literal["local", "ray"] = "local"
+    engine: Literal["local", "ray"] = "ray"
+    """ray: one actor per peer (RayEngine); local: all peers in this process (debugging, reference)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     """bf16 autocast (and channels_last for conv nets) on CUDA; ignored on CPU."""

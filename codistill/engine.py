@@ -8,8 +8,12 @@ metrics and calls the Reporter (progress lines, MLflow).
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -78,8 +82,22 @@ def evaluate_round(round_index: int, reports: Sequence[PeerReport], labels: torc
     return RoundResult(round_index, min(r.step for r in reports), list(reports), metrics, events or [])
 
 
-def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: float) -> dict[str, Any]:
-    """The run's summary.json: final per-peer and ensemble results plus the per-round history."""
+def round_record(h: RoundResult) -> dict[str, Any]:
+    """A JSON-ready record of a round (what summary.json and the resume file keep)."""
+    return {"round": h.round, "step": h.step, **h.metrics, "events": h.events,
+            "peers": {p.name: {"step": p.step, "test_accuracy": p.eval.accuracy, "test_loss": p.eval.loss,
+                               "train_loss": sum(p.step_losses) / max(1, len(p.step_losses)),
+                               "steps_per_s": p.steps_per_s, "lr": p.lr, "restarts": p.restarts,
+                               "bytes_published": p.exchange.bytes_published,
+                               "bytes_pulled": p.exchange.bytes_pulled,
+                               "staleness_mean": p.exchange.to_dict()["staleness_mean"]}
+                      for p in h.peers}}
+
+
+def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: float,
+                  prior_rounds: Sequence[dict] = ()) -> dict[str, Any]:
+    """The run's summary.json: final per-peer and ensemble results plus the per-round history
+    (`prior_rounds`: records of rounds an earlier driver of the same run finished)."""
     final = history[-1]
     total = ExchangeStats()
     for r in final.peers:
@@ -110,14 +128,8 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
         "restarts": sum(r.restarts for r in final.peers),
         "engine": cfg.engine,
         "wall_time_s": wall_time_s,
-        "events": [e for h in history for e in h.events],
-        "rounds": [
-            {"round": h.round, "step": h.step, **h.metrics,
-             "peers": {p.name: {"step": p.step, "test_accuracy": p.eval.accuracy, "test_loss": p.eval.loss,
-                                "train_loss": sum(p.step_losses) / max(1, len(p.step_losses)),
-                                "steps_per_s": p.steps_per_s, "lr": p.lr} for p in h.peers}}
-            for h in history
-        ],
+        "events": [e for r in prior_rounds for e in r.get("events", [])] + [e for h in history for e in h.events],
+        "rounds": [*prior_rounds, *(round_record(h) for h in history)],
         "config": to_dict(cfg),
     }
 
@@ -192,8 +204,318 @@ class LocalEngine:
         return history
 
 
-ENGINES = {"local": LocalEngine}
+# ---------------------------------------------------------------------------------------------
+# storage: a local directory or any pyarrow.fs URI (s3://, gs://, hdfs://)
 
 
-def make_engine(cfg: RunConfig, reporter: Reporter | None = None):
-    return ENGINES[cfg.engine](cfg, reporter)
+class Storage:
+    """Files under a run directory, local or remote, through pyarrow.fs."""
+
+    def __init__(self, uri: str | Path):
+        from pyarrow import fs
+
+        uri = str(uri)
+        if "://" in uri:
+            self.fs, self.root = fs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = fs.LocalFileSystem(), os.path.abspath(uri)
+        self.uri = uri if "://" in uri else self.root
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:  # write then move: a crash never leaves half a file
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def read(self, rel: str) -> bytes | None:
+        from pyarrow import fs
+
+        if self.fs.get_file_info(self._path(rel)).type != fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read()
+
+    def list(self, rel_dir: str) -> list[str]:
+        from pyarrow import fs
+
+        info = self.fs.get_file_info(fs.FileSelector(self._path(rel_dir), allow_not_found=True))
+        return sorted(i.base_name for i in info if i.type == fs.FileType.File)
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self._path(rel))
+
+    def write_torch(self, rel: str, obj: Any) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write(rel, buf.getvalue())
+
+    def read_torch(self, rel: str) -> Any:
+        data = self.read(rel)
+        return None if data is None else torch.load(io.BytesIO(data), weights_only=True)  # nothing is unpickled
+
+
+def checkpoint_steps(storage: Storage, peer_name: str) -> list[int]:
+    return sorted(int(n[5:-3]) for n in storage.list(f"checkpoints/{peer_name}") if n.startswith("step-") and n.endswith(".pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# RayEngine: one actor per peer in a placement group, a named board actor, rounds collected with ray.wait
+
+
+class PeerActor:
+    """A Peer in its own Ray actor. Restarted by Ray (max_restarts), it resumes from its own last
+    training checkpoint; started by a resuming driver, from the step the driver names."""
+
+    def __init__(self, cfg_dict: dict, index: int, board_name: str, namespace: str, storage_uri: str,
+                 resume_step: int | None):
+        import ray
+
+        from codistill.config import build
+        from codistill.exchange import RayBoardClient
+
+        self.cfg = cfg = build(cfg_dict)
+        threads = cfg.resources.threads_per_peer or max(1, int(cfg.resources.num_cpus))
+        torch.set_num_threads(threads)
+        self.index = index
+        self.storage = Storage(storage_uri)
+        self.peer = Peer(cfg, index, load_dataset(cfg.data))
+        self.board = RayBoardClient(ray.get_actor(board_name, namespace=namespace), index)
+        self.exchange = make_exchange(cfg, index, self.board)
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.busy_s = 0.0
+        self.restarts = 0
+        self.resumed_from: int | None = None
+        steps = checkpoint_steps(self.storage, self.peer.name)
+        with warnings.catch_warnings():  # Ray's own property uses a deprecated accessor internally
+            warnings.simplefilter("ignore")
+            reconstructed = ctx.was_current_actor_reconstructed
+        if reconstructed:
+            self.restarts = ray.get(self.board.handle.note_restart.remote(index))
+            step = steps[-1] if steps else None
+        else:
+            step = resume_step if resume_step in steps else None
+        if step is not None:
+            self._load(step)
+
+    def _load(self, step: int) -> None:
+        state = self.storage.read_torch(f"checkpoints/{self.peer.name}/step-{step}.pt")
+        self.peer.load_training_state(state)
+        self.busy_s = float(state["busy_s"])
+        self.restarts = max(self.restarts, int(state["restarts"]))
+        for k, v in state["exchange"].items():
+            setattr(self.exchange.stats, k, type(getattr(self.exchange.stats, k))(v))
+        self.resumed_from = step
+        self.board.mark_durable(self.index, step)
+
+    def _save(self) -> None:
+        state = self.peer.training_state()
+        state.update(busy_s=self.busy_s, restarts=self.restarts, exchange=vars(self.exchange.stats).copy())
+        name = self.peer.name
+        self.storage.write_torch(f"checkpoints/{name}/step-{self.peer.step}.pt", state)
+        for old in checkpoint_steps(self.storage, name)[:-3]:  # keep the newest three
+            self.storage.delete(f"checkpoints/{name}/step-{old}.pt")
+        self.board.mark_durable(self.index, self.peer.step)
+
+    def info(self) -> dict[str, Any]:
+        return {"step": self.peer.step, "total_steps": self.peer.total_steps, "node_id": self.node_id, "restarts": self.restarts,
+                "resumed_from": self.resumed_from, "device": str(self.peer.device),
+                "gpu_ids": __import__("ray").get_gpu_ids()}
+
+    def test_labels(self) -> torch.Tensor:
+        return self.peer.dataset.test_y
+
+    def run_round(self, until_step: int, round_index: int) -> PeerReport:
+        """Train (free-running: waits only where the exchange says) until `until_step`, then evaluate."""
+        peer, ex, every = self.peer, self.exchange, self.cfg.output.checkpoint_every
+        losses, lr = [], 0.0
+        t0 = time.perf_counter()
+        while peer.step < until_step:
+            step = peer.step
+            ex.start_step(peer, step)
+            stats = peer.train_step(ex.teacher_logits(peer, step))
+            ex.end_step(peer, step)
+            losses.append(stats.loss)
+            lr = stats.lr
+            if every and peer.step % every == 0:
+                self.busy_s += time.perf_counter() - t0
+                self._save()
+                t0 = time.perf_counter()
+        self.busy_s += time.perf_counter() - t0
+        if not every or peer.step % every:
+            self._save()  # every round ends durable: restarts and --resume start from here
+        return PeerReport(self.index, peer.name, self.cfg.peers[self.index].model, peer.step, losses,
+                          peer.evaluate(), self.busy_s, ex.stats, lr, self.restarts, self.node_id)
+
+    def take_weights(self, version: int):
+        return self.board.take_weights(version)
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return self.peer.weights()
+
+
+class RayEngine:
+    """Peers as Ray actors exchanging through the object store; the driver only collects rounds."""
+
+    def __init__(self, cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.reporter = reporter or _Quiet()
+        self.resume = resume
+        self.step_losses: list[list[float]] = [[] for _ in cfg.peers]
+        self.prior_rounds: list[dict] = []
+        self.peer_info: list[dict] = []
+
+    @staticmethod
+    def init_ray() -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointing at a cluster
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False)
+
+    def _placement_group(self):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        res = self.cfg.resources
+        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+        strategy = {"pack": "PACK", "spread": "SPREAD"}[res.placement]
+        pg = placement_group([dict(bundle) for _ in self.cfg.peers], strategy=strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("CODISTILL_PLACEMENT_TIMEOUT_S", 60)))
+        if not ready:
+            ray.util.remove_placement_group(pg)
+            raise RuntimeError(
+                f"resources: cannot reserve {self.cfg.num_peers} peers x {bundle} (placement={res.placement}); "
+                f"the cluster has {ray.cluster_resources()} in all and {ray.available_resources()} free. "
+                f"Lower resources.num_cpus / resources.num_gpus or add nodes.")
+        return pg
+
+    def run(self, out_dir: str | Path) -> list[RoundResult]:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from codistill.exchange import RayBoardActor
+
+        cfg, res = self.cfg, self.cfg.resources
+        self.init_ray()
+        storage = Storage(out_dir)
+        names = [cfg.peer_name(i) for i in range(cfg.num_peers)]
+        resume_step = None
+        if self.resume:
+            progress = json.loads((storage.read("progress.json") or b"{}").decode() or "{}")
+            self.prior_rounds = progress.get("rounds", [])
+            have = [set(checkpoint_steps(storage, n)) for n in names]
+            common = set.intersection(*have) if have else set()
+            resume_step = max(common) if common else None  # every peer restarts from the same step
+            if resume_step is not None:
+                self.prior_rounds = [r for r in self.prior_rounds if r["step"] <= resume_step]
+        run_id = uuid.uuid4().hex[:8]
+        namespace = ray.get_runtime_context().namespace
+        actor_names = [f"codistill-{run_id}-{n}" for n in names]
+        board = ray.remote(RayBoardActor).options(
+            name=f"codistill-{run_id}-board", namespace=namespace, num_cpus=0, max_concurrency=10_000,
+        ).remote(to_dict(cfg), actor_names, namespace)
+        pg = self._placement_group()
+        # take_weights runs in its own thread ("exchange" group) so the board can pull a checkpoint
+        # while the peer is busy training.
+        remote_peer = ray.remote(concurrency_groups={"exchange": 1})(PeerActor)
+        actors = []
+        try:
+            for i in range(cfg.num_peers):
+                actors.append(remote_peer.options(
+                    name=actor_names[i], namespace=namespace, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                    max_restarts=res.max_restarts, max_task_retries=res.max_restarts,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                ).remote(to_dict(cfg), i, f"codistill-{run_id}-board", namespace, storage.uri, resume_step))
+            self.peer_info = ray.get([a.info.remote() for a in actors])
+            labels = ray.get(actors[0].test_labels.remote())
+            history = self._collect(actors, labels, storage)
+            finals = ray.get([a.final_weights.remote() for a in actors])
+            for name, w in zip(names, finals):
+                storage.write_torch(f"peers/{name}.pt", w)
+            return history
+        finally:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            ray.kill(board, no_restart=True)
+            ray.util.remove_placement_group(pg)
+
+    def _round_ends(self, total: int) -> list[int]:
+        every = self.cfg.eval_every
+        return [min(e, total) for e in range(every, total + every, every)]
+
+    def _collect(self, actors, labels: torch.Tensor, storage: Storage) -> list[RoundResult]:
+        import ray
+
+        cfg = self.cfg
+        totals = [info["total_steps"] for info in self.peer_info]  # may differ per peer under `disjoint` shards
+        self.reporter.on_start(cfg, max(totals))
+        self._last_report: dict[int, PeerReport] = {}
+        pending: dict[Any, tuple[int, int]] = {}
+        ends = [self._round_ends(t) for t in totals]
+        first_round = len(self.prior_rounds)
+        for i, a in enumerate(actors):
+            start = self.peer_info[i]["step"]
+            for r, end in enumerate(ends[i]):
+                if end > start:
+                    pending[a.run_round.remote(end, r)] = (i, r)
+        by_round: dict[int, dict[int, PeerReport]] = {}
+        history: list[RoundResult] = []
+        restarts = [info["restarts"] for info in self.peer_info]
+        events: list[str] = []
+        for i, info in enumerate(self.peer_info):
+            if info["resumed_from"] is not None:
+                events.append(f"{cfg.peer_name(i)} resumed from its checkpoint at step {info['resumed_from']}")
+        num_rounds = max(len(e) for e in ends)
+        next_round = first_round
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                i, r = pending.pop(ref)
+                try:
+                    report: PeerReport = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise RuntimeError(f"peer {cfg.peer_name(i)} died and could not be restarted "
+                                       f"(resources.max_restarts={cfg.resources.max_restarts}): {e}") from None
+                except ray.exceptions.RayTaskError as e:
+                    raise RuntimeError(f"peer {cfg.peer_name(i)} failed in round {r}: {e.cause}") from None
+                if report.restarts > restarts[i]:
+                    msg = f"{report.name} restarted ({report.restarts} restart(s) so far) and resumed from its last checkpoint"
+                    events.append(msg)
+                    self.reporter.on_event(msg)
+                    restarts[i] = report.restarts
+                self.step_losses[i].extend(report.step_losses)
+                by_round.setdefault(r, {})[i] = report
+            # Rounds complete in order; a peer that finished early (shorter shard) reports its last round again.
+            while next_round < num_rounds and len(by_round.get(next_round, {})) + sum(
+                    1 for i in range(cfg.num_peers) if len(ends[i]) <= next_round) == cfg.num_peers:
+                reports = dict(by_round.pop(next_round, {}))
+                for i in range(cfg.num_peers):
+                    if i not in reports:
+                        reports[i] = self._last_report[i]
+                for i, rep in reports.items():
+                    self._last_report[i] = rep
+                history.append(evaluate_round(next_round, list(reports.values()), labels, events))
+                events = []
+                self.reporter.on_round(history[-1])
+                storage.write("progress.json", json.dumps(
+                    {"rounds": [*self.prior_rounds, *(round_record(h) for h in history)]}).encode())
+                next_round += 1
+        return history
+
+
+ENGINES = {"local": LocalEngine, "ray": RayEngine}
+
+
+def make_engine(cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False):
+    if resume and cfg.engine != "ray":
+        raise ValueError("--resume: needs engine=ray (LocalEngine keeps no training checkpoints)")
+    return ENGINES[cfg.engine](cfg, reporter, resume=resume) if resume else ENGINES[cfg.engine](cfg, reporter)

@@ -3,8 +3,8 @@
 Two layers:
 
 * A **Board** is the transport: it holds published logit shards and weight versions and hands
-  them out. `InMemoryBoard` serves LocalEngine (one process); `RayBoard` (in codistill.ray_board,
-  used by RayEngine) keeps object-store references in a named actor. Both move the same wire
+  them out. `InMemoryBoard` serves LocalEngine (one process); `RayBoardClient` talks to a named
+  `RayBoard` actor that keeps object-store references (never the bytes) for RayEngine. Both move the same wire
   objects (`LogitShard`, `WireWeights`: numpy arrays, so a pull within a Ray node is zero-copy).
 * An **exchange** (one per peer, chosen by `exchange.mode` through EXCHANGES) says what a step
   does with the board: `start_step` (forward, publish), `teacher_logits` (pull or compute the
@@ -30,6 +30,7 @@ Semantics (DESIGN.md, "Exchange semantics"):
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import warnings
@@ -42,7 +43,7 @@ import torch
 
 from codistill.config import RunConfig
 
-__all__ = ["LogitShard", "WireWeights", "Board", "InMemoryBoard", "ExchangeStats", "LogitExchange",
+__all__ = ["LogitShard", "WireWeights", "Board", "InMemoryBoard", "RayBoardActor", "RayBoardClient", "ExchangeStats", "LogitExchange",
            "CheckpointExchange", "EXCHANGES", "make_exchange", "teachers_of", "consumers_of", "encode_tensor",
            "decode_array", "encode_weights", "decode_weights", "TeacherUnavailable"]
 
@@ -375,3 +376,205 @@ EXCHANGES: dict[str, type[_Exchange]] = {"logits": LogitExchange, "checkpoint": 
 
 def make_exchange(cfg: RunConfig, index: int, board: Board) -> _Exchange:
     return EXCHANGES[cfg.exchange.mode](cfg, index, board)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: a named board actor holding object-store references, and the client a peer actor uses
+
+
+def _ray():
+    import ray  # Ray is imported only when a Ray board is used (LocalEngine runs without it)
+
+    return ray
+
+
+class RayBoardActor:
+    """Holds references to published objects, never their bytes (async actor: waits cost nothing).
+
+    Logit shards are `ray.put` by their publisher and survive while it lives; a shard lost with its
+    publisher is published again by the restarted peer. Checkpoints must outlive their publisher,
+    so the board *pulls* them: the peer announces a version and the board calls
+    `peer.take_weights(version)`; an actor method's return value is owned by its caller, so the
+    object stays usable after the peer dies (Ray 2.56 removed `ray.put(_owner=...)`).
+    """
+
+    def __init__(self, cfg_dict: dict, peer_names: list[str], namespace: str | None):
+        from codistill.config import build
+
+        cfg = build(cfg_dict)
+        n, topo = cfg.num_peers, cfg.exchange.topology
+        self._consumers = {j: consumers_of(j, n, topo) for j in range(n)}
+        self._peer_names = peer_names
+        self._namespace = namespace
+        self._handles: dict[int, Any] = {}
+        self._logits: dict[tuple[int, int], tuple[Any, int]] = {}  # (publisher, step) -> (ref, produced_step)
+        self._taken: dict[tuple[int, int], set[int]] = {}
+        self._durable = {j: 0 for j in range(n)}
+        self._weights: dict[int, dict[int, Any]] = {j: {} for j in range(n)}  # publisher -> version -> ref
+        self._keep = 3 if cfg.exchange.sync else 1
+        self._restarts = {j: 0 for j in range(n)}
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_until(self, predicate, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                return predicate()
+        return True
+
+    # -- logits --
+    def publish_logits(self, publisher: int, batch_step: int, refs: list) -> None:
+        self._logits[(publisher, batch_step)] = refs[0]
+        self._notify()
+
+    async def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float):
+        key = (publisher, batch_step)
+        if not await self._wait_until(lambda: key in self._logits, timeout_s):
+            return None
+        self._taken.setdefault(key, set()).add(consumer)
+        ref = self._logits[key]
+        self._collect()
+        return [ref]  # in a list, so the caller receives the reference, not the value
+
+    def drop_logits(self, publisher: int, batch_step: int) -> None:
+        """A consumer found this shard lost (publisher died): forget it until it is published again."""
+        self._logits.pop((publisher, batch_step), None)
+
+    def _collect(self) -> None:
+        for (j, step) in list(self._logits):
+            consumers = self._consumers[j]
+            if set(consumers) <= self._taken.get((j, step), set()) and all(self._durable[c] > step for c in consumers):
+                del self._logits[(j, step)]
+                self._taken.pop((j, step), None)
+
+    def mark_durable(self, peer: int, step: int) -> None:
+        self._durable[peer] = max(self._durable[peer], step)
+        self._collect()
+
+    # -- weights --
+    def offer_weights(self, publisher: int, version: int) -> None:
+        ray = _ray()
+        if publisher not in self._handles:
+            self._handles[publisher] = ray.get_actor(self._peer_names[publisher], namespace=self._namespace)
+        versions = self._weights[publisher]
+        versions[version] = self._handles[publisher].take_weights.options(concurrency_group="exchange").remote(version)
+        for v in sorted(versions)[:-self._keep]:
+            del versions[v]
+        self._notify()
+
+    def versions(self) -> dict[int, int]:
+        return {j: max(v) for j, v in self._weights.items() if v}
+
+    def weights(self, publisher: int, version: int | None = None):
+        versions = self._weights[publisher]
+        if not versions:
+            return None
+        v = max(versions) if version is None else version
+        return [versions[v]] if v in versions else None
+
+    async def wait_weights(self, publisher: int, version: int, timeout_s: float):
+        if not await self._wait_until(lambda: version in self._weights[publisher], timeout_s):
+            return None
+        return [self._weights[publisher][version]]
+
+    # -- events --
+    def note_restart(self, peer: int) -> int:
+        self._restarts[peer] += 1
+        return self._restarts[peer]
+
+    def stats(self) -> dict[str, int]:
+        return {"logit_shards_held": len(self._logits), "weight_versions_held": sum(len(v) for v in self._weights.values())}
+
+
+class RayBoardClient(Board):
+    """The Board interface over a RayBoardActor, used inside a peer actor."""
+
+    def __init__(self, handle, index: int):
+        self.handle = handle
+        self.index = index
+        self._keep: dict[tuple[int, int], Any] = {}  # our own published shards stay alive while referenced
+        self._versions_ref = None
+        self.outbox: dict[int, WireWeights] = {}
+
+    def publish_logits(self, publisher: int, shard: LogitShard) -> None:
+        ray = _ray()
+        ref = ray.put(shard)
+        self._keep[(publisher, shard.batch_step)] = ref
+        for key in [k for k in self._keep if k[1] < shard.batch_step - 64]:  # the board holds what consumers need
+            del self._keep[key]
+        self.handle.publish_logits.remote(publisher, shard.batch_step, [ref])
+
+    def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float) -> LogitShard:
+        ray = _ray()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            found = ray.get(self.handle.fetch_logits.remote(publisher, batch_step, consumer, max(left, 0.0)))
+            if found is None:
+                raise TeacherUnavailable(f"peer {consumer}: no logits from peer {publisher} for step {batch_step} "
+                                         f"after {timeout_s}s (exchange.timeout_s)")
+            try:
+                return ray.get(found[0])
+            except ray.exceptions.ObjectLostError:  # publisher died: its restart publishes this step again
+                self.handle.drop_logits.remote(publisher, batch_step)
+                time.sleep(0.05)
+
+    def publish_weights(self, publisher: int, weights: WireWeights) -> None:
+        # Keep it in the outbox and announce it; the board takes it with peer.take_weights(version),
+        # so the board owns the object and it outlives this peer.
+        self.outbox[weights.version] = weights
+        for v in sorted(self.outbox)[:-3]:
+            del self.outbox[v]
+        self.handle.offer_weights.remote(publisher, weights.version)
+
+    def take_weights(self, version: int) -> WireWeights | None:
+        return self.outbox.get(version)
+
+    def newest_weights(self, consumer: int, known: Mapping[int, int], want: Mapping[int, int],
+                       timeout_s: float) -> dict[int, WireWeights]:
+        ray = _ray()
+        out: dict[int, WireWeights] = {}
+        for j, need in want.items():
+            if known.get(j, -1) == need:
+                continue
+            found = ray.get(self.handle.wait_weights.remote(j, need, timeout_s))
+            if found is None:
+                raise TeacherUnavailable(f"peer {consumer}: no checkpoint of peer {j} at step {need} after {timeout_s}s")
+            w = self._get(found[0])
+            if w is not None:
+                out[j] = w
+        # Never wait for news: one versions() request stays in flight and is read once it is ready.
+        if self._versions_ref is None:
+            self._versions_ref = self.handle.versions.remote()
+        ready, _ = ray.wait([self._versions_ref], timeout=0)
+        if ready:
+            versions = ray.get(self._versions_ref)
+            self._versions_ref = self.handle.versions.remote()
+            for j, have in known.items():
+                if j in want or versions.get(j, -1) <= have:
+                    continue
+                found = ray.get(self.handle.weights.remote(j))
+                w = self._get(found[0]) if found else None
+                if w is not None and w.version > have:
+                    out[j] = w
+        return out
+
+    @staticmethod
+    def _get(ref) -> WireWeights | None:
+        ray = _ray()
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.RayActorError):
+            return None  # gone with its node or publisher: no fresh teacher, keep the last one
+
+    def mark_durable(self, peer: int, step: int) -> None:
+        self.handle.mark_durable.remote(peer, step)

@@ -95,16 +95,19 @@ def default_out_dir(cfg: RunConfig) -> str:
     return str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
-def train(cfg: RunConfig, out_dir: str, reporter=None) -> dict:
-    """Run a validated job; write summary.json and the resolved job to out_dir; return the summary."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "job.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    from codistill.engine import build_summary, make_engine, write_summary  # torch is imported only to train
+def train(cfg: RunConfig, out_dir: str, reporter=None, resume: bool = False) -> dict:
+    """Run a validated job; write the resolved job and summary.json to out_dir (a path or a pyarrow.fs
+    URI); return the summary. With resume, continue the run whose files are in out_dir."""
+    from codistill.engine import Storage, build_summary, make_engine  # torch is imported only to train
 
+    storage = Storage(out_dir)
+    if not resume:
+        storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     t0 = time.perf_counter()
-    history = make_engine(cfg, reporter).run(out_dir)
-    summary = build_summary(cfg, history, time.perf_counter() - t0)
-    write_summary(summary, out_dir)
+    engine = make_engine(cfg, reporter, resume=resume)
+    history = engine.run(out_dir)
+    summary = build_summary(cfg, history, time.perf_counter() - t0, getattr(engine, "prior_rounds", ()))
+    storage.write("summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -114,16 +117,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", help=f"job YAML (default: {default_job_path().name})")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a job field by dotted key, e.g. loss.alpha=0 or peers.1.model=cnn (repeatable)")
-    ap.add_argument("--output", help="run directory (default runs/<name>-<timestamp>)")
+    ap.add_argument("--output", help="run directory, a path or a pyarrow.fs URI such as s3://bucket/run "
+                                     "(default runs/<name>-<timestamp>)")
+    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its job.yaml; peers restart from "
+                                                    "their last common checkpoint)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        raw = apply_overrides(read_yaml(args.config or default_job_path()), args.overrides)
-        if args.output:
-            raw.setdefault("output", {})["dir"] = args.output
+        if args.resume:
+            from codistill.engine import Storage
+
+            job = Storage(args.resume).read("job.yaml")
+            if job is None:
+                raise ValueError(f"--resume: no job.yaml in {args.resume!r}; allowed: a run directory codistill wrote")
+            raw = apply_overrides(yaml.safe_load(job), args.overrides)
+            raw.setdefault("output", {})["dir"] = args.resume
+        else:
+            raw = apply_overrides(read_yaml(args.config or default_job_path()), args.overrides)
+            if args.output:
+                raw.setdefault("output", {})["dir"] = args.output
         cfg = build(raw)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -131,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = cfg.output.dir or default_out_dir(cfg)
     reporter = ConsoleReporter()
     try:
-        summary = train(cfg, out_dir, reporter)
+        summary = train(cfg, out_dir, reporter, resume=bool(args.resume))
+    except RuntimeError as e:  # a peer that could not go on, resources that cannot be had
+        reporter.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         reporter.close()
     print(format_table(summary))
