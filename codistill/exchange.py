@@ -74,10 +74,11 @@ def consumers_of(index: int, num_peers: int, topology: str) -> list[int]:
 
 
 def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
-    t = t.detach().to("cpu")
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy()
-    return t.to(getattr(torch, dtype)).numpy()
+    """A numpy copy in the wire dtype. Always a copy: a view of a live parameter would change under
+    the consumer's feet while the publisher keeps training."""
+    wire = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
+    t = t.detach().to("cpu", dtype=wire, copy=True)
+    return t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
 
 
 def _from_numpy(a: np.ndarray) -> torch.Tensor:
@@ -129,7 +130,7 @@ def encode_weights(state: Mapping[str, torch.Tensor], version: int, dtype: str) 
             arrays[k] = encode_tensor(v, dtype)
             float_keys.add(k)
         else:
-            arrays[k] = v.detach().cpu().numpy()
+            arrays[k] = v.detach().to("cpu", copy=True).numpy()
     return WireWeights(version, dtype, arrays, frozenset(float_keys))
 
 
@@ -335,8 +336,6 @@ class CheckpointExchange(_Exchange):
     def start_step(self, peer, step: int) -> None:
         if step == 0 and self.publishes:  # version 0 (the initial weights) so teachers exist from the start
             self._publish(peer, 0)
-        if self.teachers and self.cfg.loss.alpha > 0:
-            self._pull(peer, step)
         peer.forward(step)
 
     def _pull(self, peer, step: int) -> None:
@@ -353,6 +352,10 @@ class CheckpointExchange(_Exchange):
         self.stats.exchange_s += time.perf_counter() - t0
 
     def teacher_logits(self, peer, step: int) -> list[torch.Tensor] | None:
+        # Pull here, not in start_step: every peer has published what step k needs by the time any
+        # peer asks (LocalEngine runs all start_steps first; on Ray it does not matter).
+        if self.teachers and self.cfg.loss.alpha > 0:
+            self._pull(peer, step)
         if not self.distills_at(step) or not peer.teachers:
             return None
         for version in peer.teacher_versions().values():

@@ -10,6 +10,7 @@ def small_job(*overrides: str, steps: int = 20, models=("mlp", "cnn")) -> C.RunC
         "optim": {"lr": 0.05, "schedule": "constant"},
         "peers": [{"model": m} for m in models],
         "loss": {"alpha": 0.5, "temperature": 2.0},
+        "exchange": {"timeout_s": 60},
         "tracking": "none",
     }
     return C.build(C.apply_overrides(raw, list(overrides)))

@@ -181,3 +181,16 @@ def test_local_engine_learns_and_ring_topology_runs():
     history = LocalEngine(cfg).run()
     assert [p.exchange.teacher_updates for p in history[-1].peers] == [0, 0, 0]
     assert all(p.exchange.bytes_pulled == p.exchange.bytes_published for p in history[-1].peers)
+
+
+def test_published_weights_do_not_change_when_the_publisher_trains_on():
+    cfg = small_job("exchange.mode=checkpoint", "exchange.period=2")
+    peers, ex, board = make(cfg)
+    for step in range(2):
+        lockstep(peers, ex, step)
+    published = board._weights[1][2]
+    frozen = {k: v.copy() for k, v in published.arrays.items()}
+    for step in range(2, 4):
+        lockstep(peers, ex, step)
+    for k, v in frozen.items():
+        assert np.array_equal(published.arrays[k], v), k
