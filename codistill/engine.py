@@ -474,6 +474,7 @@ class RayEngine:
         for i, info in enumerate(self.peer_info):
             if info["resumed_from"] is not None:
                 events.append(f"{cfg.peer_name(i)} resumed from its checkpoint at step {info['resumed_from']}")
+                self.reporter.on_event(events[-1])
         num_rounds = max(len(e) for e in ends)
         next_round = first_round
         while pending:
@@ -505,9 +506,9 @@ class RayEngine:
                     self._last_report[i] = rep
                 history.append(evaluate_round(next_round, list(reports.values()), labels, events))
                 events = []
-                self.reporter.on_round(history[-1])
-                storage.write("progress.json", json.dumps(
+                storage.write("progress.json", json.dumps(  # before reporting: what was shown is durable
                     {"rounds": [*self.prior_rounds, *(round_record(h) for h in history)]}).encode())
+                self.reporter.on_round(history[-1])
                 next_round += 1
         return history
 

@@ -86,6 +86,7 @@ def test_killed_peer_is_restarted_and_the_run_finishes(ray_session, tmp_path, mo
     assert any("peer1-cnn restarted" in e for h in history for e in h.events)
     assert any("restarted" in e for e in killer.events)
     assert final.metrics["mean_peer_accuracy"] > 0.3
+    assert all(p.exchange.bytes_pulled > 0 for p in final.peers)
 
 
 def test_killed_driver_resumes_and_finishes(ray_session, tmp_path):

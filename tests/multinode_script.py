@@ -1,0 +1,46 @@
+"""Run by tests/test_multinode.py in its own process: a 3-node Ray cluster on this machine
+(ray.cluster_utils.Cluster), two small jobs with placement=spread, results as JSON on stdout."""
+
+import json
+import sys
+import tempfile
+
+import ray
+from ray.cluster_utils import Cluster
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from helpers import small_job  # noqa: E402
+
+from codistill.engine import RayEngine  # noqa: E402
+
+
+def main() -> None:
+    node_args = {"num_cpus": 1, "object_store_memory": 96 << 20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(**node_args)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    out = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
+    # checkpoint mode with the sync schedule: every peer must receive its teachers (free-running
+    # pulls on a fast peer may legitimately see none in 20 steps)
+    for mode in (["exchange.mode=logits"], ["exchange.mode=checkpoint", "exchange.period=5", "exchange.sync=true"]):
+        cfg = small_job("engine=ray", "resources.num_cpus=1", "resources.placement=spread", *mode,
+                        models=("mlp", "cnn", "mlp"), steps=20)
+        engine = RayEngine(cfg)
+        history = engine.run(tempfile.mkdtemp())
+        final = history[-1]
+        out[mode[0]] = {
+            "node_ids": [info["node_id"] for info in engine.peer_info],
+            "steps": [p.step for p in final.peers],
+            "bytes_pulled": [p.exchange.bytes_pulled for p in final.peers],
+            "teacher_updates": [p.exchange.teacher_updates for p in final.peers],
+            "accuracy": final.metrics["mean_peer_accuracy"],
+        }
+    ray.shutdown()
+    cluster.shutdown()
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
