@@ -110,7 +110,8 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
             "steps": r.step, "steps_per_s": r.steps_per_s, "restarts": r.restarts, "node_id": r.node_id,
             "bytes_published": r.exchange.bytes_published, "bytes_pulled": r.exchange.bytes_pulled,
             "staleness": {"mean": r.exchange.to_dict()["staleness_mean"], "max": r.exchange.staleness_max},
-            "exchange_s": r.exchange.exchange_s,
+            "exchange_s": r.exchange.exchange_s, "teacher_forward_s": r.exchange.teacher_forward_s,
+            "busy_s": r.busy_s,
         })
     return {
         "name": cfg.name,

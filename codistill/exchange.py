@@ -250,6 +250,7 @@ class ExchangeStats:
     staleness_count: int = 0
     staleness_max: int = 0
     exchange_s: float = 0.0  # wall time in publish + pull + wait
+    teacher_forward_s: float = 0.0  # checkpoint mode: running the local teachers (compute, not exchange)
     teacher_updates: int = 0
 
     def see_staleness(self, staleness: int) -> None:
@@ -258,7 +259,8 @@ class ExchangeStats:
         self.staleness_max = max(self.staleness_max, staleness)
 
     def merge(self, other: "ExchangeStats") -> None:
-        for f in ("bytes_published", "bytes_pulled", "staleness_sum", "staleness_count", "exchange_s", "teacher_updates"):
+        for f in ("bytes_published", "bytes_pulled", "staleness_sum", "staleness_count", "exchange_s",
+                  "teacher_forward_s", "teacher_updates"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.staleness_max = max(self.staleness_max, other.staleness_max)
 
@@ -266,7 +268,7 @@ class ExchangeStats:
         mean = self.staleness_sum / self.staleness_count if self.staleness_count else 0.0
         return {"bytes_published": self.bytes_published, "bytes_pulled": self.bytes_pulled,
                 "staleness_mean": mean, "staleness_max": self.staleness_max, "exchange_s": self.exchange_s,
-                "teacher_updates": self.teacher_updates}
+                "teacher_forward_s": self.teacher_forward_s, "teacher_updates": self.teacher_updates}
 
 
 class _Exchange:
@@ -360,7 +362,10 @@ class CheckpointExchange(_Exchange):
             return None
         for version in peer.teacher_versions().values():
             self.stats.see_staleness(step - version)
-        return peer.local_teacher_logits()
+        t0 = time.perf_counter()
+        logits = peer.local_teacher_logits()
+        self.stats.teacher_forward_s += time.perf_counter() - t0
+        return logits
 
     def end_step(self, peer, step: int) -> None:
         if self.publishes and (step + 1) % self.cfg.exchange.period == 0:
