@@ -8,7 +8,6 @@ metrics and calls the Reporter (progress lines, MLflow).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -25,8 +24,9 @@ from codistill.data import load_dataset
 from codistill.exchange import ExchangeStats, InMemoryBoard, make_exchange
 from codistill.metrics import round_metrics
 from codistill.peer import EvalResult, Peer
+from codistill.storage import Storage
 
-__all__ = ["PeerReport", "RoundResult", "Reporter", "LocalEngine", "ENGINES", "make_engine", "build_summary"]
+__all__ = ["PeerReport", "RoundResult", "Reporter", "Reporters", "RayEngine", "PeerActor", "LocalEngine", "ENGINES", "make_engine", "build_summary"]
 
 
 @dataclass
@@ -65,6 +65,25 @@ class Reporter(Protocol):
     def on_round(self, result: RoundResult) -> None: ...
 
     def on_event(self, message: str) -> None: ...
+
+
+class Reporters:
+    """Fan one stream of progress out to several reporters (console, MLflow, Tune)."""
+
+    def __init__(self, *reporters):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def on_start(self, cfg: RunConfig, total_steps: int) -> None:
+        for r in self.reporters:
+            r.on_start(cfg, total_steps)
+
+    def on_round(self, result: RoundResult) -> None:
+        for r in self.reporters:
+            r.on_round(result)
+
+    def on_event(self, message: str) -> None:
+        for r in self.reporters:
+            r.on_event(message)
 
 
 class _Quiet:
@@ -135,19 +154,6 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
     }
 
 
-def write_summary(summary: dict[str, Any], out_dir: str | Path) -> Path:
-    path = Path(out_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2))
-    return path
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
-
-
 class LocalEngine:
     """All peers in this process, stepped in lockstep: the reference the Ray engine must match."""
 
@@ -200,64 +206,10 @@ class LocalEngine:
                 round_losses = [[] for _ in peers]
         self.peers = peers
         if out_dir is not None:
+            storage = Storage(out_dir)
             for p in peers:
-                save_weights(p.weights(), Path(out_dir) / "peers" / f"{p.name}.pt")
+                storage.write_torch(f"peers/{p.name}.pt", p.weights())
         return history
-
-
-# ---------------------------------------------------------------------------------------------
-# storage: a local directory or any pyarrow.fs URI (s3://, gs://, hdfs://)
-
-
-class Storage:
-    """Files under a run directory, local or remote, through pyarrow.fs."""
-
-    def __init__(self, uri: str | Path):
-        from pyarrow import fs
-
-        uri = str(uri)
-        if "://" in uri:
-            self.fs, self.root = fs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = fs.LocalFileSystem(), os.path.abspath(uri)
-        self.uri = uri if "://" in uri else self.root
-
-    def _path(self, rel: str) -> str:
-        return f"{self.root.rstrip('/')}/{rel}"
-
-    def write(self, rel: str, data: bytes) -> None:
-        path = self._path(rel)
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with self.fs.open_output_stream(tmp) as f:  # write then move: a crash never leaves half a file
-            f.write(data)
-        self.fs.move(tmp, path)
-
-    def read(self, rel: str) -> bytes | None:
-        from pyarrow import fs
-
-        if self.fs.get_file_info(self._path(rel)).type != fs.FileType.File:
-            return None
-        with self.fs.open_input_stream(self._path(rel)) as f:
-            return f.read()
-
-    def list(self, rel_dir: str) -> list[str]:
-        from pyarrow import fs
-
-        info = self.fs.get_file_info(fs.FileSelector(self._path(rel_dir), allow_not_found=True))
-        return sorted(i.base_name for i in info if i.type == fs.FileType.File)
-
-    def delete(self, rel: str) -> None:
-        self.fs.delete_file(self._path(rel))
-
-    def write_torch(self, rel: str, obj: Any) -> None:
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        self.write(rel, buf.getvalue())
-
-    def read_torch(self, rel: str) -> Any:
-        data = self.read(rel)
-        return None if data is None else torch.load(io.BytesIO(data), weights_only=True)  # nothing is unpickled
 
 
 def checkpoint_steps(storage: Storage, peer_name: str) -> list[int]:
@@ -383,9 +335,14 @@ class RayEngine:
             ray.init(include_dashboard=False)
 
     def _placement_group(self):
+        """(placement group, index of peer 0's bundle, whether we own it). Inside a Tune trial the
+        peers go into the trial's own group (one bundle for the trial, then one per peer)."""
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import get_current_placement_group, placement_group
 
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) >= self.cfg.num_peers:
+            return current, len(current.bundle_specs) - self.cfg.num_peers, False
         res = self.cfg.resources
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
         strategy = {"pack": "PACK", "spread": "SPREAD"}[res.placement]
@@ -397,7 +354,7 @@ class RayEngine:
                 f"resources: cannot reserve {self.cfg.num_peers} peers x {bundle} (placement={res.placement}); "
                 f"the cluster has {ray.cluster_resources()} in all and {ray.available_resources()} free. "
                 f"Lower resources.num_cpus / resources.num_gpus or add nodes.")
-        return pg
+        return pg, 0, True
 
     def run(self, out_dir: str | Path) -> list[RoundResult]:
         import ray
@@ -424,7 +381,7 @@ class RayEngine:
         board = ray.remote(RayBoardActor).options(
             name=f"codistill-{run_id}-board", namespace=namespace, num_cpus=0, max_concurrency=10_000,
         ).remote(to_dict(cfg), actor_names, namespace)
-        pg = self._placement_group()
+        pg, first_bundle, own_pg = self._placement_group()
         # take_weights runs in its own thread ("exchange" group) so the board can pull a checkpoint
         # while the peer is busy training.
         remote_peer = ray.remote(concurrency_groups={"exchange": 1})(PeerActor)
@@ -434,7 +391,7 @@ class RayEngine:
                 actors.append(remote_peer.options(
                     name=actor_names[i], namespace=namespace, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                     max_restarts=res.max_restarts, max_task_retries=res.max_restarts,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i),
                 ).remote(to_dict(cfg), i, f"codistill-{run_id}-board", namespace, storage.uri, resume_step))
             self.peer_info = ray.get([a.info.remote() for a in actors])
             labels = ray.get(actors[0].test_labels.remote())
@@ -447,7 +404,8 @@ class RayEngine:
             for a in actors:
                 ray.kill(a, no_restart=True)
             ray.kill(board, no_restart=True)
-            ray.util.remove_placement_group(pg)
+            if own_pg:
+                ray.util.remove_placement_group(pg)
 
     def _round_ends(self, total: int) -> list[int]:
         every = self.cfg.eval_every

@@ -95,19 +95,35 @@ def default_out_dir(cfg: RunConfig) -> str:
     return str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
-def train(cfg: RunConfig, out_dir: str, reporter=None, resume: bool = False) -> dict:
+def train(cfg: RunConfig, out_dir: str, reporter=None, resume: bool = False, parent_run_id: str | None = None,
+          run_name: str | None = None) -> dict:
     """Run a validated job; write the resolved job and summary.json to out_dir (a path or a pyarrow.fs
-    URI); return the summary. With resume, continue the run whose files are in out_dir."""
-    from codistill.engine import Storage, build_summary, make_engine  # torch is imported only to train
+    URI) and log it to MLflow (unless tracking is none); return the summary. With resume, continue
+    the run whose files are in out_dir. parent_run_id nests the MLflow run (Tune trials)."""
+    from codistill.engine import Reporters, build_summary, make_engine  # torch is imported only to train
+    from codistill.storage import Storage
+    from codistill.tracking import make_tracker
 
     storage = Storage(out_dir)
     if not resume:
         storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
+    tracker = make_tracker(cfg, parent_run_id, run_name, resume=previous)
+    if tracker.state() is not None:
+        storage.write("tracking.json", json.dumps(tracker.state()).encode())
     t0 = time.perf_counter()
-    engine = make_engine(cfg, reporter, resume=resume)
-    history = engine.run(out_dir)
+    engine = make_engine(cfg, Reporters(reporter, tracker), resume=resume)
+    try:
+        history = engine.run(out_dir)
+    except BaseException:
+        if hasattr(tracker, "fail"):
+            tracker.fail()
+        raise
     summary = build_summary(cfg, history, time.perf_counter() - t0, getattr(engine, "prior_rounds", ()))
     storage.write("summary.json", json.dumps(summary, indent=2).encode())
+    tracker.finish(summary, out_dir)
+    if tracker.run_id:
+        summary["mlflow_run_id"] = tracker.run_id
     return summary
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ["exchange.mode=checkpoint", "exchange.period=10", "loss.teacher_reduce=probs"],
 ])
 def test_quickstart_variants_write_summary(tmp_path, extra, capsys):
-    sets = ["engine=local", "steps=30", "eval_every=15", *extra]
+    sets = ["engine=local", "steps=30", "eval_every=15", "tracking=none", *extra]
     argv = [a for s in sets for a in ("--set", s)] + ["--output", str(tmp_path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -42,7 +42,8 @@ def test_quickstart_variants_write_summary(tmp_path, extra, capsys):
 @pytest.mark.slow
 def test_default_quickstart_reaches_95_percent(tmp_path):
     """The README's first command: both peers >= 95% on digits (LocalEngine to keep CI time down)."""
-    r = subprocess.run([sys.executable, "-m", "codistill.run", "--set", "engine=local", "--output", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "codistill.run", "--set", "engine=local", "--set", "tracking=none",
+                        "--output", str(tmp_path)],
                        capture_output=True, text=True, cwd=tmp_path)  # not the checkout: the job must be found anyway
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "summary.json").read_text())

@@ -1,0 +1,68 @@
+"""Files of a run directory: a local path or any pyarrow.fs URI (s3://, gs://, hdfs://).
+
+Training checkpoints, final weights, job.yaml, progress.json and summary.json all go through
+Storage, so a run can live in object storage that every node of a cluster reaches. Checkpoints are
+read with torch.load(weights_only=True): nothing untrusted is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Storage"]
+
+
+class Storage:
+    """Files under a run directory, local or remote, through pyarrow.fs."""
+
+    def __init__(self, uri: str | Path):
+        from pyarrow import fs
+
+        uri = str(uri)
+        if "://" in uri:
+            self.fs, self.root = fs.FileSystem.from_uri(uri)
+        else:
+            self.fs, self.root = fs.LocalFileSystem(), os.path.abspath(uri)
+        self.uri = uri if "://" in uri else self.root
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self._path(rel)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with self.fs.open_output_stream(tmp) as f:  # write then move: a crash never leaves half a file
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def read(self, rel: str) -> bytes | None:
+        from pyarrow import fs
+
+        if self.fs.get_file_info(self._path(rel)).type != fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read()
+
+    def list(self, rel_dir: str) -> list[str]:
+        from pyarrow import fs
+
+        info = self.fs.get_file_info(fs.FileSelector(self._path(rel_dir), allow_not_found=True))
+        return sorted(i.base_name for i in info if i.type == fs.FileType.File)
+
+    def delete(self, rel: str) -> None:
+        self.fs.delete_file(self._path(rel))
+
+    def write_torch(self, rel: str, obj: Any) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write(rel, buf.getvalue())
+
+    def read_torch(self, rel: str) -> Any:
+        data = self.read(rel)
+        return None if data is None else torch.load(io.BytesIO(data), weights_only=True)  # nothing is unpickled

@@ -1,0 +1,297 @@
+"""Ray Tune sweeps over any job field.
+
+    python -m codistill.tune --config jobs/tune_temperature.yaml [--set KEY=VALUE ...]
+    python -m codistill.tune --config jobs/tune_temperature.yaml --resume     # continue an interrupted sweep
+
+A sweep file is a job plus two sections:
+
+    search:                                  # dotted job keys -> a domain
+      loss.temperature: {loguniform: [1, 8]}
+      loss.alpha: {uniform: [0, 1]}
+      exchange.period: {choice: [1, 10, 100]}
+      loss.divergence: {grid: [kl, js]}
+    tune:
+      num_samples: 4
+      max_concurrent_trials: 2
+      metric: ensemble_accuracy              # or mean_peer_accuracy, churn, mean_pairwise_kl
+      mode: max
+      scheduler: none                        # or asha (stops weak trials early on per-round reports)
+      trial_cpus: 0.1                        # the trial's own bundle (its driver); one more bundle per peer
+
+Each trial is a whole co-distillation run (RayEngine) whose peers are reserved in the trial's
+placement group, so trials never oversubscribe the cluster. Each trial is an MLflow run nested
+under one sweep run. The end prints a ranked table and writes the best job as a runnable YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from codistill.config import RunConfig, _check, apply_overrides, build, from_dict, read_yaml, to_dict
+
+__all__ = ["SweepConfig", "DOMAINS", "load_sweep", "run_sweep", "main"]
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class SweepConfig:
+    num_samples: int = 4
+    """Trials to sample (each grid point is repeated num_samples times, as in Ray Tune)."""
+    max_concurrent_trials: int = 2
+    metric: Literal["ensemble_accuracy", "mean_peer_accuracy", "churn", "mean_pairwise_kl"] = "ensemble_accuracy"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["none", "asha"] = "none"
+    grace_period: int = 1
+    """asha: rounds every trial runs before it can be stopped."""
+    trial_cpus: float = 0.1
+    """CPUs of the trial's own bundle (the trial's driver); peers get one bundle each."""
+    name: str | None = None
+    """Sweep directory name under storage_path; default: the job name."""
+    storage_path: str = "runs/tune"
+
+    def validate(self, path: str) -> None:
+        _check(self.num_samples >= 1, f"{path}.num_samples", self.num_samples, "an integer >= 1")
+        _check(self.max_concurrent_trials >= 1, f"{path}.max_concurrent_trials", self.max_concurrent_trials,
+               "an integer >= 1")
+        _check(self.grace_period >= 1, f"{path}.grace_period", self.grace_period, "an integer >= 1")
+        _check(self.trial_cpus >= 0, f"{path}.trial_cpus", self.trial_cpus, "a number >= 0")
+
+
+def _domain(kind: str, args: Any, path: str):
+    from ray import tune
+
+    makers = {
+        "uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
+        "loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
+        "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+        "choice": lambda a: tune.choice(list(a)),
+        "grid": lambda a: tune.grid_search(list(a)),
+    }
+    if kind not in makers:
+        raise ValueError(f"{path}: got {kind!r}; allowed: {' | '.join(makers)}")
+    if not isinstance(args, list) or not args or (kind in ("uniform", "loguniform", "randint") and len(args) != 2):
+        raise ValueError(f"{path}.{kind}: got {args!r}; allowed: a list ([low, high] for ranges, values otherwise)")
+    if kind == "loguniform" and not (0 < float(args[0]) < float(args[1])):
+        raise ValueError(f"{path}.loguniform: got {args!r}; allowed: 0 < low < high")
+    return makers[kind](args)
+
+
+DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+def _representatives(spec: dict) -> list[Any]:
+    kind, args = next(iter(spec.items()))
+    return [args[0], args[-1]] if kind in ("uniform", "loguniform", "randint") else list(args)
+
+
+def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig]:
+    """(base raw job, search spec, sweep settings); every searched key is checked against the job schema."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    search = raw.pop("search", None) or {}
+    settings = from_dict(SweepConfig, raw.pop("tune", None) or {}, "tune")
+    settings.validate("tune")
+    if not isinstance(search, dict) or not search:
+        raise ValueError("search: got nothing; allowed: a mapping of dotted job keys to {uniform|loguniform|"
+                         "randint|choice|grid: [...]}")
+    build(raw)  # the base job is valid
+    for key, spec in search.items():
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ValueError(f"search.{key}: got {spec!r}; allowed: one of {', '.join(DOMAINS)} with a list")
+        _domain(*next(iter(spec.items())), f"search.{key}")
+        for value in _representatives(spec):  # unknown keys and impossible values fail before any trial
+            try:
+                build(set_dotted_value(raw, key, value))
+            except ValueError as e:
+                raise ValueError(f"search.{key}: {e}") from None
+    return raw, search, settings
+
+
+def set_dotted_value(raw: dict, dotted: str, value: Any) -> dict:
+    """A copy of raw with one dotted key set to an already-typed value."""
+    return apply_overrides(raw, [f"{dotted}={json.dumps(value)}"])
+
+
+def trial_job(base_raw: dict, sample: dict[str, Any]) -> dict:
+    raw = copy.deepcopy(base_raw)
+    for key, value in sample.items():
+        raw = set_dotted_value(raw, key, value)
+    return raw
+
+
+class TuneReporter:
+    """Reports every round to Tune (ASHA's time unit is the round)."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+
+    def on_start(self, cfg: RunConfig, total_steps: int) -> None: ...
+
+    def on_event(self, message: str) -> None: ...
+
+    def on_round(self, result) -> None:
+        from ray import tune
+
+        tune.report({**result.metrics, "step": result.step, "round": result.round})
+
+
+def _trainable(config: dict) -> None:
+    from ray import tune
+
+    from codistill.run import train
+
+    sample = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = build(trial_job(config["_base"], sample))
+    out_dir = tune.get_context().get_trial_dir()
+    name = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sample.items())
+    summary = train(cfg, out_dir, TuneReporter(config["_metric"]), parent_run_id=config["_parent_run_id"],
+                    run_name=f"trial {tune.get_context().get_trial_id()}: {name}")
+    tune.report({"ensemble_accuracy": summary["ensemble"]["test_accuracy"], "churn": summary["churn"],
+                 "mean_pairwise_kl": summary["mean_pairwise_kl"],
+                 "mean_peer_accuracy": summary["mean_peer_test_accuracy"], "step": summary["rounds"][-1]["step"],
+                 "final": True})
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def trial_resources(cfg: RunConfig, trial_cpus: float):
+    """One bundle for the trial's driver plus one per peer: RayEngine places peer i on bundle i + 1."""
+    from ray import tune
+
+    peer = {"CPU": cfg.resources.num_cpus, **({"GPU": cfg.resources.num_gpus} if cfg.resources.num_gpus else {})}
+    strategy = {"pack": "PACK", "spread": "SPREAD"}[cfg.resources.placement]
+    return tune.PlacementGroupFactory([{"CPU": trial_cpus}] + [dict(peer) for _ in cfg.peers], strategy=strategy)
+
+
+def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool = False) -> dict:
+    import ray
+    from ray import tune
+
+    from codistill.engine import RayEngine
+    from codistill.tracking import make_tracker
+
+    base_cfg = build(base_raw)
+    RayEngine.init_ray()
+    name = settings.name or base_cfg.name
+    storage_path = os.path.abspath(settings.storage_path)
+    sweep_dir = os.path.join(storage_path, name)
+    if base_cfg.tracking.backend == "mlflow" and not base_cfg.tracking.uri:
+        from codistill.tracking import resolve_tracking_uri
+
+        base_raw = set_dotted_value(base_raw, "tracking.uri", resolve_tracking_uri(None))  # absolute for trials
+        base_cfg = build(base_raw)
+    state_file = Path(sweep_dir) / "sweep.json"
+    parent_run_id = None
+    if resume and state_file.exists():
+        parent_run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
+    if parent_run_id is None:
+        sweep_tracker = make_tracker(base_cfg, run_name=f"sweep {name}")
+        parent_run_id = sweep_tracker.run_id
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))
+    param_space = {k: _domain(*next(iter(v.items())), f"search.{k}") for k, v in search.items()}
+    param_space.update(_base=base_raw, _metric=settings.metric, _parent_run_id=parent_run_id)
+    trainable = tune.with_resources(_trainable, trial_resources(base_cfg, settings.trial_cpus))
+    if resume and tune.Tuner.can_restore(sweep_dir):
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True, param_space=param_space)
+    else:
+        scheduler = None
+        if settings.scheduler == "asha":
+            scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
+                                        max_concurrent_trials=settings.max_concurrent_trials, scheduler=scheduler),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        if result.config is None:
+            continue
+        sample = {k: v for k, v in result.config.items() if not k.startswith("_")}
+        metrics = result.metrics or {}
+        rows.append({"trial": os.path.basename(result.path or ""), "params": sample,
+                     "metric": metrics.get(settings.metric), "complete": bool(metrics.get("final")),
+                     "error": str(result.error) if result.error else None, "path": result.path})
+    sign = -1 if settings.mode == "max" else 1
+    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] if r["metric"] is not None else 0)))
+    best = next((r for r in rows if r["metric"] is not None and r["complete"]), None)
+    out = {"sweep_dir": sweep_dir, "metric": settings.metric, "mode": settings.mode, "trials": rows,
+           "mlflow_parent_run_id": parent_run_id}
+    if best is not None:
+        best_raw = trial_job(base_raw, best["params"])
+        best_raw["name"] = f"{base_cfg.name}-best"
+        best_path = Path(sweep_dir) / "best_job.yaml"
+        header = (f"# Best trial of sweep {name} ({settings.metric} = {best['metric']:.4f}, {settings.mode}).\n"
+                  f"# Run it: python -m codistill.run --config {best_path}\n")
+        best_path.write_text(header + yaml.safe_dump(to_dict(build(best_raw)), sort_keys=False))
+        out["best_job"] = str(best_path)
+        out["best"] = best
+    _close_parent(base_cfg, parent_run_id, out)
+    (Path(sweep_dir) / "sweep_results.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def _close_parent(cfg: RunConfig, run_id: str | None, out: dict) -> None:
+    if cfg.tracking.backend == "none" or run_id is None:
+        return
+    from mlflow.tracking import MlflowClient  # through tracking's resolved URI
+
+    from codistill.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
+    if out.get("best"):
+        client.log_metric(run_id, f"best_{out['metric']}", out["best"]["metric"])
+        client.log_artifact(run_id, out["best_job"])
+    client.set_terminated(run_id, "FINISHED")
+
+
+def format_ranking(out: dict) -> str:
+    keys = sorted({k for r in out["trials"] for k in r["params"]})
+    header = ["rank", "trial", *(k.split(".")[-1] for k in keys), out["metric"], "status"]
+    rows = [header]
+    for i, r in enumerate(out["trials"], 1):
+        status = "error" if r["error"] else ("done" if r["complete"] else "stopped")
+        rows.append([str(i), r["trial"][:28], *(_fmt(r["params"].get(k)) for k in keys),
+                     "" if r["metric"] is None else f"{r['metric']:.4f}", status])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt = lambda row: "|".join(f" {v:<{w}} " for v, w in zip(row, widths))  # noqa: E731
+    return "\n".join([line, fmt(rows[0]), line, *(fmt(r) for r in rows[1:]), line])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m codistill.tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="sweep file: a job plus `search:` and `tune:` sections")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
+    args = ap.parse_args(argv)
+    try:
+        base_raw, search, settings = load_sweep(args.config, args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = run_sweep(base_raw, search, settings, resume=args.resume)
+    print(format_ranking(out))
+    if "best_job" in out:
+        print(f"best job: {out['best_job']}")
+    else:
+        print("no trial finished", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
