@@ -119,7 +119,8 @@ def transfer(args) -> list[dict]:
     rows = []
     for mb in args.sizes_mb:
         run = f"bench-{mb}-{os.getpid()}"
-        cfg = {"steps": 1, "peers": ["mlp", "mlp"], "exchange": {"mode": "checkpoint", "sync": True}}
+        # sync: false -> the board keeps only the newest version (older ones would fill the store and spill)
+        cfg = {"steps": 1, "peers": ["mlp", "mlp"], "exchange": {"mode": "checkpoint", "sync": False}}
         board = ray.remote(RayBoardActor).options(name=f"{run}-board", num_cpus=0, max_concurrency=1000).remote(
             cfg, [f"{run}-pub", f"{run}-con"], ray.get_runtime_context().namespace)
         pub = Publisher.options(name=f"{run}-pub").remote(f"{run}-board")

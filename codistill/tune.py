@@ -102,6 +102,7 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig
         raise ValueError("search: got nothing; allowed: a mapping of dotted job keys to {uniform|loguniform|"
                          "randint|choice|grid: [...]}")
     build(raw)  # the base job is valid
+    search = _flatten_search(search)
     for key, spec in search.items():
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ValueError(f"search.{key}: got {spec!r}; allowed: one of {', '.join(DOMAINS)} with a list")
@@ -112,6 +113,20 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig
             except ValueError as e:
                 raise ValueError(f"search.{key}: {e}") from None
     return raw, search, settings
+
+
+def _flatten_search(search: dict, prefix: str = "") -> dict:
+    """`loss.temperature: {...}` and `loss: {temperature: {...}}` (what --set search.loss.x=... makes) alike."""
+    flat = {}
+    for key, spec in search.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS:
+            flat[path] = spec
+        elif isinstance(spec, dict) and spec:
+            flat.update(_flatten_search(spec, f"{path}."))
+        else:
+            raise ValueError(f"search.{path}: got {spec!r}; allowed: one of {', '.join(DOMAINS)} with a list")
+    return flat
 
 
 def set_dotted_value(raw: dict, dotted: str, value: Any) -> dict:
