@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +23,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def node_ports() -> list[str]:
+    """Two nodes on one machine (and the test session's own Ray) must not share the per-node agent ports."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def stop_cluster(temp_dir: str) -> None:
@@ -54,17 +61,20 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
     try:
         head = run("start", "--head", f"--port={gcs_port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
                    "--include-dashboard=true", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-                   "--object-store-memory=150000000", "--disable-usage-stats", timeout=120)
+                   "--object-store-memory=150000000", "--disable-usage-stats", *node_ports(), timeout=120)
         assert head.returncode == 0, head.stdout + head.stderr
         worker = run("start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", "--object-store-memory=150000000",
-                     "--disable-usage-stats", timeout=120)
+                     "--disable-usage-stats", *node_ports(), timeout=120)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         deadline = time.time() + 60
         while True:  # the job API answers once the dashboard is up
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{dash_port}/api/version", timeout=2)
                 break
-            except Exception:
+            except urllib.error.HTTPError as e:  # 401 without a token: up, and authentication is on
+                assert e.code == 401, e
+                break
+            except OSError:
                 if time.time() > deadline:
                     raise
                 time.sleep(1)
@@ -72,9 +82,13 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
         uri = f"sqlite:///{tmp_path}/mlflow.db"
         sets = ["steps=60", "eval_every=30", "resources.num_cpus=1", "resources.placement=spread",
                 "tracking.experiment=submitted", f"tracking.uri={uri}"]
-        submit = run("job", "submit", f"--address=http://127.0.0.1:{dash_port}", "--",
-                     sys.executable, "-m", "codistill.run", "--output", str(out_dir),
-                     *[a for s in sets for a in ("--set", s)], timeout=300, cwd=ROOT)
+        for _attempt in range(10):  # the job agent comes up a little after the dashboard
+            submit = run("job", "submit", f"--address=http://127.0.0.1:{dash_port}", "--",
+                         sys.executable, "-m", "codistill.run", "--output", str(out_dir),
+                         *[a for s in sets for a in ("--set", s)], timeout=300, cwd=ROOT)
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "succeeded" in submit.stdout + submit.stderr
         summary = json.loads((out_dir / "summary.json").read_text())
