@@ -512,6 +512,7 @@ class RayBoardClient(Board):
         self._keep: dict[tuple[int, int], Any] = {}  # our own published shards stay alive while referenced
         self._versions_ref = None
         self.outbox: dict[int, WireWeights] = {}
+        self._outbox_lock = threading.Lock()  # the training thread adds, the "exchange" thread takes
 
     def publish_logits(self, publisher: int, shard: LogitShard) -> None:
         ray = _ray()
@@ -539,13 +540,21 @@ class RayBoardClient(Board):
     def publish_weights(self, publisher: int, weights: WireWeights) -> None:
         # Keep it in the outbox and announce it; the board takes it with peer.take_weights(version),
         # so the board owns the object and it outlives this peer.
-        self.outbox[weights.version] = weights
-        for v in sorted(self.outbox)[:-3]:
-            del self.outbox[v]
+        with self._outbox_lock:
+            self.outbox[weights.version] = weights
+            for v in sorted(self.outbox)[:-3]:  # untaken versions the board has not asked for yet
+                del self.outbox[v]
         self.handle.offer_weights.remote(publisher, weights.version)
 
     def take_weights(self, version: int) -> WireWeights | None:
-        return self.outbox.get(version)
+        # The board takes versions in order (one caller, one thread): once it has taken this one, older
+        # ones are never asked for again. Dropping them now lets the allocator reuse their memory for
+        # the next snapshot instead of faulting in fresh pages (the returned object stays alive until
+        # Ray has serialized it).
+        with self._outbox_lock:
+            for v in [v for v in self.outbox if v < version]:
+                del self.outbox[v]
+            return self.outbox.pop(version, None)
 
     def newest_weights(self, consumer: int, known: Mapping[int, int], want: Mapping[int, int],
                        timeout_s: float) -> dict[int, WireWeights]:
