@@ -128,7 +128,8 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
             "name": r.name, "model": r.model, "test_accuracy": r.eval.accuracy, "test_loss": r.eval.loss,
             "steps": r.step, "steps_per_s": r.steps_per_s, "restarts": r.restarts, "node_id": r.node_id,
             "bytes_published": r.exchange.bytes_published, "bytes_pulled": r.exchange.bytes_pulled,
-            "staleness": {"mean": r.exchange.to_dict()["staleness_mean"], "max": r.exchange.staleness_max},
+            "staleness": {"mean": r.exchange.to_dict()["staleness_mean"], "max": r.exchange.staleness_max,
+                          "teacher_lead_max": r.exchange.teacher_lead_max},
             "exchange_s": r.exchange.exchange_s, "teacher_forward_s": r.exchange.teacher_forward_s,
             "busy_s": r.busy_s,
         })
@@ -139,7 +140,7 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
         "mean_peer_test_accuracy": final.metrics["mean_peer_accuracy"],
         "churn": final.metrics["churn"],
         "mean_pairwise_kl": final.metrics["mean_pairwise_kl"],
-        "staleness": {"mean": ex["staleness_mean"], "max": ex["staleness_max"]},
+        "staleness": {"mean": ex["staleness_mean"], "max": ex["staleness_max"], "teacher_lead_max": ex["teacher_lead_max"]},
         "exchange": {"mode": cfg.exchange.mode, "topology": cfg.exchange.topology,
                      "staleness": cfg.exchange.staleness, "period": cfg.exchange.period,
                      "dtype": cfg.exchange.dtype, "bytes_published": ex["bytes_published"],

@@ -249,25 +249,32 @@ class ExchangeStats:
     staleness_sum: float = 0.0
     staleness_count: int = 0
     staleness_max: int = 0
+    teacher_lead_max: int = 0  # the most steps a teacher signal was ahead of the student
     exchange_s: float = 0.0  # wall time in publish + pull + wait
     teacher_forward_s: float = 0.0  # checkpoint mode: running the local teachers (compute, not exchange)
     teacher_updates: int = 0
 
     def see_staleness(self, staleness: int) -> None:
-        self.staleness_sum += staleness
+        """`staleness` = student step - the teacher step that produced the signal (DESIGN.md). A free-running
+        teacher can be ahead (negative): that signal is not stale, so it counts as 0 and the lead is kept
+        apart; otherwise a mean over a fast and a slow peer would average a lag with a lead."""
+        self.staleness_sum += max(staleness, 0)
         self.staleness_count += 1
         self.staleness_max = max(self.staleness_max, staleness)
+        self.teacher_lead_max = max(self.teacher_lead_max, -staleness)
 
     def merge(self, other: "ExchangeStats") -> None:
         for f in ("bytes_published", "bytes_pulled", "staleness_sum", "staleness_count", "exchange_s",
                   "teacher_forward_s", "teacher_updates"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.staleness_max = max(self.staleness_max, other.staleness_max)
+        self.teacher_lead_max = max(self.teacher_lead_max, other.teacher_lead_max)
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.staleness_sum / self.staleness_count if self.staleness_count else 0.0
         return {"bytes_published": self.bytes_published, "bytes_pulled": self.bytes_pulled,
-                "staleness_mean": mean, "staleness_max": self.staleness_max, "exchange_s": self.exchange_s,
+                "staleness_mean": mean, "staleness_max": self.staleness_max,
+                "teacher_lead_max": self.teacher_lead_max, "exchange_s": self.exchange_s,
                 "teacher_forward_s": self.teacher_forward_s, "teacher_updates": self.teacher_updates}
 
 

@@ -33,7 +33,7 @@ def test_quickstart_variants_write_summary(tmp_path, extra, capsys):
         assert p["steps"] == 30 and 0 <= p["test_accuracy"] <= 1 and p["steps_per_s"] > 0 and p["test_loss"] > 0
     for key in ("churn", "mean_pairwise_kl", "bytes_exchanged", "config", "exchange"):
         assert key in s
-    assert 0 <= s["ensemble"]["test_accuracy"] <= 1 and set(s["staleness"]) == {"mean", "max"}
+    assert 0 <= s["ensemble"]["test_accuracy"] <= 1 and set(s["staleness"]) == {"mean", "max", "teacher_lead_max"}
     assert (s["bytes_exchanged"] == 0) == ("loss.alpha=0" in extra)
     assert s["config"]["loss"]["alpha"] == (0.0 if "loss.alpha=0" in extra else 0.5)
     assert (tmp_path / "peers" / "peer1-cnn.pt").exists() and (tmp_path / "job.yaml").exists()

@@ -101,6 +101,21 @@ def test_checkpoint_mode_teachers_are_frozen_copies_of_published_versions():
     assert st.staleness_max == P - 1 and st.teacher_updates == 3 and st.bytes_published > 0
 
 
+def test_a_teacher_ahead_of_its_student_is_not_negative_staleness():
+    """Free-running peers: a fast teacher's checkpoint can be newer than the student's step."""
+    from codistill.exchange import ExchangeStats
+
+    st = ExchangeStats()
+    for staleness in (-150, 3, 9, -20):
+        st.see_staleness(staleness)
+    d = st.to_dict()
+    assert d["staleness_mean"] == 3.0 and d["staleness_max"] == 9 and d["teacher_lead_max"] == 150
+    other = ExchangeStats()
+    other.see_staleness(-400)
+    st.merge(other)
+    assert st.to_dict()["staleness_mean"] == 12 / 5 and st.teacher_lead_max == 400
+
+
 def test_burn_in_trains_plain_ce_and_alpha_zero_exchanges_nothing():
     cfg = small_job("loss.burn_in=5")
     peers, ex, _ = make(cfg)
