@@ -157,16 +157,17 @@ class TuneReporter:
         tune.report({**result.metrics, "step": result.step, "round": result.round})
 
 
-def _trainable(config: dict) -> None:
+def _trainable(config: dict, base_raw: dict, metric: str, parent_run_id: str | None) -> None:
+    """One trial: `config` holds only the sampled dotted keys (the rest comes through
+    `tune.with_parameters`, so Tune's progress tables show just what is searched)."""
     from ray import tune
 
     from codistill.run import train
 
-    sample = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = build(trial_job(config["_base"], sample))
+    cfg = build(trial_job(base_raw, config))
     out_dir = tune.get_context().get_trial_dir()
-    name = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sample.items())
-    summary = train(cfg, out_dir, TuneReporter(config["_metric"]), parent_run_id=config["_parent_run_id"],
+    name = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in config.items())
+    summary = train(cfg, out_dir, TuneReporter(metric), parent_run_id=parent_run_id,
                     run_name=f"trial {tune.get_context().get_trial_id()}: {name}")
     tune.report({"ensemble_accuracy": summary["ensemble"]["test_accuracy"], "churn": summary["churn"],
                  "mean_pairwise_kl": summary["mean_pairwise_kl"],
@@ -214,8 +215,9 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))
     param_space = {k: _domain(*next(iter(v.items())), f"search.{k}") for k, v in search.items()}
-    param_space.update(_base=base_raw, _metric=settings.metric, _parent_run_id=parent_run_id)
-    trainable = tune.with_resources(_trainable, trial_resources(base_cfg, settings.trial_cpus))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base_raw=base_raw, metric=settings.metric, parent_run_id=parent_run_id),
+        trial_resources(base_cfg, settings.trial_cpus))
     if resume and tune.Tuner.can_restore(sweep_dir):
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True, param_space=param_space)
     else:
@@ -234,13 +236,12 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
     for result in grid:
         if result.config is None:
             continue
-        sample = {k: v for k, v in result.config.items() if not k.startswith("_")}
         metrics = result.metrics or {}
-        rows.append({"trial": os.path.basename(result.path or ""), "params": sample,
+        rows.append({"trial": metrics.get("trial_id") or os.path.basename(result.path or ""), "params": dict(result.config),
                      "metric": metrics.get(settings.metric), "complete": bool(metrics.get("final")),
                      "error": str(result.error) if result.error else None, "path": result.path})
     sign = -1 if settings.mode == "max" else 1
-    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] if r["metric"] is not None else 0)))
+    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] if r["metric"] is not None else 0), r["trial"]))
     best = next((r for r in rows if r["metric"] is not None and r["complete"]), None)
     out = {"sweep_dir": sweep_dir, "metric": settings.metric, "mode": settings.mode, "trials": rows,
            "mlflow_parent_run_id": parent_run_id}
@@ -278,7 +279,7 @@ def format_ranking(out: dict) -> str:
     rows = [header]
     for i, r in enumerate(out["trials"], 1):
         status = "error" if r["error"] else ("done" if r["complete"] else "stopped")
-        rows.append([str(i), r["trial"][:28], *(_fmt(r["params"].get(k)) for k in keys),
+        rows.append([str(i), r["trial"], *(_fmt(r["params"].get(k)) for k in keys),
                      "" if r["metric"] is None else f"{r['metric']:.4f}", status])
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     line = "+".join("-" * (w + 2) for w in widths)
