@@ -191,6 +191,7 @@ def trial_resources(cfg: RunConfig, trial_cpus: float):
 def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool = False) -> dict:
     import ray
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from codistill.engine import RayEngine
     from codistill.tracking import make_tracker
@@ -227,8 +228,12 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
+            # the job's seed seeds the sampler too: the same sweep file draws the same trials
+            # (given a search_alg, Tune ignores TuneConfig.max_concurrent_trials: the generator holds it)
             tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
-                                        max_concurrent_trials=settings.max_concurrent_trials, scheduler=scheduler),
+                                        scheduler=scheduler, search_alg=BasicVariantGenerator(
+                                            max_concurrent=settings.max_concurrent_trials or 0,
+                                            random_state=base_cfg.seed)),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
         )
     grid = tuner.fit()
