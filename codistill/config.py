@@ -156,9 +156,15 @@ class ExchangeConfig:
     (a deterministic publish schedule); false = Anil's free-running pulls that never wait."""
     timeout_s: float = 300.0
     """How long a peer waits for a teacher's shard (or, with sync, checkpoint) before the step fails."""
+    inline_max_bytes: int = 32768
+    """Ray, logits: a shard up to this size travels by value through the board (one RPC per pull, as
+    Ray itself inlines small objects); larger ones are `ray.put` and only their reference is passed.
+    0 = always by reference."""
 
     def validate(self, path: str) -> None:
         _check(self.staleness >= 0, f"{path}.staleness", self.staleness, "an integer >= 0")
+        _check(0 <= self.inline_max_bytes <= 1 << 20, f"{path}.inline_max_bytes", self.inline_max_bytes,
+               "an integer in [0, 1048576]")
         _check(self.period >= 1, f"{path}.period", self.period, "an integer >= 1")
         _check(self.timeout_s > 0, f"{path}.timeout_s", self.timeout_s, "a number > 0")
 

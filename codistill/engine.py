@@ -238,7 +238,8 @@ class PeerActor:
         self.index = index
         self.storage = Storage(storage_uri)
         self.peer = Peer(cfg, index, load_dataset(cfg.data))
-        self.board = RayBoardClient(ray.get_actor(board_name, namespace=namespace), index)
+        self.board = RayBoardClient(ray.get_actor(board_name, namespace=namespace), index,
+                                    inline_max_bytes=cfg.exchange.inline_max_bytes)
         self.exchange = make_exchange(cfg, index, self.board)
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()

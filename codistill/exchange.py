@@ -4,8 +4,10 @@ Two layers:
 
 * A **Board** is the transport: it holds published logit shards and weight versions and hands
   them out. `InMemoryBoard` serves LocalEngine (one process); `RayBoardClient` talks to a named
-  `RayBoard` actor that keeps object-store references (never the bytes) for RayEngine. Both move the same wire
-  objects (`LogitShard`, `WireWeights`: numpy arrays, so a pull within a Ray node is zero-copy).
+  `RayBoard` actor that keeps object-store references for RayEngine (the bytes of checkpoints and
+  of logit shards above `exchange.inline_max_bytes` never pass through it; a shard of a few KB
+  travels by value, as Ray inlines small objects itself). Both move the same wire objects
+  (`LogitShard`, `WireWeights`: numpy arrays, so a pull within a Ray node is zero-copy).
 * An **exchange** (one per peer, chosen by `exchange.mode` through EXCHANGES) says what a step
   does with the board: `start_step` (forward, publish), `teacher_logits` (pull or compute the
   teachers' logits; may wait) and `end_step` (publish weights). Engines call these three in order
@@ -404,10 +406,12 @@ def _ray():
 
 
 class RayBoardActor:
-    """Holds references to published objects, never their bytes (async actor: waits cost nothing).
+    """Holds references to published objects, not their bytes (async actor: waits cost nothing).
 
     Logit shards are `ray.put` by their publisher and survive while it lives; a shard lost with its
-    publisher is published again by the restarted peer. Checkpoints must outlive their publisher,
+    publisher is published again by the restarted peer. Shards of at most `exchange.inline_max_bytes`
+    (64 x 100 float32 logits is 26 KB) are held by value: a `ray.put` and an owner lookup per pull
+    would double a lockstep step's exchange latency for a few KB. Checkpoints must outlive their publisher,
     so the board *pulls* them: the peer announces a version and the board calls
     `peer.take_weights(version)`; an actor method's return value is owned by its caller, so the
     object stays usable after the peer dies (Ray 2.56 removed `ray.put(_owner=...)`).
@@ -447,8 +451,10 @@ class RayBoardActor:
         return True
 
     # -- logits --
-    def publish_logits(self, publisher: int, batch_step: int, refs: list) -> None:
-        self._logits[(publisher, batch_step)] = refs[0]
+    def publish_logits(self, publisher: int, batch_step: int, entry: "list | LogitShard") -> None:
+        """`entry`: `[ref]` (a reference in a list, so Ray passes it through unresolved) or, for a shard
+        of at most `exchange.inline_max_bytes`, the small shard itself."""
+        self._logits[(publisher, batch_step)] = entry
         self._notify()
 
     async def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float):
@@ -456,9 +462,9 @@ class RayBoardActor:
         if not await self._wait_until(lambda: key in self._logits, timeout_s):
             return None
         self._taken.setdefault(key, set()).add(consumer)
-        ref = self._logits[key]
+        entry = self._logits[key]
         self._collect()
-        return [ref]  # in a list, so the caller receives the reference, not the value
+        return entry
 
     def drop_logits(self, publisher: int, batch_step: int) -> None:
         """A consumer found this shard lost (publisher died): forget it until it is published again."""
@@ -513,9 +519,10 @@ class RayBoardActor:
 class RayBoardClient(Board):
     """The Board interface over a RayBoardActor, used inside a peer actor."""
 
-    def __init__(self, handle, index: int):
+    def __init__(self, handle, index: int, inline_max_bytes: int = 0):
         self.handle = handle
         self.index = index
+        self.inline_max_bytes = inline_max_bytes
         self._keep: dict[tuple[int, int], Any] = {}  # our own published shards stay alive while referenced
         self._versions_ref = None
         self.outbox: dict[int, WireWeights] = {}
@@ -523,6 +530,11 @@ class RayBoardClient(Board):
 
     def publish_logits(self, publisher: int, shard: LogitShard) -> None:
         ray = _ray()
+        if shard.nbytes <= self.inline_max_bytes:
+            # Small: by value. A `ray.put` plus a reference resolved through its owner costs two more
+            # round trips per step, which is most of a lockstep step's exchange time for small models.
+            self.handle.publish_logits.remote(publisher, shard.batch_step, shard)
+            return
         ref = ray.put(shard)
         self._keep[(publisher, shard.batch_step)] = ref
         for key in [k for k in self._keep if k[1] < shard.batch_step - 64]:  # the board holds what consumers need
@@ -538,6 +550,8 @@ class RayBoardClient(Board):
             if found is None:
                 raise TeacherUnavailable(f"peer {consumer}: no logits from peer {publisher} for step {batch_step} "
                                          f"after {timeout_s}s (exchange.timeout_s)")
+            if isinstance(found, LogitShard):
+                return found
             try:
                 return ray.get(found[0])
             except ray.exceptions.ObjectLostError:  # publisher died: its restart publishes this step again

@@ -24,13 +24,18 @@ def main() -> None:
     out = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
     # checkpoint mode with the sync schedule: every peer must receive its teachers (free-running
     # pulls on a fast peer may legitimately see none in 20 steps)
-    for mode in (["exchange.mode=logits"], ["exchange.mode=checkpoint", "exchange.period=5", "exchange.sync=true"]):
+    # logits both ways: small shards by value through the board, and by reference (ray.put, pulled
+    # from the publisher's node)
+    modes = {"logits": ["exchange.mode=logits"],
+             "logits_by_reference": ["exchange.mode=logits", "exchange.inline_max_bytes=0"],
+             "checkpoint": ["exchange.mode=checkpoint", "exchange.period=5", "exchange.sync=true"]}
+    for key, mode in modes.items():
         cfg = small_job("engine=ray", "resources.num_cpus=1", "resources.placement=spread", *mode,
                         models=("mlp", "cnn", "mlp"), steps=20)
         engine = RayEngine(cfg)
         history = engine.run(tempfile.mkdtemp())
         final = history[-1]
-        out[mode[0]] = {
+        out[key] = {
             "node_ids": [info["node_id"] for info in engine.peer_info],
             "steps": [p.step for p in final.peers],
             "bytes_pulled": [p.exchange.bytes_pulled for p in final.peers],

@@ -55,6 +55,7 @@ def test_job_optim_merged_into_peer_optim():
     ("data.batch_size=0", "data.batch_size", ">= 1"),
     ("resources.num_gpus=1.5", "resources.num_gpus", "fraction"),
     ("exchange.staleness=-2", "exchange.staleness", ">= 0"),
+    ("exchange.inline_max_bytes=-1", "exchange.inline_max_bytes", "[0, 1048576]"),
 ])
 def test_bad_values_name_field_value_and_allowed(override, field, fragment):
     with pytest.raises(ValueError) as e:

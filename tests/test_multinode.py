@@ -20,10 +20,10 @@ def test_spread_peers_run_on_different_nodes_and_exchange():
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[len("RESULT "):])
     assert len(out["nodes"]) == 3
-    for mode in ("exchange.mode=logits", "exchange.mode=checkpoint"):
+    for mode in ("logits", "logits_by_reference", "checkpoint"):
         res = out[mode]
         assert len(set(res["node_ids"])) == 3, res  # one peer per node
         assert set(res["node_ids"]) <= set(out["nodes"])
         assert res["steps"] == [20, 20, 20]
         assert all(b > 0 for b in res["bytes_pulled"]), res  # teacher signals crossed nodes
-    assert all(u > 0 for u in out["exchange.mode=checkpoint"]["teacher_updates"])
+    assert all(u > 0 for u in out["checkpoint"]["teacher_updates"])

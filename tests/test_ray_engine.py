@@ -30,7 +30,7 @@ def final_weights(out_dir, cfg):
 
 @pytest.mark.parametrize("mode", [
     ("exchange.mode=logits",),
-    ("exchange.mode=logits", "exchange.staleness=3"),
+    ("exchange.mode=logits", "exchange.staleness=3", "exchange.inline_max_bytes=0"),  # shards by reference
     ("exchange.mode=checkpoint", "exchange.period=5", "exchange.sync=true"),
 ])
 def test_ray_matches_local_engine(ray_session, tmp_path, mode):
@@ -73,7 +73,11 @@ def _kill_peer_when(ray, name_part, after_round):
     return Killer()
 
 
-@pytest.mark.parametrize("mode", [("exchange.mode=logits",), ("exchange.mode=checkpoint", "exchange.period=5")])
+@pytest.mark.parametrize("mode", [
+    ("exchange.mode=logits",),
+    ("exchange.mode=logits", "exchange.inline_max_bytes=0"),  # the dead publisher's shards are lost objects
+    ("exchange.mode=checkpoint", "exchange.period=5"),
+])
 def test_killed_peer_is_restarted_and_the_run_finishes(ray_session, tmp_path, mode):
     cfg = ray_job(*mode, "eval_every=10", "exchange.timeout_s=120", steps=40)
     killer = _kill_peer_when(ray_session, "peer1", after_round=0)
