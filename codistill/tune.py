@@ -272,6 +272,18 @@ def _close_parent(cfg: RunConfig, run_id: str | None, out: dict) -> None:
     from codistill.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
+    # A trial the scheduler stopped was cut off from outside (its peers died with its placement group,
+    # so its own tracker may have marked it FAILED): the sweep knows why it ended, so say KILLED.
+    stopped = {r["trial"] for r in out["trials"] if not r["complete"] and not r["error"]}
+    if stopped:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        for trial_run in children:
+            trial_id = trial_run.data.tags.get("mlflow.runName", "").removeprefix("trial ").split(":")[0]
+            if trial_id in stopped:
+                peers = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial_run.info.run_id}'")
+                for r in [trial_run, *peers]:
+                    client.set_terminated(r.info.run_id, "KILLED")
     if out.get("best"):
         client.log_metric(run_id, f"best_{out['metric']}", out["best"]["metric"])
         client.log_artifact(run_id, out["best_job"])

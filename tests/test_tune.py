@@ -63,3 +63,30 @@ def test_sweep_runs_ranks_writes_best_job_and_resumes(ray_session, tmp_path, cap
     again = json.loads((tmp_path / "tune" / "sweep" / "sweep_results.json").read_text())
     assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in trials]
     assert again["mlflow_parent_run_id"] == sweep_id
+
+
+def test_asha_stops_weak_trials_and_their_runs_end(ray_session, tmp_path):
+    """ASHA fed by per-round reports: trials whose learning rate cannot learn in time are stopped at
+    the first rung; the best job comes from a trial that ran to the end; stopped trials leave no
+    MLflow run RUNNING and no peer actor behind."""
+    import ray
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = ["steps=60", "eval_every=20", f"tune.storage_path={tmp_path}/tune", "tune.name=asha",
+            f"tracking.uri={uri}", "tune.num_samples=1", "tune.scheduler=asha", "tune.grace_period=1",
+            "search.optim.lr={grid: [0.05, 0.00003, 0.00002, 0.00001]}"]
+    argv = ["--config", str(ROOT / "jobs" / "tune_temperature.yaml")] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "tune" / "asha" / "sweep_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4
+    stopped = [t for t in trials if not t["complete"]]
+    assert len(stopped) >= 2, trials  # the second pair reaches rung 1 after a good and a bad trial
+    assert all(t["params"]["optim.lr"] < 0.001 for t in stopped)
+    assert results["best"]["params"]["optim.lr"] == 0.05 and results["best"]["complete"]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tune_temperature"])
+    assert "RUNNING" not in set(runs["status"]), runs[["tags.mlflow.runName", "status"]]
+    assert (runs["status"] == "KILLED").sum() >= 3 * len(stopped)  # each stopped trial and its two peers
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("codistill-")]
+    assert not alive, alive
