@@ -8,6 +8,7 @@ metrics and calls the Reporter (progress lines, MLflow).
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from codistill.metrics import round_metrics
 from codistill.peer import EvalResult, Peer
 from codistill.storage import Storage
 
-__all__ = ["PeerReport", "RoundResult", "Reporter", "Reporters", "RayEngine", "PeerActor", "LocalEngine", "ENGINES", "make_engine", "build_summary"]
+__all__ = ["Decision", "PeerFailure", "FailurePolicy", "PeerReport", "RoundResult", "Reporter", "Reporters", "RayEngine", "PeerActor", "LocalEngine", "ENGINES", "make_engine", "build_summary"]
 
 
 @dataclass
@@ -92,6 +93,44 @@ class _Quiet:
     def on_round(self, result: RoundResult) -> None: ...
 
     def on_event(self, message: str) -> None: ...
+
+
+class Decision(enum.Enum):
+    CONTINUE = "continue"  # the run goes on; the event is shown and recorded
+    RAISE = "raise"  # the run stops with the failure's message
+
+
+@dataclass(frozen=True)
+class PeerFailure:
+    """Something that happened to a peer actor, as the driver saw it."""
+
+    peer: str
+    round: int
+    kind: str  # "restarted": Ray restarted the actor and it resumed from its checkpoint;
+    #            "died": it is dead for good (restarts used up); "step_failed": a step raised
+    #            (non-finite loss, a teacher that never came within exchange.timeout_s, ...)
+    detail: str
+    restarts: int = 0
+
+
+class FailurePolicy:
+    """What the driver does about a PeerFailure (Ray restarts actors itself, up to
+    `resources.max_restarts`; the policy decides what the *run* does). Failure handling is data: one
+    decision, acted on in one place of the collect loop."""
+
+    def __init__(self, cfg: RunConfig):
+        self.max_restarts = cfg.resources.max_restarts
+
+    def decide(self, failure: PeerFailure) -> tuple[Decision, str]:
+        if failure.kind == "restarted":
+            return Decision.CONTINUE, (f"{failure.peer} restarted ({failure.restarts} restart(s) so far) "
+                                       f"and resumed from its last checkpoint")
+        if failure.kind == "died":
+            return Decision.RAISE, (f"peer {failure.peer} died and could not be restarted "
+                                    f"(resources.max_restarts={self.max_restarts}): {failure.detail}")
+        # A failed step is deterministic given the peer's checkpoint (a NaN comes back the same way):
+        # retrying it would loop, so the run stops and says which peer and why.
+        return Decision.RAISE, f"peer {failure.peer} failed in round {failure.round}: {failure.detail}"
 
 
 def evaluate_round(round_index: int, reports: Sequence[PeerReport], labels: torch.Tensor,
@@ -321,6 +360,7 @@ class RayEngine:
         self.cfg = cfg
         self.reporter = reporter or _Quiet()
         self.resume = resume
+        self.failure_policy = FailurePolicy(cfg)
         self.step_losses: list[list[float]] = [[] for _ in cfg.peers]
         self.prior_rounds: list[dict] = []
         self.peer_info: list[dict] = []
@@ -442,18 +482,23 @@ class RayEngine:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 i, r = pending.pop(ref)
+                report, failure = None, None
                 try:
-                    report: PeerReport = ray.get(ref)
+                    report = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    raise RuntimeError(f"peer {cfg.peer_name(i)} died and could not be restarted "
-                                       f"(resources.max_restarts={cfg.resources.max_restarts}): {e}") from None
+                    failure = PeerFailure(cfg.peer_name(i), r, "died", str(e))
                 except ray.exceptions.RayTaskError as e:
-                    raise RuntimeError(f"peer {cfg.peer_name(i)} failed in round {r}: {e.cause}") from None
-                if report.restarts > restarts[i]:
-                    msg = f"{report.name} restarted ({report.restarts} restart(s) so far) and resumed from its last checkpoint"
+                    failure = PeerFailure(cfg.peer_name(i), r, "step_failed", str(e.cause))
+                if report is not None and report.restarts > restarts[i]:
+                    failure = PeerFailure(report.name, r, "restarted", "", report.restarts)
+                    restarts[i] = report.restarts
+                if failure is not None:
+                    decision, msg = self.failure_policy.decide(failure)
+                    if decision is Decision.RAISE:
+                        raise RuntimeError(msg)
                     events.append(msg)
                     self.reporter.on_event(msg)
-                    restarts[i] = report.restarts
+                assert report is not None, "only a round that came back can be continued"
                 self.step_losses[i].extend(report.step_losses)
                 by_round.setdefault(r, {})[i] = report
             # Rounds complete in order; a peer that finished early (shorter shard) reports its last round again.

@@ -128,3 +128,24 @@ def test_placement_that_cannot_fit_fails_with_a_clear_error(ray_session, tmp_pat
     cfg = ray_job("resources.num_cpus=2")
     with pytest.raises(RuntimeError, match=r"resources: cannot reserve 2 peers x \{'CPU': 2.0\}"):
         RayEngine(cfg).run(tmp_path)
+
+
+def test_failure_policy_decisions():
+    from codistill.engine import Decision, FailurePolicy, PeerFailure
+
+    policy = FailurePolicy(ray_job("resources.max_restarts=2"))
+    decision, msg = policy.decide(PeerFailure("peer1-cnn", 3, "restarted", "", restarts=1))
+    assert decision is Decision.CONTINUE and msg.startswith("peer1-cnn restarted (1 restart(s)")
+    decision, msg = policy.decide(PeerFailure("peer1-cnn", 3, "died", "actor gone"))
+    assert decision is Decision.RAISE and "max_restarts=2" in msg and "actor gone" in msg
+    decision, msg = policy.decide(PeerFailure("peer0-mlp", 0, "step_failed", "non-finite loss"))
+    assert decision is Decision.RAISE and msg == "peer peer0-mlp failed in round 0: non-finite loss"
+
+
+def test_a_diverging_peer_stops_the_run_with_its_name(ray_session, tmp_path):
+    """A NaN loss is not retried (it would come back the same way): the run stops, naming the peer,
+    instead of the other peer waiting out exchange.timeout_s."""
+    cfg = ray_job("peers.0.optim.lr=1e12", "exchange.timeout_s=60", steps=40)
+    # (had the run waited instead, peer1 would fail first, with "no logits from peer 0")
+    with pytest.raises(RuntimeError, match=r"peer peer0-mlp failed in round 0: .*non-finite loss"):
+        RayEngine(cfg).run(tmp_path)
