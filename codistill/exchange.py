@@ -151,8 +151,9 @@ class Board(ABC):
     def publish_logits(self, publisher: int, shard: LogitShard) -> None: ...
 
     @abstractmethod
-    def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float) -> LogitShard:
-        """The shard of `publisher` for `batch_step`, waiting up to timeout_s (TeacherUnavailable after)."""
+    def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> list[LogitShard]:
+        """The shards of `publishers` for `batch_step` (one request for all of a consumer's teachers),
+        waiting up to timeout_s for all of them (TeacherUnavailable after)."""
 
     @abstractmethod
     def publish_weights(self, publisher: int, weights: WireWeights) -> None: ...
@@ -185,15 +186,17 @@ class InMemoryBoard(Board):
             self._logits[(publisher, shard.batch_step)] = shard
             self._cv.notify_all()
 
-    def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float) -> LogitShard:
-        key = (publisher, batch_step)
+    def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> list[LogitShard]:
+        keys = [(j, batch_step) for j in publishers]
         with self._cv:
-            if not self._cv.wait_for(lambda: key in self._logits, timeout=timeout_s):
-                raise TeacherUnavailable(f"no logits from peer {publisher} for step {batch_step} after {timeout_s}s")
-            shard = self._logits[key]
-            self._taken.setdefault(key, set()).add(consumer)
+            if not self._cv.wait_for(lambda: all(k in self._logits for k in keys), timeout=timeout_s):
+                missing = [j for j, k in zip(publishers, keys) if k not in self._logits]
+                raise TeacherUnavailable(f"no logits from peer(s) {missing} for step {batch_step} after {timeout_s}s")
+            shards = [self._logits[k] for k in keys]
+            for k in keys:
+                self._taken.setdefault(k, set()).add(consumer)
             self._collect()
-            return shard
+            return shards
 
     def _collect(self) -> None:
         # A shard can go once all its consumers took it and none of them can be sent back before it
@@ -326,8 +329,8 @@ class LogitExchange(_Exchange):
         t0 = time.perf_counter()
         expected_ids = peer.data.sample_ids[peer.data.positions(step)].numpy()
         out = []
-        for j in self.teachers:
-            shard = self.board.fetch_logits(j, step, self.index, self.cfg.exchange.timeout_s)
+        shards = self.board.fetch_logits(self.teachers, step, self.index, self.cfg.exchange.timeout_s)
+        for j, shard in zip(self.teachers, shards):
             if not np.array_equal(shard.sample_ids, expected_ids):  # a shard is keyed by the samples it covers
                 raise RuntimeError(f"peer {self.index}: logits of peer {j} for step {step} cover other samples; "
                                    f"the peers' batch orders disagree (job seed or data config differ)")
@@ -457,14 +460,16 @@ class RayBoardActor:
         self._logits[(publisher, batch_step)] = entry
         self._notify()
 
-    async def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float):
-        key = (publisher, batch_step)
-        if not await self._wait_until(lambda: key in self._logits, timeout_s):
-            return None
-        self._taken.setdefault(key, set()).add(consumer)
-        entry = self._logits[key]
+    async def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float):
+        """The entries of all `publishers` for `batch_step` at once, or {"missing": [...]} after timeout_s."""
+        keys = [(j, batch_step) for j in publishers]
+        if not await self._wait_until(lambda: all(k in self._logits for k in keys), timeout_s):
+            return {"missing": [j for j, k in zip(publishers, keys) if k not in self._logits]}
+        for k in keys:
+            self._taken.setdefault(k, set()).add(consumer)
+        entries = [self._logits[k] for k in keys]
         self._collect()
-        return entry
+        return entries
 
     def drop_logits(self, publisher: int, batch_step: int) -> None:
         """A consumer found this shard lost (publisher died): forget it until it is published again."""
@@ -541,22 +546,31 @@ class RayBoardClient(Board):
             del self._keep[key]
         self.handle.publish_logits.remote(publisher, shard.batch_step, [ref])
 
-    def fetch_logits(self, publisher: int, batch_step: int, consumer: int, timeout_s: float) -> LogitShard:
+    def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> list[LogitShard]:
         ray = _ray()
         deadline = time.monotonic() + timeout_s
-        while True:
+        got: dict[int, LogitShard] = {}
+        pending = list(publishers)
+        while pending:  # one board request for all teachers; again only for shards lost with their publisher
             left = deadline - time.monotonic()
-            found = ray.get(self.handle.fetch_logits.remote(publisher, batch_step, consumer, max(left, 0.0)))
-            if found is None:
-                raise TeacherUnavailable(f"peer {consumer}: no logits from peer {publisher} for step {batch_step} "
-                                         f"after {timeout_s}s (exchange.timeout_s)")
-            if isinstance(found, LogitShard):
-                return found
-            try:
-                return ray.get(found[0])
-            except ray.exceptions.ObjectLostError:  # publisher died: its restart publishes this step again
-                self.handle.drop_logits.remote(publisher, batch_step)
+            found = ray.get(self.handle.fetch_logits.remote(pending, batch_step, consumer, max(left, 0.0)))
+            if isinstance(found, dict):
+                raise TeacherUnavailable(f"peer {consumer}: no logits from peer(s) {found['missing']} for step "
+                                         f"{batch_step} after {timeout_s}s (exchange.timeout_s)")
+            lost = []
+            for j, entry in zip(pending, found):
+                if isinstance(entry, LogitShard):
+                    got[j] = entry
+                    continue
+                try:
+                    got[j] = ray.get(entry[0])
+                except ray.exceptions.ObjectLostError:  # publisher died: its restart publishes this step again
+                    self.handle.drop_logits.remote(j, batch_step)
+                    lost.append(j)
+            pending = lost
+            if lost:
                 time.sleep(0.05)
+        return [got[j] for j in publishers]
 
     def publish_weights(self, publisher: int, weights: WireWeights) -> None:
         # Keep it in the outbox and announce it; the board takes it with peer.take_weights(version),

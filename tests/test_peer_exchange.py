@@ -209,3 +209,16 @@ def test_published_weights_do_not_change_when_the_publisher_trains_on():
         lockstep(peers, ex, step)
     for k, v in frozen.items():
         assert np.array_equal(published.arrays[k], v), k
+
+
+def test_fetching_several_teachers_waits_for_all_and_names_the_missing_one():
+    from codistill.exchange import InMemoryBoard, LogitShard, TeacherUnavailable
+
+    board = InMemoryBoard(small_job(models=("mlp", "mlp", "mlp")))
+    shard = lambda j: LogitShard(4, 4, np.arange(3), np.full((3, 10), float(j), np.float32), "float32")  # noqa: E731
+    board.publish_logits(1, shard(1))
+    with pytest.raises(TeacherUnavailable, match=r"peer\(s\) \[2\] for step 4"):
+        board.fetch_logits([1, 2], 4, 0, timeout_s=0.05)
+    board.publish_logits(2, shard(2))
+    got = board.fetch_logits([2, 1], 4, 0, timeout_s=0.05)
+    assert [float(s.logits[0, 0]) for s in got] == [2.0, 1.0]  # in the order asked
