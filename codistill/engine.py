@@ -16,7 +16,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import torch
 
@@ -106,7 +106,7 @@ class PeerFailure:
 
     peer: str
     round: int
-    kind: str  # "restarted": Ray restarted the actor and it resumed from its checkpoint;
+    kind: Literal["restarted", "died", "step_failed"]  # "restarted": Ray restarted the actor and it resumed from its checkpoint;
     #            "died": it is dead for good (restarts used up); "step_failed": a step raised
     #            (non-finite loss, a teacher that never came within exchange.timeout_s, ...)
     detail: str
@@ -148,7 +148,7 @@ def round_record(h: RoundResult) -> dict[str, Any]:
                                "steps_per_s": p.steps_per_s, "lr": p.lr, "restarts": p.restarts,
                                "bytes_published": p.exchange.bytes_published,
                                "bytes_pulled": p.exchange.bytes_pulled,
-                               "staleness_mean": p.exchange.to_dict()["staleness_mean"]}
+                               "staleness_mean": p.exchange.staleness()["mean"]}
                       for p in h.peers}}
 
 
@@ -167,8 +167,7 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
             "name": r.name, "model": r.model, "test_accuracy": r.eval.accuracy, "test_loss": r.eval.loss,
             "steps": r.step, "steps_per_s": r.steps_per_s, "restarts": r.restarts, "node_id": r.node_id,
             "bytes_published": r.exchange.bytes_published, "bytes_pulled": r.exchange.bytes_pulled,
-            "staleness": {"mean": r.exchange.to_dict()["staleness_mean"], "max": r.exchange.staleness_max,
-                          "teacher_lead_max": r.exchange.teacher_lead_max},
+            "staleness": r.exchange.staleness(),
             "exchange_s": r.exchange.exchange_s, "teacher_forward_s": r.exchange.teacher_forward_s,
             "busy_s": r.busy_s,
         })
@@ -179,7 +178,7 @@ def build_summary(cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: f
         "mean_peer_test_accuracy": final.metrics["mean_peer_accuracy"],
         "churn": final.metrics["churn"],
         "mean_pairwise_kl": final.metrics["mean_pairwise_kl"],
-        "staleness": {"mean": ex["staleness_mean"], "max": ex["staleness_max"], "teacher_lead_max": ex["teacher_lead_max"]},
+        "staleness": total.staleness(),
         "exchange": {"mode": cfg.exchange.mode, "topology": cfg.exchange.topology,
                      "staleness": cfg.exchange.staleness, "period": cfg.exchange.period,
                      "dtype": cfg.exchange.dtype, "bytes_published": ex["bytes_published"],

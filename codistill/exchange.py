@@ -275,11 +275,16 @@ class ExchangeStats:
         self.staleness_max = max(self.staleness_max, other.staleness_max)
         self.teacher_lead_max = max(self.teacher_lead_max, other.teacher_lead_max)
 
-    def to_dict(self) -> dict[str, Any]:
+    def staleness(self) -> dict[str, float]:
+        """The summary's `staleness` entry."""
         mean = self.staleness_sum / self.staleness_count if self.staleness_count else 0.0
+        return {"mean": mean, "max": self.staleness_max, "teacher_lead_max": self.teacher_lead_max}
+
+    def to_dict(self) -> dict[str, Any]:
+        st = self.staleness()
         return {"bytes_published": self.bytes_published, "bytes_pulled": self.bytes_pulled,
-                "staleness_mean": mean, "staleness_max": self.staleness_max,
-                "teacher_lead_max": self.teacher_lead_max, "exchange_s": self.exchange_s,
+                "staleness_mean": st["mean"], "staleness_max": st["max"],
+                "teacher_lead_max": st["teacher_lead_max"], "exchange_s": self.exchange_s,
                 "teacher_forward_s": self.teacher_forward_s, "teacher_updates": self.teacher_updates}
 
 

@@ -87,7 +87,7 @@ def format_table(summary: dict) -> str:
     st = summary["staleness"]
     out.append(f"churn {summary['churn']:.4f}   mean pairwise KL {summary['mean_pairwise_kl']:.4f}   "
                f"staleness mean {st['mean']:.1f} max {st['max']}"
-               + (f" (teachers up to {st['teacher_lead_max']} steps ahead)" if st.get("teacher_lead_max", 0) > 0 else "")
+               + (f" (teachers up to {st['teacher_lead_max']} steps ahead)" if st["teacher_lead_max"] > 0 else "")
                + f"   bytes exchanged {summary['bytes_exchanged']:,}   "
                f"wall {summary['wall_time_s']:.1f}s")
     return "\n".join(out)

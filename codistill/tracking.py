@@ -119,7 +119,8 @@ class Tracker:
                 "train_loss": sum(p.step_losses) / len(p.step_losses) if p.step_losses else None,
                 "test_loss": p.eval.loss, "test_accuracy": p.eval.accuracy, "steps_per_s": p.steps_per_s,
                 "staleness_mean": ex["staleness_mean"], "staleness_max": ex["staleness_max"],
-                "teacher_lead_max": ex["teacher_lead_max"], "bytes_published": ex["bytes_published"], "bytes_pulled": ex["bytes_pulled"],
+                "teacher_lead_max": ex["teacher_lead_max"],
+                "bytes_published": ex["bytes_published"], "bytes_pulled": ex["bytes_pulled"],
                 "restarts": p.restarts, "lr": p.lr,
             }, p.step)
 

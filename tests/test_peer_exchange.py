@@ -9,8 +9,9 @@ import torch
 
 from codistill.data import load_dataset
 from codistill.engine import LocalEngine
-from codistill.exchange import (InMemoryBoard, decode_array, decode_weights, encode_tensor, encode_weights,
-                                make_exchange, teachers_of, consumers_of)
+from codistill.exchange import (ExchangeStats, InMemoryBoard, LogitShard, TeacherUnavailable, decode_array,
+                                decode_weights, encode_tensor, encode_weights, make_exchange, teachers_of,
+                                consumers_of)
 from codistill.peer import NonFiniteLossError, Peer
 from helpers import small_job
 
@@ -103,8 +104,6 @@ def test_checkpoint_mode_teachers_are_frozen_copies_of_published_versions():
 
 def test_a_teacher_ahead_of_its_student_is_not_negative_staleness():
     """Free-running peers: a fast teacher's checkpoint can be newer than the student's step."""
-    from codistill.exchange import ExchangeStats
-
     st = ExchangeStats()
     for staleness in (-150, 3, 9, -20):
         st.see_staleness(staleness)
@@ -212,8 +211,6 @@ def test_published_weights_do_not_change_when_the_publisher_trains_on():
 
 
 def test_fetching_several_teachers_waits_for_all_and_names_the_missing_one():
-    from codistill.exchange import InMemoryBoard, LogitShard, TeacherUnavailable
-
     board = InMemoryBoard(small_job(models=("mlp", "mlp", "mlp")))
     shard = lambda j: LogitShard(4, 4, np.arange(3), np.full((3, 10), float(j), np.float32), "float32")  # noqa: E731
     board.publish_logits(1, shard(1))
