@@ -21,13 +21,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def overhead(args) -> list[dict]:
@@ -43,10 +42,19 @@ def overhead(args) -> list[dict]:
         ("checkpoint period 100", ["exchange.mode=checkpoint", "exchange.period=100"]),
     ]
     base_raw = {
-        "name": "bench-exchange", "seed": 0, "steps": args.steps, "eval_every": args.steps, "engine": "ray",
+        "name": "bench-exchange",
+        "seed": 0,
+        "steps": args.steps,
+        "eval_every": args.steps,
+        "engine": "ray",
         "device": args.device,
-        "data": {"name": "synthetic", "batch_size": args.batch_size, "synthetic_train": 2048,
-                 "synthetic_shape": [3, 32, 32], "eval_batch_size": 512},
+        "data": {
+            "name": "synthetic",
+            "batch_size": args.batch_size,
+            "synthetic_train": 2048,
+            "synthetic_shape": [3, 32, 32],
+            "eval_batch_size": 512,
+        },
         "optim": {"lr": 0.05, "schedule": "constant"},
         "peers": [{"model": args.model}, {"model": args.model}],
         "loss": {"alpha": 0.5, "temperature": 3.0},
@@ -71,8 +79,10 @@ def overhead(args) -> list[dict]:
             "staleness_mean": s["staleness"]["mean"],
         }
         rows.append(row)
-        print(f"  {label:<24} {row['steps_per_s']:7.2f} steps/s per peer  exchange {100 * row['exchange_share']:5.1f}%",
-              flush=True)
+        print(
+            f"  {label:<24} {row['steps_per_s']:7.2f} steps/s per peer  exchange {100 * row['exchange_share']:5.1f}%",
+            flush=True,
+        )
     base = rows[0]["steps_per_s"]
     for row in rows:
         row["ratio_vs_independent"] = row["steps_per_s"] / base
@@ -83,13 +93,13 @@ def overhead(args) -> list[dict]:
 
 
 def transfer(args) -> list[dict]:
-    import numpy as np
     import ray
     import torch
 
-    from codistill.exchange import RayBoardActor, RayBoardClient, decode_weights, encode_weights
+    from codistill.exchange import decode_weights, encode_weights
+    from codistill.exchange.ray_board import RayBoardActor, RayBoardClient
 
-    @ray.remote(num_cpus=0, concurrency_groups={"exchange": 1})
+    @ray.remote(num_cpus=0, concurrency_groups={"exchange": 1})  # type: ignore[call-overload]
     class Publisher:
         def __init__(self, board_name):
             self.client = RayBoardClient(ray.get_actor(board_name), 0)
@@ -115,7 +125,7 @@ def transfer(args) -> list[dict]:
 
         def pull(self, version: int) -> tuple[float, int]:
             t0 = time.perf_counter()
-            w = self.client.newest_weights(1, {}, {0: version}, 120.0)[0]
+            w = self.client.pull_weights(1, {0: -1}, {0: version}, True, 120.0)[0]
             tensors = decode_weights(w)
             return time.perf_counter() - t0, sum(t.numel() * 4 for t in tensors.values())
 
@@ -124,10 +134,13 @@ def transfer(args) -> list[dict]:
         run = f"bench-{mb}-{os.getpid()}"
         # sync: false -> the board keeps only the newest version (older ones would fill the store and spill)
         cfg = {"steps": 1, "peers": ["mlp", "mlp"], "exchange": {"mode": "checkpoint", "sync": False}}
-        board = ray.remote(RayBoardActor).options(name=f"{run}-board", num_cpus=0, max_concurrency=1000).remote(
-            cfg, [f"{run}-pub", f"{run}-con"], ray.get_runtime_context().namespace)
-        pub = Publisher.options(name=f"{run}-pub").remote(f"{run}-board")
-        con = Consumer.options(name=f"{run}-con").remote(f"{run}-board")
+        board: Any = (
+            ray.remote(RayBoardActor)
+            .options(name=f"{run}-board", num_cpus=0, max_concurrency=1000)
+            .remote(cfg, [f"{run}-pub", f"{run}-con"], ray.get_runtime_context().namespace)
+        )
+        pub = Publisher.options(name=f"{run}-pub").remote(f"{run}-board")  # type: ignore[attr-defined]
+        con = Consumer.options(name=f"{run}-con").remote(f"{run}-board")  # type: ignore[attr-defined]
         ray.get(pub.make_state.remote(mb))
         ray.get(pub.publish.remote(0))  # warm-up: first-touch page faults in the store and the actors
         ray.get(con.pull.remote(0))
@@ -139,22 +152,37 @@ def transfer(args) -> list[dict]:
             totals.append(time.perf_counter() - t0)
             publishes.append(publish_s)
             if os.environ.get("BENCH_VERBOSE"):
-                print(f"    {mb} MB: encode {encode_s:.3f}s publish {publish_s:.3f}s pull {pull_s:.3f}s total {totals[-1]:.3f}s")
+                print(
+                    f"    {mb} MB: encode {encode_s:.3f}s publish {publish_s:.3f}s pull {pull_s:.3f}s "
+                    f"total {totals[-1]:.3f}s"
+                )
         state = {f"w{i}": torch.randn(mb * (1 << 20) // 4 // 8) for i in range(8)}
-        copies = [_timed(lambda: {k: v.clone() for k, v in state.items()}) for _ in range(args.repeats + 1)][1:]
+        copies = [_timed(lambda s=state: {k: v.clone() for k, v in s.items()}) for _ in range(args.repeats + 1)][1:]
         best, copy_s = min(totals), min(copies)
         median, copy_median = statistics.median(totals), statistics.median(copies)
-        row = {"size_mb": mb, "repeats": args.repeats,
-               "publish_and_pull_s": best, "publish_and_pull_median_s": median,
-               "publish_on_training_thread_median_s": statistics.median(publishes),
-               "object_store_gb_s": nbytes / best / 1e9, "object_store_median_gb_s": nbytes / median / 1e9,
-               "in_process_copy_s": copy_s, "in_process_copy_gb_s": nbytes / copy_s / 1e9,
-               "in_process_copy_median_gb_s": nbytes / copy_median / 1e9,
-               "ratio": copy_s / best, "ratio_median": copy_median / median}
+        row = {
+            "size_mb": mb,
+            "repeats": args.repeats,
+            "publish_and_pull_s": best,
+            "publish_and_pull_median_s": median,
+            "publish_on_training_thread_median_s": statistics.median(publishes),
+            "object_store_gb_s": nbytes / best / 1e9,
+            "object_store_median_gb_s": nbytes / median / 1e9,
+            "in_process_copy_s": copy_s,
+            "in_process_copy_gb_s": nbytes / copy_s / 1e9,
+            "in_process_copy_median_gb_s": nbytes / copy_median / 1e9,
+            "ratio": copy_s / best,
+            "ratio_median": copy_median / median,
+        }
         rows.append(row)
-        print(f"  {mb:5d} MB  object store {row['object_store_gb_s']:6.2f} GB/s (median {row['object_store_median_gb_s']:.2f})"
-              f"   in-process copy {row['in_process_copy_gb_s']:6.2f} GB/s (median {row['in_process_copy_median_gb_s']:.2f})"
-              f"   ratio {row['ratio']:.2f} (median {row['ratio_median']:.2f})", flush=True)
+        print(
+            f"  {mb:5d} MB  object store {row['object_store_gb_s']:6.2f} GB/s "
+            f"(median {row['object_store_median_gb_s']:.2f})"
+            f"   in-process copy {row['in_process_copy_gb_s']:6.2f} GB/s "
+            f"(median {row['in_process_copy_median_gb_s']:.2f})"
+            f"   ratio {row['ratio']:.2f} (median {row['ratio_median']:.2f})",
+            flush=True,
+        )
         for a in (pub, con, board):
             ray.kill(a)
     return rows
@@ -181,9 +209,10 @@ def main() -> None:
 
     import ray
 
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-    ray.init(include_dashboard=False, object_store_memory=max(args.sizes_mb) * 3 << 20 if args.part != "overhead" else None)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "args": vars(args)}
+    ray.init(
+        include_dashboard=False, object_store_memory=max(args.sizes_mb) * 3 << 20 if args.part != "overhead" else None
+    )
+    result: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "args": vars(args)}
     if args.part in ("overhead", "all"):
         print(f"overhead: two {args.model} peers, batch {args.batch_size}, {args.steps} steps, one Ray actor each")
         result["overhead"] = overhead(args)
@@ -193,20 +222,30 @@ def main() -> None:
     ray.shutdown()
 
     if "overhead" in result:
-        print("\n| variant | steps/s per peer | vs independent | exchange share | teacher fwd share | overhead beyond teacher fwd |")
+        print(
+            "\n| variant | steps/s per peer | vs independent | exchange share | teacher fwd share "
+            "| overhead beyond teacher fwd |"
+        )
         print("| --- | --- | --- | --- | --- | --- |")
         for r in result["overhead"]:
-            print(f"| {r['variant']} | {r['steps_per_s']:.2f} | {r['ratio_vs_independent']:.3f} | "
-                  f"{100 * r['exchange_share']:.1f}% | {100 * r['teacher_forward_share']:.1f}% | "
-                  f"{100 * r['overhead_beyond_teacher_forward']:+.1f}% |")
+            print(
+                f"| {r['variant']} | {r['steps_per_s']:.2f} | {r['ratio_vs_independent']:.3f} | "
+                f"{100 * r['exchange_share']:.1f}% | {100 * r['teacher_forward_share']:.1f}% | "
+                f"{100 * r['overhead_beyond_teacher_forward']:+.1f}% |"
+            )
     if "transfer" in result:
-        print("\n| size | object store GB/s best (median) | in-process copy GB/s best (median) | ratio best (median) |"
-              " publish on training thread |")
+        print(
+            "\n| size | object store GB/s best (median) | in-process copy GB/s best (median) | ratio best (median) |"
+            " publish on training thread |"
+        )
         print("| --- | --- | --- | --- | --- |")
         for r in result["transfer"]:
-            print(f"| {r['size_mb']} MB | {r['object_store_gb_s']:.2f} ({r['object_store_median_gb_s']:.2f}) | "
-                  f"{r['in_process_copy_gb_s']:.2f} ({r['in_process_copy_median_gb_s']:.2f}) | "
-                  f"{r['ratio']:.2f} ({r['ratio_median']:.2f}) | {1000 * r['publish_on_training_thread_median_s']:.0f} ms |")
+            print(
+                f"| {r['size_mb']} MB | {r['object_store_gb_s']:.2f} ({r['object_store_median_gb_s']:.2f}) | "
+                f"{r['in_process_copy_gb_s']:.2f} ({r['in_process_copy_median_gb_s']:.2f}) | "
+                f"{r['ratio']:.2f} ({r['ratio_median']:.2f}) | "
+                f"{1000 * r['publish_on_training_thread_median_s']:.0f} ms |"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

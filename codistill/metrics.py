@@ -6,13 +6,13 @@ predictions differ. This module imports neither ray nor mlflow.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations, permutations
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["accuracy", "ensemble_accuracy", "churn", "mean_pairwise_churn", "mean_pairwise_kl", "round_metrics"]
+__all__ = ["accuracy", "churn", "ensemble_accuracy", "mean_pairwise_churn", "mean_pairwise_kl", "round_metrics"]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -21,7 +21,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def ensemble_accuracy(all_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> float:
     """Accuracy of the mean of the peers' probabilities."""
-    probs = torch.stack([F.softmax(l.float(), -1) for l in all_logits]).mean(0)
+    probs = torch.stack([F.softmax(x.float(), -1) for x in all_logits]).mean(0)
     return accuracy(probs, labels)
 
 
@@ -36,7 +36,7 @@ def mean_pairwise_churn(all_logits: Sequence[torch.Tensor]) -> float:
 
 def mean_pairwise_kl(all_logits: Sequence[torch.Tensor]) -> float:
     """Mean over ordered pairs (i, j), i != j, of batch-mean KL(p_i || p_j) at temperature 1."""
-    logp = [F.log_softmax(l.float(), -1) for l in all_logits]
+    logp = [F.log_softmax(x.float(), -1) for x in all_logits]
     pairs = list(permutations(range(len(all_logits)), 2))
     if not pairs:
         return 0.0
@@ -49,5 +49,5 @@ def round_metrics(all_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> d
         "ensemble_accuracy": ensemble_accuracy(all_logits, labels),
         "churn": mean_pairwise_churn(all_logits),
         "mean_pairwise_kl": mean_pairwise_kl(all_logits),
-        "mean_peer_accuracy": sum(accuracy(l, labels) for l in all_logits) / len(all_logits),
+        "mean_peer_accuracy": sum(accuracy(x, labels) for x in all_logits) / len(all_logits),
     }

@@ -12,25 +12,28 @@ DIR/summary.json (DIR defaults to runs/<name>-<timestamp>; the path is printed a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import IO, Any
 
 import yaml
 
-from codistill.config import RunConfig, build, apply_overrides, read_yaml, default_job_path, to_dict
+from codistill.config import RunConfig, apply_overrides, build, default_job_path, read_yaml
+from codistill.engine.report import Reporter, RoundResult
+from codistill.errors import CodistillError, ConfigError
+from codistill.exchange import EXCHANGES
 
-__all__ = ["main", "ConsoleReporter", "format_table", "train"]
+__all__ = ["ConsoleReporter", "format_table", "main"]
 
 
-class ConsoleReporter:
+class ConsoleReporter(Reporter):
     """Progress lines per round and a step bar (tqdm) on stderr."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: IO[str] | None = None):
         self._stream = stream
-        self.bar = None
+        self.bar: Any = None
         self.t0 = time.perf_counter()
 
     def on_start(self, cfg: RunConfig, total_steps: int) -> None:
@@ -38,15 +41,23 @@ class ConsoleReporter:
 
         peers = ", ".join(f"{cfg.peer_name(i)}" for i in range(cfg.num_peers))
         ex = cfg.exchange
-        detail = f"staleness={ex.staleness}" if ex.mode == "logits" else f"period={ex.period}"
-        self._print(f"codistill {cfg.name}: {cfg.num_peers} peers [{peers}] on {cfg.data.name}, {total_steps} steps, "
-                    f"exchange={ex.mode} ({detail}, topology={ex.topology}), loss={cfg.loss.divergence} "
-                    f"T={cfg.loss.temperature} alpha={cfg.loss.alpha} burn_in={cfg.loss.burn_in}, engine={cfg.engine}")
-        self.bar = tqdm(total=total_steps, unit="step", desc="slowest peer", file=sys.stderr, leave=False,
-                        disable=not sys.stderr.isatty())
+        detail = EXCHANGES[ex.mode].describe(ex)
+        self._print(
+            f"codistill {cfg.name}: {cfg.num_peers} peers [{peers}] on {cfg.data.name}, {total_steps} steps, "
+            f"exchange={ex.mode} ({detail}, topology={ex.topology}), loss={cfg.loss.divergence} "
+            f"T={cfg.loss.temperature} alpha={cfg.loss.alpha} burn_in={cfg.loss.burn_in}, engine={cfg.engine}"
+        )
+        self.bar = tqdm(
+            total=total_steps,
+            unit="step",
+            desc="slowest peer",
+            file=sys.stderr,
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
 
     @property
-    def stream(self):
+    def stream(self) -> IO[str]:
         return self._stream or sys.stdout
 
     def _print(self, line: str) -> None:
@@ -55,16 +66,20 @@ class ConsoleReporter:
         else:
             print(line, file=self.stream, flush=True)
 
-    def on_round(self, r) -> None:
+    def on_round(self, r: RoundResult) -> None:
         if self.bar is not None:
             self.bar.update(r.step - self.bar.n)
         m = r.metrics
-        self._print(f"round {r.round:3d} step {r.step:6d} [{time.perf_counter() - self.t0:6.1f}s] "
-                    f"ensemble acc {m['ensemble_accuracy']:.4f}  churn {m['churn']:.4f}  pairwise KL {m['mean_pairwise_kl']:.4f}")
+        self._print(
+            f"round {r.round:3d} step {r.step:6d} [{time.perf_counter() - self.t0:6.1f}s] "
+            f"ensemble acc {m['ensemble_accuracy']:.4f}  churn {m['churn']:.4f}  "
+            f"pairwise KL {m['mean_pairwise_kl']:.4f}"
+        )
         for p in r.peers:
-            loss = sum(p.step_losses) / max(1, len(p.step_losses))
-            self._print(f"    {p.name:<24} step {p.step:6d}  loss {loss:.4f}  test acc {p.eval.accuracy:.4f}  "
-                        f"{p.steps_per_s:7.1f} steps/s" + (f"  restarts {p.restarts}" if p.restarts else ""))
+            self._print(
+                f"    {p.name:<24} step {p.step:6d}  loss {p.train_loss:.4f}  test acc {p.eval.accuracy:.4f}  "
+                f"{p.steps_per_s:7.1f} steps/s" + (f"  restarts {p.restarts}" if p.restarts else "")
+            )
 
     def on_event(self, message: str) -> None:
         self._print(f"  ! {message}")
@@ -77,19 +92,30 @@ class ConsoleReporter:
 def format_table(summary: dict) -> str:
     rows = [("peer", "model", "test acc", "test loss", "steps", "steps/s", "restarts")]
     for p in summary["peers"]:
-        rows.append((p["name"], p["model"], f"{p['test_accuracy']:.4f}", f"{p['test_loss']:.4f}", str(p["steps"]),
-                     f"{p['steps_per_s']:.1f}", str(p["restarts"])))
+        rows.append(
+            (
+                p["name"],
+                p["model"],
+                f"{p['test_accuracy']:.4f}",
+                f"{p['test_loss']:.4f}",
+                str(p["steps"]),
+                f"{p['steps_per_s']:.1f}",
+                str(p["restarts"]),
+            )
+        )
     rows.append(("ensemble", "mean probs", f"{summary['ensemble']['test_accuracy']:.4f}", "", "", "", ""))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     line = "+".join("-" * (w + 2) for w in widths)
-    fmt = lambda r: "|".join(f" {v:<{w}} " for v, w in zip(r, widths))  # noqa: E731
+    fmt = lambda r: "|".join(f" {v:<{w}} " for v, w in zip(r, widths))
     out = [line, fmt(rows[0]), line, *(fmt(r) for r in rows[1:-1]), line, fmt(rows[-1]), line]
     st = summary["staleness"]
-    out.append(f"churn {summary['churn']:.4f}   mean pairwise KL {summary['mean_pairwise_kl']:.4f}   "
-               f"staleness mean {st['mean']:.1f} max {st['max']}"
-               + (f" (teachers up to {st['teacher_lead_max']} steps ahead)" if st["teacher_lead_max"] > 0 else "")
-               + f"   bytes exchanged {summary['bytes_exchanged']:,}   "
-               f"wall {summary['wall_time_s']:.1f}s")
+    out.append(
+        f"churn {summary['churn']:.4f}   mean pairwise KL {summary['mean_pairwise_kl']:.4f}   "
+        f"staleness mean {st['mean']:.1f} max {st['max']}"
+        + (f" (teachers up to {st['teacher_lead_max']} steps ahead)" if st["teacher_lead_max"] > 0 else "")
+        + f"   bytes exchanged {summary['bytes_exchanged']:,}   "
+        f"wall {summary['wall_time_s']:.1f}s"
+    )
     return "\n".join(out)
 
 
@@ -97,48 +123,28 @@ def default_out_dir(cfg: RunConfig) -> str:
     return str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
-def train(cfg: RunConfig, out_dir: str, reporter=None, resume: bool = False, parent_run_id: str | None = None,
-          run_name: str | None = None) -> dict:
-    """Run a validated job; write the resolved job and summary.json to out_dir (a path or a pyarrow.fs
-    URI) and log it to MLflow (unless tracking is none); return the summary. With resume, continue
-    the run whose files are in out_dir. parent_run_id nests the MLflow run (Tune trials)."""
-    from codistill.engine import Reporters, build_summary, make_engine  # torch is imported only to train
-    from codistill.storage import Storage
-    from codistill.tracking import make_tracker
-
-    storage = Storage(out_dir)
-    if not resume:
-        storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-    previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
-    tracker = make_tracker(cfg, parent_run_id, run_name, resume=previous)
-    if tracker.state() is not None:
-        storage.write("tracking.json", json.dumps(tracker.state()).encode())
-    t0 = time.perf_counter()
-    engine = make_engine(cfg, Reporters(reporter, tracker), resume=resume)
-    try:
-        history = engine.run(out_dir)
-    except BaseException:
-        if hasattr(tracker, "fail"):
-            tracker.fail()
-        raise
-    summary = build_summary(cfg, history, time.perf_counter() - t0, getattr(engine, "prior_rounds", ()))
-    storage.write("summary.json", json.dumps(summary, indent=2).encode())
-    tracker.finish(summary, out_dir)
-    if tracker.run_id:
-        summary["mlflow_run_id"] = tracker.run_id
-    return summary
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m codistill.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m codistill.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", help=f"job YAML (default: {default_job_path().name})")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a job field by dotted key, e.g. loss.alpha=0 or peers.1.model=cnn (repeatable)")
-    ap.add_argument("--output", help="run directory, a path or a pyarrow.fs URI such as s3://bucket/run "
-                                     "(default runs/<name>-<timestamp>)")
-    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its job.yaml; peers restart from "
-                                                    "their last common checkpoint)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job field by dotted key, e.g. loss.alpha=0 or peers.1.model=cnn (repeatable)",
+    )
+    ap.add_argument(
+        "--output",
+        help="run directory, a path or a pyarrow.fs URI such as s3://bucket/run (default runs/<name>-<timestamp>)",
+    )
+    ap.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR (its job.yaml; peers restart from their last common checkpoint)",
+    )
     return ap.parse_args(argv)
 
 
@@ -146,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.resume:
-            from codistill.engine import Storage
+            from codistill.storage import Storage
 
             job = Storage(args.resume).read("job.yaml")
             if job is None:
-                raise ValueError(f"--resume: no job.yaml in {args.resume!r}; allowed: a run directory codistill wrote")
+                raise ConfigError("--resume", args.resume, "a run directory codistill wrote (it has job.yaml)")
             raw = apply_overrides(yaml.safe_load(job), args.overrides)
             raw.setdefault("output", {})["dir"] = args.resume
         else:
@@ -158,17 +164,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.output:
                 raw.setdefault("output", {})["dir"] = args.output
         cfg = build(raw)
-    except ValueError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from codistill.api import train  # torch, ray and mlflow are imported only to train
+
     out_dir = cfg.output.dir or default_out_dir(cfg)
     reporter = ConsoleReporter()
     try:
         summary = train(cfg, out_dir, reporter, resume=bool(args.resume))
-    except RuntimeError as e:  # a peer that could not go on, resources that cannot be had
+    except CodistillError as e:  # what the user caused or can fix; anything else keeps its traceback
         reporter.close()
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     finally:
         reporter.close()
     print(format_table(summary))

@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["Storage"]
+__all__ = ["Storage", "checkpoint_path"]
+
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_path(peer_name: str, step: int) -> str:
+    """The run-relative path of a peer's training checkpoint at `step` (parsed by Storage.checkpoint_steps)."""
+    return f"{CHECKPOINTS}/{peer_name}/step-{step}.pt"
 
 
 class Storage:
@@ -49,11 +57,20 @@ class Storage:
         with self.fs.open_input_stream(self._path(rel)) as f:
             return f.read()
 
-    def list(self, rel_dir: str) -> list[str]:
+    def files(self, rel_dir: str) -> list[str]:
         from pyarrow import fs
 
         info = self.fs.get_file_info(fs.FileSelector(self._path(rel_dir), allow_not_found=True))
         return sorted(i.base_name for i in info if i.type == fs.FileType.File)
+
+    def checkpoint_steps(self, peer_name: str) -> list[int]:
+        """Steps of `peer_name`'s training checkpoints, oldest first."""
+        steps = []
+        for name in self.files(f"{CHECKPOINTS}/{peer_name}"):
+            stem, dot, ext = name.partition(".")
+            if stem.startswith("step-") and stem[5:].isdigit() and dot and ext == "pt":
+                steps.append(int(stem[5:]))
+        return sorted(steps)
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self._path(rel))

@@ -20,21 +20,22 @@ from pathlib import Path
 from typing import Any
 
 from codistill.config import RunConfig, flatten, to_dict
+from codistill.engine.report import Reporter, RoundResult
 from codistill.storage import Storage
 
-__all__ = ["resolve_tracking_uri", "Tracker", "make_tracker", "NullTracker", "plot_curves"]
+__all__ = ["NullTracker", "Tracker", "make_tracker", "plot_curves", "resolve_tracking_uri"]
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     elif "://" not in uri:  # a plain path: a local file store directory
         uri = os.path.abspath(uri)
     return uri
 
 
-class NullTracker:
+class NullTracker(Reporter):
     """tracking: none."""
 
     run_id: str | None = None
@@ -42,20 +43,19 @@ class NullTracker:
     def state(self) -> dict | None:
         return None
 
-    def on_start(self, cfg: RunConfig, total_steps: int) -> None: ...
+    def finish(self, summary: dict, out_dir: str, status: str = "FINISHED") -> None:
+        pass
 
-    def on_round(self, result) -> None: ...
-
-    def on_event(self, message: str) -> None: ...
-
-    def finish(self, summary: dict, out_dir: str, status: str = "FINISHED") -> None: ...
+    def fail(self, status: str = "FAILED") -> None:
+        pass
 
 
-class Tracker:
+class Tracker(NullTracker):
     """Logs a run to MLflow through MlflowClient (explicit run ids, no global active-run state)."""
 
-    def __init__(self, cfg: RunConfig, parent_run_id: str | None = None, run_name: str | None = None,
-                 resume: dict | None = None):
+    def __init__(
+        self, cfg: RunConfig, parent_run_id: str | None = None, run_name: str | None = None, resume: dict | None = None
+    ):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -66,66 +66,85 @@ class Tracker:
         name = cfg.tracking.experiment or cfg.name
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.peer_runs: dict[str, str] = {}
         if resume:  # a resumed driver keeps logging into the runs the first one created
-            self.run_id, self.peer_runs = resume["run_id"], dict(resume["peer_runs"])
-            for run_id in [self.run_id, *self.peer_runs.values()]:
+            self.job_run, self.peer_runs = resume["run_id"], dict(resume["peer_runs"])
+            self.run_id = self.job_run
+            for run_id in [self.job_run, *self.peer_runs.values()]:
                 self.client.update_run(run_id, status="RUNNING")
             return
         tags = {"codistill.kind": "job", "codistill.exchange": cfg.exchange.mode}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name or cfg.name, tags=tags).info.run_id
-        self.peer_runs: dict[str, str] = {}
-        self._log_params(self.run_id, flatten(to_dict(cfg)))
+        self.job_run = self.client.create_run(self.experiment_id, run_name=run_name or cfg.name, tags=tags).info.run_id
+        self.run_id = self.job_run
+        self._log_params(self.job_run, flatten(to_dict(cfg)))
 
     def state(self) -> dict:
         """What a resumed driver needs to continue these runs (kept in the run directory)."""
-        return {"uri": self.uri, "run_id": self.run_id, "peer_runs": self.peer_runs}
+        return {"uri": self.uri, "run_id": self.job_run, "peer_runs": self.peer_runs}
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def _metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
+    def _metrics(self, run_id: str, values: dict[str, float | None], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items() if v is not None])
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
+        )
 
     def on_start(self, cfg: RunConfig, total_steps: int) -> None:
         if self.peer_runs:
             return
         for i in range(cfg.num_peers):
             name = cfg.peer_name(i)
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={"mlflow.parentRunId": self.run_id, "codistill.kind": "peer"})
+            run = self.client.create_run(
+                self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.job_run, "codistill.kind": "peer"}
+            )
             self.peer_runs[name] = run.info.run_id
-            self._log_params(run.info.run_id, {"peer.index": i, "peer.name": name,
-                                               **flatten(to_dict(cfg.peers[i]), "peer")})
+            self._log_params(
+                run.info.run_id, {"peer.index": i, "peer.name": name, **flatten(to_dict(cfg.peers[i]), "peer")}
+            )
 
-    def on_round(self, result) -> None:
+    def on_round(self, result: RoundResult) -> None:
         m = result.metrics
-        self._metrics(self.run_id, {"ensemble_accuracy": m["ensemble_accuracy"], "churn": m["churn"],
-                                    "mean_pairwise_kl": m["mean_pairwise_kl"],
-                                    "mean_peer_accuracy": m["mean_peer_accuracy"]}, result.step)
+        self._metrics(
+            self.job_run,
+            {
+                "ensemble_accuracy": m["ensemble_accuracy"],
+                "churn": m["churn"],
+                "mean_pairwise_kl": m["mean_pairwise_kl"],
+                "mean_peer_accuracy": m["mean_peer_accuracy"],
+            },
+            result.step,
+        )
         for p in result.peers:
             ex = p.exchange.to_dict()
-            self._metrics(self.peer_runs[p.name], {
-                "train_loss": sum(p.step_losses) / len(p.step_losses) if p.step_losses else None,
-                "test_loss": p.eval.loss, "test_accuracy": p.eval.accuracy, "steps_per_s": p.steps_per_s,
-                "staleness_mean": ex["staleness_mean"], "staleness_max": ex["staleness_max"],
-                "teacher_lead_max": ex["teacher_lead_max"],
-                "bytes_published": ex["bytes_published"], "bytes_pulled": ex["bytes_pulled"],
-                "restarts": p.restarts, "lr": p.lr,
-            }, p.step)
-
-    def on_event(self, message: str) -> None:
-        pass  # events are in summary.json (an artifact)
+            self._metrics(
+                self.peer_runs[p.name],
+                {
+                    "train_loss": p.train_loss if p.step_losses else None,
+                    "test_loss": p.eval.loss,
+                    "test_accuracy": p.eval.accuracy,
+                    "steps_per_s": p.steps_per_s,
+                    "staleness_mean": ex["staleness_mean"],
+                    "staleness_max": ex["staleness_max"],
+                    "teacher_lead_max": ex["teacher_lead_max"],
+                    "bytes_published": ex["bytes_published"],
+                    "bytes_pulled": ex["bytes_pulled"],
+                    "restarts": p.restarts,
+                    "lr": p.lr,
+                },
+                p.step,
+            )
 
     def finish(self, summary: dict, out_dir: str, status: str = "FINISHED") -> None:
         """Log artifacts and close the runs. out_dir is the run directory codistill wrote."""
@@ -139,30 +158,39 @@ class Tracker:
             plot_curves(summary, t / "curves.png")
             for name in ("summary.json", "job.yaml", "curves.png"):
                 if (t / name).exists():
-                    self.client.log_artifact(self.run_id, str(t / name))
+                    self.client.log_artifact(self.job_run, str(t / name))
             (t / "peers").mkdir()
             for p in summary["peers"]:
                 data = storage.read(f"peers/{p['name']}.pt")
                 if data is not None:
                     (t / "peers" / f"{p['name']}.pt").write_bytes(data)
             if any((t / "peers").iterdir()):
-                self.client.log_artifacts(self.run_id, str(t / "peers"), artifact_path="peers")
+                self.client.log_artifacts(self.job_run, str(t / "peers"), artifact_path="peers")
         final = {"test_accuracy_" + p["name"]: p["test_accuracy"] for p in summary["peers"]}
-        self._metrics(self.run_id, {**final, "final_ensemble_accuracy": summary["ensemble"]["test_accuracy"],
-                                    "final_churn": summary["churn"], "restarts": summary["restarts"],
-                                    "bytes_exchanged": summary["bytes_exchanged"], "wall_time_s": summary["wall_time_s"]},
-                      summary["rounds"][-1]["step"] if summary["rounds"] else 0)
+        self._metrics(
+            self.job_run,
+            {
+                **final,
+                "final_ensemble_accuracy": summary["ensemble"]["test_accuracy"],
+                "final_churn": summary["churn"],
+                "restarts": summary["restarts"],
+                "bytes_exchanged": summary["bytes_exchanged"],
+                "wall_time_s": summary["wall_time_s"],
+            },
+            summary["rounds"][-1]["step"] if summary["rounds"] else 0,
+        )
         for run_id in self.peer_runs.values():
             self.client.set_terminated(run_id, status)
-        self.client.set_terminated(self.run_id, status)
+        self.client.set_terminated(self.job_run, status)
 
-    def fail(self) -> None:
-        for run_id in [*self.peer_runs.values(), self.run_id]:
-            self.client.set_terminated(run_id, "FAILED")
+    def fail(self, status: str = "FAILED") -> None:
+        for run_id in [*self.peer_runs.values(), self.job_run]:
+            self.client.set_terminated(run_id, status)
 
 
-def make_tracker(cfg: RunConfig, parent_run_id: str | None = None, run_name: str | None = None,
-                 resume: dict | None = None):
+def make_tracker(
+    cfg: RunConfig, parent_run_id: str | None = None, run_name: str | None = None, resume: dict | None = None
+) -> NullTracker:
     if cfg.tracking.backend == "none":
         return NullTracker()
     return Tracker(cfg, parent_run_id, run_name, resume)

@@ -36,9 +36,11 @@ from typing import Any, Literal
 
 import yaml
 
-from codistill.config import RunConfig, _check, apply_overrides, build, from_dict, read_yaml, to_dict
+from codistill.config import RunConfig, apply_overrides, build, check, from_dict, read_yaml, to_dict
+from codistill.engine.report import Reporter, RoundResult
+from codistill.errors import ConfigError
 
-__all__ = ["SweepConfig", "DOMAINS", "load_sweep", "run_sweep", "main"]
+__all__ = ["DOMAINS", "SweepConfig", "load_sweep", "main", "run_sweep"]
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -57,12 +59,13 @@ class SweepConfig:
     """Sweep directory name under storage_path; default: the job name."""
     storage_path: str = "runs/tune"
 
-    def validate(self, path: str) -> None:
-        _check(self.num_samples >= 1, f"{path}.num_samples", self.num_samples, "an integer >= 1")
-        _check(self.max_concurrent_trials >= 1, f"{path}.max_concurrent_trials", self.max_concurrent_trials,
-               "an integer >= 1")
-        _check(self.grace_period >= 1, f"{path}.grace_period", self.grace_period, "an integer >= 1")
-        _check(self.trial_cpus >= 0, f"{path}.trial_cpus", self.trial_cpus, "a number >= 0")
+    def __post_init__(self) -> None:
+        check(self.num_samples >= 1, "tune.num_samples", self.num_samples, "an integer >= 1")
+        check(
+            self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", self.max_concurrent_trials, "an integer >= 1"
+        )
+        check(self.grace_period >= 1, "tune.grace_period", self.grace_period, "an integer >= 1")
+        check(self.trial_cpus >= 0, "tune.trial_cpus", self.trial_cpus, "a number >= 0")
 
 
 def _domain(kind: str, args: Any, path: str):
@@ -76,19 +79,25 @@ def _domain(kind: str, args: Any, path: str):
         "grid": lambda a: tune.grid_search(list(a)),
     }
     if kind not in makers:
-        raise ValueError(f"{path}: got {kind!r}; allowed: {' | '.join(makers)}")
+        raise ConfigError(path, kind, " | ".join(makers))
     if not isinstance(args, list) or not args or (kind in ("uniform", "loguniform", "randint") and len(args) != 2):
-        raise ValueError(f"{path}.{kind}: got {args!r}; allowed: a list ([low, high] for ranges, values otherwise)")
+        raise ConfigError(f"{path}.{kind}", args, "a list ([low, high] for ranges, values otherwise)")
     if kind == "loguniform" and not (0 < float(args[0]) < float(args[1])):
-        raise ValueError(f"{path}.loguniform: got {args!r}; allowed: 0 < low < high")
+        raise ConfigError(f"{path}.loguniform", args, "0 < low < high")
     return makers[kind](args)
 
 
 DOMAINS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 
-def _representatives(spec: dict) -> list[Any]:
+def _spec(spec: dict) -> tuple[str, Any]:
+    """(domain kind, its arguments) of a one-key search spec such as {uniform: [0, 1]}."""
     kind, args = next(iter(spec.items()))
+    return kind, args
+
+
+def _representatives(spec: dict) -> list[Any]:
+    kind, args = _spec(spec)
     return [args[0], args[-1]] if kind in ("uniform", "loguniform", "randint") else list(args)
 
 
@@ -97,21 +106,21 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig
     raw = apply_overrides(read_yaml(path), overrides)
     search = raw.pop("search", None) or {}
     settings = from_dict(SweepConfig, raw.pop("tune", None) or {}, "tune")
-    settings.validate("tune")
     if not isinstance(search, dict) or not search:
-        raise ValueError("search: got nothing; allowed: a mapping of dotted job keys to {uniform|loguniform|"
-                         "randint|choice|grid: [...]}")
+        raise ConfigError(
+            "search", None, "a mapping of dotted job keys to {uniform|loguniform|randint|choice|grid: [...]}"
+        )
     build(raw)  # the base job is valid
     search = _flatten_search(search)
     for key, spec in search.items():
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise ValueError(f"search.{key}: got {spec!r}; allowed: one of {', '.join(DOMAINS)} with a list")
-        _domain(*next(iter(spec.items())), f"search.{key}")
+            raise ConfigError(f"search.{key}", spec, f"one of {', '.join(DOMAINS)} with a list")
+        _domain(*_spec(spec), f"search.{key}")
         for value in _representatives(spec):  # unknown keys and impossible values fail before any trial
             try:
                 build(set_dotted_value(raw, key, value))
-            except ValueError as e:
-                raise ValueError(f"search.{key}: {e}") from None
+            except ConfigError as e:
+                raise ConfigError(f"search.{key}", message=str(e)) from None
     return raw, search, settings
 
 
@@ -125,7 +134,7 @@ def _flatten_search(search: dict, prefix: str = "") -> dict:
         elif isinstance(spec, dict) and spec:
             flat.update(_flatten_search(spec, f"{path}."))
         else:
-            raise ValueError(f"search.{path}: got {spec!r}; allowed: one of {', '.join(DOMAINS)} with a list")
+            raise ConfigError(f"search.{path}", spec, f"one of {', '.join(DOMAINS)} with a list")
     return flat
 
 
@@ -141,17 +150,13 @@ def trial_job(base_raw: dict, sample: dict[str, Any]) -> dict:
     return raw
 
 
-class TuneReporter:
+class TuneReporter(Reporter):
     """Reports every round to Tune (ASHA's time unit is the round)."""
 
     def __init__(self, metric: str):
         self.metric = metric
 
-    def on_start(self, cfg: RunConfig, total_steps: int) -> None: ...
-
-    def on_event(self, message: str) -> None: ...
-
-    def on_round(self, result) -> None:
+    def on_round(self, result: RoundResult) -> None:
         from ray import tune
 
         tune.report({**result.metrics, "step": result.step, "round": result.round})
@@ -162,17 +167,28 @@ def _trainable(config: dict, base_raw: dict, metric: str, parent_run_id: str | N
     `tune.with_parameters`, so Tune's progress tables show just what is searched)."""
     from ray import tune
 
-    from codistill.run import train
+    from codistill.api import train
 
     cfg = build(trial_job(base_raw, config))
     out_dir = tune.get_context().get_trial_dir()
     name = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in config.items())
-    summary = train(cfg, out_dir, TuneReporter(metric), parent_run_id=parent_run_id,
-                    run_name=f"trial {tune.get_context().get_trial_id()}: {name}")
-    tune.report({"ensemble_accuracy": summary["ensemble"]["test_accuracy"], "churn": summary["churn"],
-                 "mean_pairwise_kl": summary["mean_pairwise_kl"],
-                 "mean_peer_accuracy": summary["mean_peer_test_accuracy"], "step": summary["rounds"][-1]["step"],
-                 "final": True})
+    summary = train(
+        cfg,
+        out_dir,
+        TuneReporter(metric),
+        parent_run_id=parent_run_id,
+        run_name=f"trial {tune.get_context().get_trial_id()}: {name}",
+    )
+    tune.report(
+        {
+            "ensemble_accuracy": summary["ensemble"]["test_accuracy"],
+            "churn": summary["churn"],
+            "mean_pairwise_kl": summary["mean_pairwise_kl"],
+            "mean_peer_accuracy": summary["mean_peer_test_accuracy"],
+            "step": summary["rounds"][-1]["step"],
+            "final": True,
+        }
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -189,7 +205,6 @@ def trial_resources(cfg: RunConfig, trial_cpus: float):
 
 
 def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool = False) -> dict:
-    import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -215,47 +230,69 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
         parent_run_id = sweep_tracker.run_id
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))
-    param_space = {k: _domain(*next(iter(v.items())), f"search.{k}") for k, v in search.items()}
+    param_space = {k: _domain(*_spec(v), f"search.{k}") for k, v in search.items()}
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base_raw=base_raw, metric=settings.metric, parent_run_id=parent_run_id),
-        trial_resources(base_cfg, settings.trial_cpus))
+        trial_resources(base_cfg, settings.trial_cpus),
+    )
     if resume and tune.Tuner.can_restore(sweep_dir):
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True, param_space=param_space)
     else:
         scheduler = None
         if settings.scheduler == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
+            scheduler = tune.schedulers.ASHAScheduler(
+                time_attr="training_iteration", grace_period=settings.grace_period
+            )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             # the job's seed seeds the sampler too: the same sweep file draws the same trials
             # (given a search_alg, Tune ignores TuneConfig.max_concurrent_trials: the generator holds it)
-            tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
-                                        scheduler=scheduler, search_alg=BasicVariantGenerator(
-                                            max_concurrent=settings.max_concurrent_trials or 0,
-                                            random_state=base_cfg.seed)),
+            tune_config=tune.TuneConfig(
+                metric=settings.metric,
+                mode=settings.mode,
+                num_samples=settings.num_samples,
+                scheduler=scheduler,
+                search_alg=BasicVariantGenerator(
+                    max_concurrent=settings.max_concurrent_trials or 0, random_state=base_cfg.seed
+                ),
+            ),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
         )
     grid = tuner.fit()
-    rows = []
-    for result in grid:
+    rows: list[dict[str, Any]] = []
+    for result in (grid[i] for i in range(len(grid))):
         if result.config is None:
             continue
         metrics = result.metrics or {}
-        rows.append({"trial": metrics.get("trial_id") or os.path.basename(result.path or ""), "params": dict(result.config),
-                     "metric": metrics.get(settings.metric), "complete": bool(metrics.get("final")),
-                     "error": str(result.error) if result.error else None, "path": result.path})
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or os.path.basename(result.path or ""),
+                "params": dict(result.config),
+                "metric": metrics.get(settings.metric),
+                "complete": bool(metrics.get("final")),
+                "error": str(result.error) if result.error else None,
+                "path": result.path,
+            }
+        )
     sign = -1 if settings.mode == "max" else 1
     rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] if r["metric"] is not None else 0), r["trial"]))
     best = next((r for r in rows if r["metric"] is not None and r["complete"]), None)
-    out = {"sweep_dir": sweep_dir, "metric": settings.metric, "mode": settings.mode, "trials": rows,
-           "mlflow_parent_run_id": parent_run_id}
+    out: dict[str, Any] = {
+        "sweep_dir": sweep_dir,
+        "metric": settings.metric,
+        "mode": settings.mode,
+        "trials": rows,
+        "mlflow_parent_run_id": parent_run_id,
+    }
     if best is not None:
         best_raw = trial_job(base_raw, best["params"])
         best_raw["name"] = f"{base_cfg.name}-best"
         best_path = Path(sweep_dir) / "best_job.yaml"
-        header = (f"# Best trial of sweep {name} ({settings.metric} = {best['metric']:.4f}, {settings.mode}).\n"
-                  f"# Run it: python -m codistill.run --config {best_path}\n")
+        header = (
+            f"# Best trial of sweep {name} ({settings.metric} = {best['metric']:.4f}, {settings.mode}).\n"
+            f"# Run it: python -m codistill.run --config {best_path}\n"
+        )
         best_path.write_text(header + yaml.safe_dump(to_dict(build(best_raw)), sort_keys=False))
         out["best_job"] = str(best_path)
         out["best"] = best
@@ -296,24 +333,32 @@ def format_ranking(out: dict) -> str:
     rows = [header]
     for i, r in enumerate(out["trials"], 1):
         status = "error" if r["error"] else ("done" if r["complete"] else "stopped")
-        rows.append([str(i), r["trial"], *(_fmt(r["params"].get(k)) for k in keys),
-                     "" if r["metric"] is None else f"{r['metric']:.4f}", status])
+        rows.append(
+            [
+                str(i),
+                r["trial"],
+                *(_fmt(r["params"].get(k)) for k in keys),
+                "" if r["metric"] is None else f"{r['metric']:.4f}",
+                status,
+            ]
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     line = "+".join("-" * (w + 2) for w in widths)
-    fmt = lambda row: "|".join(f" {v:<{w}} " for v, w in zip(row, widths))  # noqa: E731
+    fmt = lambda row: "|".join(f" {v:<{w}} " for v, w in zip(row, widths))
     return "\n".join([line, fmt(rows[0]), line, *(fmt(r) for r in rows[1:]), line])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m codistill.tune", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m codistill.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", required=True, help="sweep file: a job plus `search:` and `tune:` sections")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
     args = ap.parse_args(argv)
     try:
         base_raw, search, settings = load_sweep(args.config, args.overrides)
-    except ValueError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = run_sweep(base_raw, search, settings, resume=args.resume)

@@ -1,0 +1,53 @@
+"""Typed, frozen configuration of a codistill run (`schema`) and how job files become one (`parse`).
+
+This package imports neither torch, ray nor mlflow; names are checked against the owning
+registries when a config is constructed.
+"""
+
+from codistill.config.parse import (
+    apply_overrides,
+    build,
+    bundled_jobs,
+    default_job_path,
+    flatten,
+    from_dict,
+    load_job,
+    read_yaml,
+    to_dict,
+)
+from codistill.config.schema import (
+    MAX_STEPS,
+    DataConfig,
+    ExchangeConfig,
+    LossConfig,
+    OptimConfig,
+    OutputConfig,
+    PeerConfig,
+    ResourcesConfig,
+    RunConfig,
+    TrackingConfig,
+    check,
+)
+
+__all__ = [
+    "MAX_STEPS",
+    "DataConfig",
+    "ExchangeConfig",
+    "LossConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "PeerConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "apply_overrides",
+    "build",
+    "bundled_jobs",
+    "check",
+    "default_job_path",
+    "flatten",
+    "from_dict",
+    "load_job",
+    "read_yaml",
+    "to_dict",
+]

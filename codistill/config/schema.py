@@ -1,0 +1,397 @@
+"""The dataclasses of a run, validated at construction.
+
+Every class is frozen and keyword-only; `__post_init__` checks each field and raises
+`ConfigError` naming the field (relative to the object: `temperature`; the parser that knows the
+section prefixes it: `loss.temperature`), the value and what is allowed. Names of models,
+datasets, divergences, teacher reductions, exchanges, topologies, optimizers, schedules and
+engines are checked against the registries of the modules that own them (imported on first use:
+this module imports no torch, ray or mlflow). Each default is written once, here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from codistill.errors import ConfigError
+from codistill.registry import lookup
+
+__all__ = [
+    "DEFAULT_PEER_MODELS",
+    "DEFAULT_STEPS",
+    "MAX_STEPS",
+    "DataConfig",
+    "ExchangeConfig",
+    "LossConfig",
+    "OptimConfig",
+    "OutputConfig",
+    "PeerConfig",
+    "ResourcesConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "check",
+]
+
+MAX_STEPS = 10**9
+"""Upper bound on a run's length in steps (a typo such as 10**12 steps is refused, not planned)."""
+
+
+def check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, allowed)
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+class _Section:
+    """Errors name the field under the section (`loss.temperature`); the parser moves them to where
+    the section sits in a job (`peers.1.optim.lr` for a peer's `optim.lr`)."""
+
+    __slots__ = ()
+    SECTION: ClassVar[str] = ""
+
+    def _field(self, name: str) -> str:
+        return f"{self.SECTION}.{name}" if self.SECTION else name
+
+    def _check(self, ok: bool, name: str, value: Any, allowed: str) -> None:
+        check(ok, self._field(name), value, allowed)
+
+    def _registered(self, module: str, registry: str, value: str, name: str) -> None:
+        lookup(module, registry).check(value, self._field(name))
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class DataConfig(_Section):
+    SECTION: ClassVar[str] = "data"
+
+    name: str = "digits"
+    """Dataset registry key (codistill.data.DATASETS)."""
+    root: str = "~/.cache/codistill/data"
+    """Where torchvision datasets live (or are downloaded to)."""
+    download: bool = False
+    """Let torchvision download missing files (needs internet)."""
+    train: str | None = None
+    """parquet only: path of the training Parquet file (Hugging Face image layout)."""
+    test: str | None = None
+    """parquet only: path of the test Parquet file."""
+    batch_size: int = 64
+    """Per-peer training batch size (in `logits` mode every peer draws the same batch)."""
+    eval_batch_size: int = 1000
+    shard: Literal["same", "disjoint"] = "same"
+    """`disjoint`: each peer trains on its own part of the training set (Anil et al.); checkpoint mode only."""
+    augment: bool | None = None
+    """Training augmentation; None = the dataset's default (random crop + flip for CIFAR)."""
+    limit_train: int | None = None
+    """Use only the first N training examples (quick experiments)."""
+    limit_test: int | None = None
+    synthetic_train: int = 2048
+    """synthetic only: number of training examples."""
+    synthetic_shape: tuple[int, ...] = (1, 8, 8)
+    """synthetic only: image shape (C, H, W)."""
+    synthetic_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self._registered("codistill.data", "DATASETS", self.name, "name")
+        self._check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        self._check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        for key in ("limit_train", "limit_test"):
+            v = getattr(self, key)
+            self._check(v is None or v >= 1, key, v, "null or an integer >= 1")
+        self._check(
+            len(self.synthetic_shape) == 3 and all(d >= 1 for d in self.synthetic_shape),
+            "synthetic_shape",
+            self.synthetic_shape,
+            "three positive integers [C, H, W]",
+        )
+        self._check(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "an integer >= 2")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class OptimConfig(_Section):
+    SECTION: ClassVar[str] = "optim"
+
+    name: str = "sgd"
+    """Optimizer registry key (codistill.peer.optim.OPTIMIZERS): sgd, adamw."""
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    """LR schedule registry key (codistill.peer.optim.SCHEDULES): constant, cosine, step."""
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    """step schedule: fractions of the run at which lr is multiplied by `gamma`."""
+    gamma: float = 0.1
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self._registered("codistill.peer.optim", "OPTIMIZERS", self.name, "name")
+        self._registered("codistill.peer.optim", "SCHEDULES", self.schedule, "schedule")
+        self._check(self.lr > 0 and _finite(self.lr), "lr", self.lr, "a finite number > 0")
+        self._check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= momentum < 1")
+        self._check(
+            self.weight_decay >= 0 and _finite(self.weight_decay), "weight_decay", self.weight_decay, "a number >= 0"
+        )
+        self._check(
+            all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+            "milestones",
+            self.milestones,
+            "increasing fractions of the run, each in (0, 1)",
+        )
+        self._check(0 < self.gamma <= 1, "gamma", self.gamma, "0 < gamma <= 1")
+        self._check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+
+
+_PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class PeerConfig(_Section):
+    SECTION: ClassVar[str] = "peer"
+
+    model: str = "mlp"
+    """Model registry key (codistill.models.MODELS) or `torchvision:<name>`."""
+    name: str | None = None
+    """Display name (also a file name in the run directory); default `peer<i>-<model>`."""
+    seed: int | None = None
+    """Initialisation and augmentation seed; default job seed + 1000 * (index + 1)."""
+    optim: OptimConfig | None = None
+    """This peer's optimiser; None = the job's `optim`. In a job file, the job's `optim` keys merged
+    with this peer's own."""
+
+    def __post_init__(self) -> None:
+        self._registered("codistill.models", "MODELS", self.model, "model")
+        if self.name is not None:
+            self._check(
+                bool(_PEER_NAME.match(self.name)) and self.name not in (".", ".."),
+                "name",
+                self.name,
+                "1-64 letters, digits, '_', '-', '.', '+' (no path separators)",
+            )
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class LossConfig(_Section):
+    SECTION: ClassVar[str] = "loss"
+
+    divergence: str = "kl"
+    """Divergence registry key (codistill.losses.DIVERGENCES): kl (forward, Hinton/DML), reverse_kl
+    (MiniLLM), js, mse (on logits)."""
+    temperature: float = 3.0
+    alpha: float = 0.5
+    """loss = (1 - alpha) * CE + alpha * D_teachers; alpha = 0 is independent training."""
+    burn_in: int = 0
+    """Steps of plain cross-entropy before distillation starts. In checkpoint mode a teacher version
+    trained for fewer than `burn_in` steps is never used (docs/design.md, "Checkpoint exchange")."""
+    teacher_reduce: str = "each"
+    """How several teachers combine (codistill.losses.TEACHER_REDUCERS): each, probs, logits."""
+    zscore: bool = False
+    """Standardise logits before the divergence (Sun et al., CVPR 2024)."""
+
+    def __post_init__(self) -> None:
+        self._registered("codistill.losses", "DIVERGENCES", self.divergence, "divergence")
+        self._registered("codistill.losses", "TEACHER_REDUCERS", self.teacher_reduce, "teacher_reduce")
+        self._check(
+            self.temperature > 0 and _finite(self.temperature), "temperature", self.temperature, "a finite number > 0"
+        )
+        self._check(0 <= self.alpha <= 1, "alpha", self.alpha, "a number in [0, 1]")
+        self._check(0 <= self.burn_in <= MAX_STEPS, "burn_in", self.burn_in, f"an integer in [0, {MAX_STEPS}]")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ExchangeConfig(_Section):
+    SECTION: ClassVar[str] = "exchange"
+
+    mode: str = "logits"
+    """Exchange registry key (codistill.exchange.EXCHANGES): logits (DML, logit shards per step) or
+    checkpoint (Anil, weights every `period` steps)."""
+    topology: str = "all"
+    """Topology registry key (codistill.exchange.TOPOLOGIES): all, ring."""
+    staleness: int = 0
+    """logits: how many steps a peer may run ahead of the slowest before it waits."""
+    period: int = 50
+    """checkpoint: publish weights every `period` steps."""
+    max_staleness: int | None = None
+    """checkpoint: the oldest teacher a peer may distill from, in steps behind its own; beyond it the
+    peer waits for its teachers (bounded staleness). None = 2 * period; at least period - 1."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Wire precision of published logits and weights."""
+    sync: bool = False
+    """checkpoint: use exactly the teachers' checkpoint of the last multiple of `period` (waiting for it):
+    a deterministic schedule, the limit of max_staleness."""
+    timeout_s: float = 300.0
+    """How long a peer waits for a teacher's shard or checkpoint before the step fails."""
+    inline_max_bytes: int = 32768
+    """Ray, logits: a shard up to this size travels by value through the board (one RPC per pull, as
+    Ray itself inlines small objects); larger ones are `ray.put` and only their reference is passed.
+    0 = always by reference."""
+
+    def __post_init__(self) -> None:
+        self._registered("codistill.exchange", "EXCHANGES", self.mode, "mode")
+        self._registered("codistill.exchange", "TOPOLOGIES", self.topology, "topology")
+        self._check(0 <= self.staleness <= MAX_STEPS, "staleness", self.staleness, "an integer >= 0")
+        self._check(
+            0 <= self.inline_max_bytes <= 1 << 20,
+            "inline_max_bytes",
+            self.inline_max_bytes,
+            "an integer in [0, 1048576]",
+        )
+        self._check(1 <= self.period <= MAX_STEPS, "period", self.period, "an integer >= 1")
+        self._check(
+            self.max_staleness is None or self.period - 1 <= self.max_staleness <= MAX_STEPS,
+            "max_staleness",
+            self.max_staleness,
+            f"null (2 * period) or an integer >= period - 1 = {self.period - 1} (a smaller bound would make "
+            f"peers wait for checkpoints not yet due)",
+        )
+        self._check(self.timeout_s > 0 and _finite(self.timeout_s), "timeout_s", self.timeout_s, "a finite number > 0")
+
+    @property
+    def staleness_bound(self) -> int:
+        """checkpoint: the resolved max_staleness."""
+        return 2 * self.period if self.max_staleness is None else self.max_staleness
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ResourcesConfig(_Section):
+    SECTION: ClassVar[str] = "resources"
+
+    num_cpus: float = 1.0
+    """CPUs reserved per peer actor."""
+    num_gpus: float = 0.0
+    """GPUs per peer actor; fractions let several peers share one GPU (no memory isolation)."""
+    placement: Literal["pack", "spread"] = "pack"
+    max_restarts: int = 3
+    """How often a dead peer actor is restarted (it resumes from its own last checkpoint)."""
+    threads_per_peer: int | None = None
+    """torch intra-op threads per peer; default = num_cpus (at least 1)."""
+
+    def __post_init__(self) -> None:
+        self._check(self.num_cpus >= 0 and _finite(self.num_cpus), "num_cpus", self.num_cpus, "a finite number >= 0")
+        self._check(
+            _finite(self.num_gpus)
+            and self.num_gpus >= 0
+            and (self.num_gpus <= 1 or self.num_gpus == int(self.num_gpus)),
+            "num_gpus",
+            self.num_gpus,
+            "a fraction in [0, 1] or a whole number of GPUs",
+        )
+        self._check(self.max_restarts >= 0, "max_restarts", self.max_restarts, "an integer >= 0")
+        self._check(
+            self.threads_per_peer is None or self.threads_per_peer >= 1,
+            "threads_per_peer",
+            self.threads_per_peer,
+            "null or an integer >= 1",
+        )
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class TrackingConfig(_Section):
+    SECTION: ClassVar[str] = "tracking"
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    uri: str | None = None
+    """MLflow tracking URI; default MLFLOW_TRACKING_URI or MLflow's own default (sqlite:///mlflow.db)."""
+    experiment: str | None = None
+    """MLflow experiment; default the job name."""
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class OutputConfig(_Section):
+    SECTION: ClassVar[str] = "output"
+
+    dir: str | None = None
+    """Run directory (local path or pyarrow.fs URI); default runs/<name>-<timestamp>."""
+    checkpoint_every: int = 0
+    """Ray engine: peers write their own training checkpoint every N steps (0 = at the end of every round)."""
+
+    def __post_init__(self) -> None:
+        self._check(
+            0 <= self.checkpoint_every <= MAX_STEPS, "checkpoint_every", self.checkpoint_every, "an integer >= 0"
+        )
+
+
+DEFAULT_PEER_MODELS = ("mlp", "cnn")
+"""A job that lists no peers trains one peer of each of these models."""
+
+DEFAULT_STEPS = 500
+"""A job that gives neither `steps` nor `epochs` trains this many steps."""
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class RunConfig(_Section):
+    SECTION: ClassVar[str] = ""
+
+    name: str = "codistill"
+    seed: int = 0
+    """Job seed: the shared batch order in logits mode; default peer seeds derive from it."""
+    steps: int | None = None
+    """Training steps per peer (give steps or epochs; neither = DEFAULT_STEPS)."""
+    epochs: float | None = None
+    """Training length in passes over a peer's training data; converted to steps."""
+    eval_every: int = 100
+    """Steps per round: peers are evaluated on the test set after each round."""
+    engine: str = "ray"
+    """Engine registry key (codistill.engine.ENGINES): ray (one actor per peer) or local (all peers in
+    this process: debugging, the reference)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    """bf16 autocast (and channels_last for conv nets) on CUDA; ignored on CPU."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Defaults for every peer's optimiser; a peer's own `optim` overrides them."""
+    peers: tuple[PeerConfig, ...] = field(
+        default_factory=lambda: tuple(PeerConfig(model=m) for m in DEFAULT_PEER_MODELS)
+    )
+    loss: LossConfig = field(default_factory=LossConfig)
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)  # frozen: the one place the default is set
+        self._check(
+            self.steps is None or self.epochs is None, "steps", self.steps, "exactly one of `steps` or `epochs`"
+        )
+        self._check(
+            self.steps is None or 1 <= self.steps <= MAX_STEPS, "steps", self.steps, f"an integer in [1, {MAX_STEPS}]"
+        )
+        self._check(
+            self.epochs is None or (_finite(self.epochs) and 0 < self.epochs <= 10**6),
+            "epochs",
+            self.epochs,
+            "a finite number in (0, 1000000]",
+        )
+        self._check(1 <= self.eval_every <= MAX_STEPS, "eval_every", self.eval_every, "an integer >= 1")
+        self._registered("codistill.engine", "ENGINES", self.engine, "engine")
+        self._check(len(self.peers) >= 1, "peers", list(self.peers), "a list of at least one peer")
+        names = [self.peer_name(i) for i in range(self.num_peers)]
+        self._check(len(set(names)) == len(names), "peers", names, "distinct peer names")
+        shared_order = lookup("codistill.exchange", "EXCHANGES")[self.exchange.mode].shared_batch_order
+        if self.data.shard == "disjoint" and shared_order:
+            raise ConfigError(
+                "data.shard",
+                self.data.shard,
+                f"`same` with exchange.mode={self.exchange.mode} (every peer must see the batch its teachers "
+                f"saw); `disjoint` needs an exchange where each peer has its own order, e.g. checkpoint",
+            )
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.peers)
+
+    def peer_name(self, index: int) -> str:
+        p = self.peers[index]
+        return p.name or f"peer{index}-{p.model.replace(':', '_').replace('/', '_')}"
+
+    def peer_seed(self, index: int) -> int:
+        p = self.peers[index]
+        return p.seed if p.seed is not None else self.seed + 1000 * (index + 1)
+
+    def peer_optim(self, index: int) -> OptimConfig:
+        return self.peers[index].optim or self.optim

@@ -1,0 +1,47 @@
+"""Datasets as in-memory tensors, per-peer shards and deterministic batch order.
+
+Registry: DATASETS maps a name to a loader `(DataConfig) -> Dataset`; adding a dataset is one
+function and one entry here. Small datasets live on the peer's device as tensors (uint8 images are
+normalised per batch), so no DataLoader workers are needed. This package imports neither ray nor
+mlflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from codistill.config import DataConfig
+from codistill.data import vision
+from codistill.data.dataset import Dataset, channel_stats, mix_seed
+from codistill.data.order import PeerData, random_crop_flip
+from codistill.registry import Registry
+
+__all__ = ["DATASETS", "Dataset", "PeerData", "channel_stats", "load_dataset", "mix_seed", "random_crop_flip"]
+
+DATASETS: Registry[Callable[[DataConfig], Dataset]] = Registry(
+    "dataset",
+    {
+        "digits": vision.digits,
+        "synthetic": vision.synthetic,
+        "mnist": vision.torchvision_mnist_like("mnist", "MNIST", "MNIST"),
+        "fashion_mnist": vision.torchvision_mnist_like("fashion_mnist", "FashionMNIST", "FashionMNIST"),
+        "cifar10": vision.torchvision_cifar(
+            "cifar10",
+            "CIFAR10",
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "labels",
+            10,
+        ),
+        "cifar100": vision.torchvision_cifar(
+            "cifar100", "CIFAR100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100
+        ),
+        "parquet": vision.parquet,
+    },
+)
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    loader = DATASETS.get_entry(cfg.name, "data.name")
+    return loader(cfg).limited(cfg.limit_train, cfg.limit_test)

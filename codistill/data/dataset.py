@@ -1,0 +1,60 @@
+"""A whole dataset held in memory, and the seed mixing every stream derives from. No ray, no mlflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Dataset", "channel_stats", "mix_seed"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images are (N, C, H, W); uint8 images are scaled by `scale` before normalisation."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, after scaling to [0, 1]
+    std: tuple[float, ...]
+    scale: float = 1.0 / 255  # raw value -> [0, 1]
+    augment: bool = False  # default training augmentation (random crop 4 + flip)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def limited(self, limit_train: int | None, limit_test: int | None) -> Dataset:
+        """The first `limit_train` training and `limit_test` test examples (None = all)."""
+        if limit_train is None and limit_test is None:
+            return self
+        return Dataset(
+            self.name,
+            self.train_x[:limit_train],
+            self.train_y[:limit_train],
+            self.test_x[:limit_test],
+            self.test_y[:limit_test],
+            self.num_classes,
+            self.mean,
+            self.std,
+            self.scale,
+            self.augment,
+        )
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (stable across processes, unlike hash() of str)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def channel_stats(x: torch.Tensor, scale: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of (N, C, H, W) images after scaling."""
+    xf = x.double() * scale
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())

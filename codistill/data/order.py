@@ -1,0 +1,117 @@
+"""One peer's stream over a dataset: its shard, its batch order and its augmentation.
+
+Batch order is a pure function of (order seed, step): epoch e uses randperm(n) seeded by
+(seed, e). That makes resume exact and lets every peer of an exchange with a shared order draw the
+same sample ids at step k without talking to each other. Augmentation randomness is seeded by
+(peer seed, step). No ray, no mlflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from codistill.config import DataConfig
+from codistill.data.dataset import Dataset, mix_seed
+from codistill.errors import ConfigError
+
+__all__ = ["PeerData", "random_crop_flip"]
+
+
+def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """CIFAR augmentation on a batch: zero-pad by `pad`, random crop back, random horizontal flip.
+    Random numbers come from CPU generator `g` so the result does not depend on the device."""
+    b, c, h, w = x.shape
+    di = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    dj = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = di[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = dj[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class PeerData:
+    """A peer's view of a dataset: its training shard on its device, its batch order and augmentation.
+
+    `order_seed` fixes the batch order (shared by all peers when the exchange needs it); `aug_seed` is
+    the peer's own. Sample ids returned by `batch` are indices into the full training set.
+    """
+
+    def __init__(
+        self,
+        ds: Dataset,
+        cfg: DataConfig,
+        *,
+        order_seed: int,
+        aug_seed: int,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        self.ds = ds
+        self.batch_size = cfg.batch_size
+        self.eval_batch_size = cfg.eval_batch_size
+        self.order_seed = order_seed
+        self.aug_seed = aug_seed
+        self.augment = ds.augment if cfg.augment is None else cfg.augment
+        self.device = torch.device(device)
+        n = len(ds.train_y)
+        if num_shards > 1:  # Anil et al.: peers train on disjoint parts of the training set
+            ids = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(order_seed, 7)))
+            self.sample_ids = ids[shard_index::num_shards].sort().values
+        else:
+            self.sample_ids = torch.arange(n)
+        if len(self.sample_ids) < self.batch_size:
+            raise ConfigError(
+                "data.batch_size",
+                self.batch_size,
+                f"at most the shard size {len(self.sample_ids)} of peer shard {shard_index}",
+            )
+        self.train_x = ds.train_x[self.sample_ids].to(self.device)
+        self.train_y = ds.train_y[self.sample_ids].to(self.device)
+        self.test_x = ds.test_x.to(self.device)
+        self.test_y = ds.test_y.to(self.device)
+        self._mean = torch.tensor(ds.mean, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(ds.std, device=self.device).view(1, -1, 1, 1)
+        self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sample_ids) // self.batch_size  # the last partial batch is dropped
+
+    def positions(self, step: int) -> torch.Tensor:
+        """Positions (within this shard) of the batch at `step`: a pure function of (order_seed, step)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(mix_seed(self.order_seed, epoch))
+            perm = self._perms[epoch] = torch.randperm(len(self.sample_ids), generator=g)
+            for old in sorted(self._perms)[:-2]:
+                del self._perms[old]
+        return perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def batch_ids(self, step: int) -> torch.Tensor:
+        """The sample ids (indices into the full training set) of the batch at `step`."""
+        return self.sample_ids[self.positions(step)]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() * self.ds.scale - self._mean) / self._std
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample_ids, x, y) for `step`; x normalised and augmented with the peer's own randomness."""
+        pos = self.positions(step)
+        pos_dev = pos.to(self.device)
+        x = self.normalize(self.train_x[pos_dev])
+        if self.augment:
+            x = random_crop_flip(x, torch.Generator().manual_seed(mix_seed(self.aug_seed, step)))
+        return self.sample_ids[pos], x, self.train_y[pos_dev]
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.test_y), self.eval_batch_size):
+            yield self.normalize(self.test_x[i : i + self.eval_batch_size]), self.test_y[i : i + self.eval_batch_size]

@@ -1,0 +1,166 @@
+"""Image datasets: scikit-learn's digits, torchvision's MNIST family and CIFAR, Parquet in the
+Hugging Face image layout, and a synthetic set for tests. Each loader is `(DataConfig) -> Dataset`;
+the registry is `codistill.data.DATASETS`. No ray, no mlflow.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from codistill.config import DataConfig
+from codistill.data.dataset import Dataset, channel_stats
+from codistill.errors import ConfigError
+
+__all__ = ["digits", "parquet", "synthetic", "torchvision_cifar", "torchvision_mnist_like"]
+
+
+def digits(cfg: DataConfig) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), fixed 80/20 split (seed 0)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)  # N, 1, 8, 8 with values 0..16
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_test = len(y) // 5
+    test, train = order[:n_test], order[n_test:]
+    mean, std = channel_stats(x[train], 1 / 16)
+    return Dataset("digits", x[train], y[train], x[test], y[test], 10, mean, std, scale=1 / 16)
+
+
+def synthetic(cfg: DataConfig) -> Dataset:
+    """Gaussian class prototypes plus noise: learnable, any shape, instant. For tests."""
+    g = torch.Generator().manual_seed(1234)
+    c, h, w = cfg.synthetic_shape
+    k = cfg.synthetic_classes
+    prototypes = torch.randn(k, c, h, w, generator=g)
+    n_train, n_test = cfg.synthetic_train, max(cfg.synthetic_train // 4, k)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, k, (n,), generator=g)
+        x = prototypes[y] + 1.5 * torch.randn(n, c, h, w, generator=g)
+        return x, y
+
+    (xtr, ytr), (xte, yte) = draw(n_train), draw(n_test)
+    return Dataset("synthetic", xtr, ytr, xte, yte, k, (0.0,) * c, (1.0,) * c, scale=1.0)
+
+
+def _missing(name: str, where: Path, how: str) -> ConfigError:
+    root = where.parent if where.name else where
+    return ConfigError(
+        "data.root",
+        message=f"{name} files not found under {where} (data.root={root}). {how} Or set data.download=true "
+        f"(needs internet) or point data.root at a folder that has them.",
+    )
+
+
+def torchvision_mnist_like(name: str, cls_name: str, folder: str) -> Callable[[DataConfig], Dataset]:
+    def load(cfg: DataConfig) -> Dataset:
+        import torchvision
+
+        root = Path(os.path.expanduser(cfg.root))
+        cls = getattr(torchvision.datasets, cls_name)
+        try:
+            train = cls(str(root), train=True, download=cfg.download)
+            test = cls(str(root), train=False, download=cfg.download)
+        except RuntimeError as e:
+            raise _missing(
+                name,
+                root / folder / "raw",
+                f"Expected the idx files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte ({e}).",
+            ) from None
+        xtr, xte = train.data.unsqueeze(1).contiguous(), test.data.unsqueeze(1).contiguous()  # uint8 N,1,28,28
+        mean, std = channel_stats(xtr[:10000], 1 / 255)
+        return Dataset(name, xtr, train.targets.long(), xte, test.targets.long(), 10, mean, std)
+
+    return load
+
+
+def _read_cifar_batches(files: list[Path], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            # CIFAR's official "python version" is pickled dicts of numpy arrays; torchvision reads it the same way.
+            entry = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.extend(entry[label_key])
+    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
+
+
+def torchvision_cifar(
+    name: str,
+    cls_name: str,
+    folder: str,
+    train_files: list[str],
+    test_files: list[str],
+    label_key: str,
+    num_classes: int,
+) -> Callable[[DataConfig], Dataset]:
+    def load(cfg: DataConfig) -> Dataset:
+        root = Path(os.path.expanduser(cfg.root))
+        base = root / folder
+        if cfg.download:
+            import torchvision
+
+            getattr(torchvision.datasets, cls_name)(str(root), train=True, download=True)
+        # Read the official python-version batches directly (torchvision's own classes also demand the
+        # exact md5 of each file, which files written by tests or re-packed mirrors cannot match).
+        missing = [f for f in train_files + test_files if not (base / f).exists()]
+        if missing:
+            raise _missing(name, base, f"Missing {', '.join(missing)} (the CIFAR 'python version' archive, extracted).")
+        xtr, ytr = _read_cifar_batches([base / f for f in train_files], label_key)
+        xte, yte = _read_cifar_batches([base / f for f in test_files], label_key)
+        mean, std = channel_stats(xtr[:10000], 1 / 255)
+        return Dataset(name, xtr, ytr, xte, yte, num_classes, mean, std, augment=True)
+
+    return load
+
+
+def _decode_parquet(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face image layout: column image = {bytes, path}, column label = int."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(os.path.expanduser(path), columns=["image", "label"])
+    images = table.column("image").combine_chunks().field("bytes").to_pylist()
+    labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.int64)
+    first = np.asarray(Image.open(io.BytesIO(images[0])))
+    out = np.empty((len(images), *first.shape), dtype=np.uint8)
+    for i, b in enumerate(images):
+        out[i] = np.asarray(Image.open(io.BytesIO(b)))
+    x = torch.from_numpy(out)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # N,H,W(,C) -> N,C,H,W
+    return x.contiguous(), labels
+
+
+_PARQUET_CACHE: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def parquet(cfg: DataConfig) -> Dataset:
+    """Images in Parquet (Hugging Face layout), read with pyarrow and decoded with PIL."""
+    parts = []
+    for split, path in (("train", cfg.train), ("test", cfg.test)):
+        if path is None:
+            raise ConfigError(f"data.{split}", None, "the path of a Parquet file when data.name is parquet")
+        p = Path(os.path.expanduser(str(path)))
+        if not p.exists():
+            raise ConfigError(f"data.{split}", message=f"Parquet file {str(p)!r} does not exist")
+        key = (str(p.resolve()), p.stat().st_mtime)
+        if key not in _PARQUET_CACHE:
+            _PARQUET_CACHE[key] = _decode_parquet(str(p))
+        parts.append(_PARQUET_CACHE[key])
+    (xtr, ytr), (xte, yte) = parts
+    num_classes = int(max(ytr.max(), yte.max())) + 1
+    mean, std = channel_stats(xtr[:10000], 1 / 255)
+    augment = xtr.shape[1] == 3  # colour images: CIFAR-style crop + flip; digits/clothes: none
+    return Dataset(
+        Path(str(cfg.train)).parent.name or "parquet", xtr, ytr, xte, yte, num_classes, mean, std, augment=augment
+    )

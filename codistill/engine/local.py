@@ -1,0 +1,96 @@
+"""LocalEngine: all peers in this process, stepped in lockstep. The reference RayEngine must match."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from codistill.config import RunConfig
+from codistill.data import load_dataset
+from codistill.engine.report import PeerReport, Reporter, RoundResult, evaluate_round, staleness_warnings
+from codistill.exchange import in_memory_board, make_exchange
+from codistill.peer import Peer
+from codistill.storage import Storage
+
+__all__ = ["LocalEngine"]
+
+
+class LocalEngine:
+    """Every peer in one process. Phase order mirrors one step of every peer running at once: all
+    forward and publish, then all pull and update, then all publish weights."""
+
+    supports_resume: ClassVar[bool] = False  # keeps no training checkpoints
+
+    def __init__(
+        self, cfg: RunConfig, reporter: Reporter | None = None, device: str | None = None, *, resume: bool = False
+    ):
+        assert not resume, "LocalEngine keeps no training checkpoints"
+        self.cfg = cfg
+        self.reporter = reporter or Reporter()
+        self.device = device
+        self.step_losses: list[list[float]] = [[] for _ in cfg.peers]  # every step's loss, per peer
+        self.prior_rounds: list[dict] = []
+        self.peers: list[Peer] = []
+
+    def run(self, out_dir: str | Path | None = None) -> list[RoundResult]:
+        """Train all peers; write each peer's final weights to out_dir/peers/<name>.pt."""
+        cfg = self.cfg
+        dataset = load_dataset(cfg.data)
+        peers = [Peer(cfg, i, dataset, self.device) for i in range(cfg.num_peers)]
+        board = in_memory_board(cfg)
+        exchanges = [make_exchange(cfg, i, board) for i in range(cfg.num_peers)]
+        total = max(p.total_steps for p in peers)
+        self.reporter.on_start(cfg, total)
+        busy = [0.0] * len(peers)
+        round_losses: list[list[float]] = [[] for _ in peers]
+        history: list[RoundResult] = []
+        lr = [0.0] * len(peers)
+        warned: set[str] = set()
+        for step in range(total):
+            active = [i for i, p in enumerate(peers) if step < p.total_steps]
+            for i in active:
+                t0 = time.perf_counter()
+                exchanges[i].start_step(peers[i], step)
+                busy[i] += time.perf_counter() - t0
+            for i in active:
+                t0 = time.perf_counter()
+                stats = peers[i].train_step(exchanges[i].teacher_logits(peers[i], step))
+                busy[i] += time.perf_counter() - t0
+                round_losses[i].append(stats.loss)
+                self.step_losses[i].append(stats.loss)
+                lr[i] = stats.lr
+            for i in active:
+                t0 = time.perf_counter()
+                exchanges[i].end_step(peers[i], step)
+                if peers[i].step == peers[i].total_steps:
+                    exchanges[i].finish(peers[i])
+                busy[i] += time.perf_counter() - t0
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+                reports = [
+                    PeerReport(
+                        i,
+                        p.name,
+                        cfg.peers[i].model,
+                        p.step,
+                        round_losses[i],
+                        p.evaluate(),
+                        busy[i],
+                        dataclasses.replace(exchanges[i].stats),
+                        lr[i],
+                    )
+                    for i, p in enumerate(peers)
+                ]
+                events = staleness_warnings(cfg, reports, warned)
+                for e in events:
+                    self.reporter.on_event(e)
+                history.append(evaluate_round(len(history), reports, dataset.test_y, events))
+                self.reporter.on_round(history[-1])
+                round_losses = [[] for _ in peers]
+        self.peers = peers
+        if out_dir is not None:
+            storage = Storage(out_dir)
+            for p in peers:
+                storage.write_torch(f"peers/{p.name}.pt", p.weights())
+        return history

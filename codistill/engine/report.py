@@ -1,0 +1,195 @@
+"""What a run reports: a peer's round (PeerReport), a whole round (RoundResult), the Reporter hooks
+that progress lines, MLflow and Tune implement, and the run's summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from codistill.config import RunConfig, to_dict
+from codistill.exchange import EXCHANGES, ExchangeStats
+from codistill.metrics import round_metrics
+from codistill.peer import EvalResult
+
+__all__ = [
+    "PeerReport",
+    "Reporter",
+    "Reporters",
+    "RoundResult",
+    "build_summary",
+    "evaluate_round",
+    "round_record",
+    "staleness_warnings",
+]
+
+
+@dataclass
+class PeerReport:
+    """What one peer reports at the end of a round."""
+
+    index: int
+    name: str
+    model: str
+    step: int  # completed steps
+    step_losses: list[float]  # training loss of every step in this round
+    eval: EvalResult
+    busy_s: float  # cumulative wall time spent training (steps), excluding evaluation
+    exchange: ExchangeStats
+    lr: float = 0.0
+    restarts: int = 0
+    node_id: str | None = None
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.step / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def train_loss(self) -> float:
+        return sum(self.step_losses) / max(1, len(self.step_losses))
+
+
+@dataclass
+class RoundResult:
+    round: int
+    step: int  # the slowest peer's completed steps
+    peers: list[PeerReport]
+    metrics: dict[str, float]  # ensemble-level (codistill.metrics.round_metrics)
+    events: list[str] = field(default_factory=list)  # restarts, warnings and other notable things
+
+
+class Reporter:
+    """Hooks called by the engines, in order: `on_start` once, `on_event` whenever something notable
+    happens, `on_round` after each round. Each does nothing unless overridden."""
+
+    def on_start(self, cfg: RunConfig, total_steps: int) -> None:
+        pass
+
+    def on_round(self, result: RoundResult) -> None:
+        pass
+
+    def on_event(self, message: str) -> None:
+        pass
+
+
+class Reporters(Reporter):
+    """Fan one stream of progress out to several reporters (console, MLflow, Tune)."""
+
+    def __init__(self, *reporters: Reporter | None):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def on_start(self, cfg: RunConfig, total_steps: int) -> None:
+        for r in self.reporters:
+            r.on_start(cfg, total_steps)
+
+    def on_round(self, result: RoundResult) -> None:
+        for r in self.reporters:
+            r.on_round(result)
+
+    def on_event(self, message: str) -> None:
+        for r in self.reporters:
+            r.on_event(message)
+
+
+def staleness_warnings(cfg: RunConfig, reports: Sequence[PeerReport], warned: set[str]) -> list[str]:
+    """One line per peer (the first time only: `warned` remembers) whose observed staleness exceeds
+    what the job asked for."""
+    limit = EXCHANGES[cfg.exchange.mode].staleness_limit(cfg.exchange)
+    out = []
+    for r in reports:
+        if r.exchange.staleness_max > limit and r.name not in warned:
+            warned.add(r.name)
+            out.append(
+                f"warning: {r.name} distilled from a teacher {r.exchange.staleness_max} steps old, more than the "
+                f"{limit} this job allows ({EXCHANGES[cfg.exchange.mode].describe(cfg.exchange)})"
+            )
+    return out
+
+
+def evaluate_round(
+    round_index: int, reports: Sequence[PeerReport], labels: torch.Tensor, events: list[str] | None = None
+) -> RoundResult:
+    reports = sorted(reports, key=lambda r: r.index)
+    metrics = round_metrics([r.eval.logits for r in reports], labels)
+    return RoundResult(round_index, min(r.step for r in reports), list(reports), metrics, events or [])
+
+
+def round_record(h: RoundResult) -> dict[str, Any]:
+    """A JSON-ready record of a round (what summary.json and the resume file keep)."""
+    peers = {
+        p.name: {
+            "step": p.step,
+            "test_accuracy": p.eval.accuracy,
+            "test_loss": p.eval.loss,
+            "train_loss": p.train_loss,
+            "steps_per_s": p.steps_per_s,
+            "lr": p.lr,
+            "restarts": p.restarts,
+            "bytes_published": p.exchange.bytes_published,
+            "bytes_pulled": p.exchange.bytes_pulled,
+            "staleness_mean": p.exchange.staleness()["mean"],
+        }
+        for p in h.peers
+    }
+    return {"round": h.round, "step": h.step, **h.metrics, "events": h.events, "peers": peers}
+
+
+def build_summary(
+    cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: float, prior_rounds: Sequence[dict] = ()
+) -> dict[str, Any]:
+    """The run's summary.json: final per-peer and ensemble results plus the per-round history
+    (`prior_rounds`: records of rounds an earlier driver of the same run finished)."""
+    final = history[-1]
+    total = ExchangeStats()
+    for r in final.peers:
+        total.merge(r.exchange)
+    ex = total.to_dict()
+    peers = [
+        {
+            "name": r.name,
+            "model": r.model,
+            "test_accuracy": r.eval.accuracy,
+            "test_loss": r.eval.loss,
+            "steps": r.step,
+            "steps_per_s": r.steps_per_s,
+            "restarts": r.restarts,
+            "node_id": r.node_id,
+            "bytes_published": r.exchange.bytes_published,
+            "bytes_pulled": r.exchange.bytes_pulled,
+            "staleness": r.exchange.staleness(),
+            "exchange_s": r.exchange.exchange_s,
+            "teacher_forward_s": r.exchange.teacher_forward_s,
+            "busy_s": r.busy_s,
+        }
+        for r in final.peers
+    ]
+    return {
+        "name": cfg.name,
+        "peers": peers,
+        "ensemble": {"test_accuracy": final.metrics["ensemble_accuracy"]},
+        "mean_peer_test_accuracy": final.metrics["mean_peer_accuracy"],
+        "churn": final.metrics["churn"],
+        "mean_pairwise_kl": final.metrics["mean_pairwise_kl"],
+        "staleness": total.staleness(),
+        "exchange": {
+            "mode": cfg.exchange.mode,
+            "topology": cfg.exchange.topology,
+            "staleness": cfg.exchange.staleness,
+            "period": cfg.exchange.period,
+            "max_staleness": cfg.exchange.staleness_bound,
+            "staleness_limit": EXCHANGES[cfg.exchange.mode].staleness_limit(cfg.exchange),
+            "dtype": cfg.exchange.dtype,
+            "bytes_published": ex["bytes_published"],
+            "bytes_pulled": ex["bytes_pulled"],
+            "exchange_s": ex["exchange_s"],
+        },
+        "bytes_exchanged": ex["bytes_published"] + ex["bytes_pulled"],
+        "restarts": sum(r.restarts for r in final.peers),
+        "engine": cfg.engine,
+        "wall_time_s": wall_time_s,
+        "events": [e for r in prior_rounds for e in r.get("events", [])] + [e for h in history for e in h.events],
+        "rounds": [*prior_rounds, *(round_record(h) for h in history)],
+        "config": to_dict(cfg),
+    }

@@ -1,0 +1,70 @@
+"""The exchange: how teacher signals travel between peers.
+
+Two layers. A **board** is the transport (`board`: the interface, the bookkeeping `BoardState` and
+`InMemoryBoard`; `ray_board`: the same state in a Ray actor, for RayEngine). An **exchange** (one
+per peer, `exchange.mode` -> EXCHANGES) says what a step does with the board (`base`): `logits`
+(Deep Mutual Learning, logit shards per step) and `checkpoint` (Anil et al., stale checkpoints as
+local teachers). Both move the wire objects of `wire` (numpy arrays). Ray is imported only by
+`ray_board`.
+"""
+
+from __future__ import annotations
+
+from codistill.config import RunConfig
+from codistill.exchange.base import Exchange
+from codistill.exchange.board import Board, BoardState, InMemoryBoard, TeacherUnavailable
+from codistill.exchange.checkpoint import CheckpointExchange
+from codistill.exchange.logits import LogitExchange, TeacherMismatch
+from codistill.exchange.stats import ExchangeStats
+from codistill.exchange.topology import TOPOLOGIES, consumers_of, teachers_of
+from codistill.exchange.wire import (
+    LogitShard,
+    WireWeights,
+    decode_array,
+    decode_weights,
+    encode_tensor,
+    encode_weights,
+)
+from codistill.registry import Registry
+
+__all__ = [
+    "EXCHANGES",
+    "TOPOLOGIES",
+    "Board",
+    "BoardState",
+    "CheckpointExchange",
+    "Exchange",
+    "ExchangeStats",
+    "InMemoryBoard",
+    "LogitExchange",
+    "LogitShard",
+    "TeacherMismatch",
+    "TeacherUnavailable",
+    "WireWeights",
+    "consumers_of",
+    "decode_array",
+    "decode_weights",
+    "encode_tensor",
+    "encode_weights",
+    "in_memory_board",
+    "make_exchange",
+    "new_board_state",
+    "teachers_of",
+]
+
+EXCHANGES: Registry[type[Exchange]] = Registry("exchange", {"logits": LogitExchange, "checkpoint": CheckpointExchange})
+
+
+def make_exchange(cfg: RunConfig, index: int, board: Board) -> Exchange:
+    return EXCHANGES[cfg.exchange.mode](cfg, index, board)
+
+
+def new_board_state(cfg: RunConfig) -> BoardState:
+    """An empty board's bookkeeping for this job (who consumes whom, how many versions are kept)."""
+    n, topology = cfg.num_peers, cfg.exchange.topology
+    consumers = {j: consumers_of(j, n, topology) for j in range(n)}
+    return BoardState(consumers, EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange))
+
+
+def in_memory_board(cfg: RunConfig) -> InMemoryBoard:
+    return InMemoryBoard(new_board_state(cfg))

@@ -1,0 +1,116 @@
+"""Codistillation with stale checkpoints as local frozen teachers (Anil et al., ICLR 2018),
+`exchange.mode: checkpoint`.
+
+Every `period` steps a peer publishes its weights; before each step it picks up newer versions of
+its teachers and runs them locally, frozen, on its own batch (each peer has its own batch order).
+The promise, in steps (docs/design.md, "Checkpoint exchange"):
+
+* A teacher version trained for fewer than `burn_in` steps is never used (and the initial weights,
+  version 0, are never published): `first_usable` is the first multiple of `period` >= max(burn_in, 1).
+* Bounded staleness: at step k a peer distills only from versions >= k - max_staleness; when a
+  teacher has none yet, the peer waits for it (up to `timeout_s`). Free-running peers otherwise
+  never wait. A teacher that finished its last step is used as it is.
+* `sync: true` is the limit: at step k exactly the version of the last multiple of `period`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from codistill.config import ExchangeConfig, RunConfig
+from codistill.exchange.base import Exchange
+from codistill.exchange.board import Board
+from codistill.exchange.wire import decode_weights, encode_weights
+
+if TYPE_CHECKING:
+    from codistill.peer import Peer
+
+__all__ = ["CheckpointExchange", "ceil_to"]
+
+
+def ceil_to(x: int, period: int) -> int:
+    """The smallest multiple of `period` >= x."""
+    return -(-x // period) * period
+
+
+class CheckpointExchange(Exchange):
+    """Anil-style codistillation (see module docstring)."""
+
+    shared_batch_order = False
+
+    @classmethod
+    def versions_kept(cls, cfg: ExchangeConfig) -> int:
+        # The exact schedule hands out a given version; a consumer a period behind still finds its own.
+        return 3 if cfg.sync else 1
+
+    @classmethod
+    def describe(cls, cfg: ExchangeConfig) -> str:
+        bound = "sync" if cfg.sync else f"max_staleness={cfg.staleness_bound}"
+        return f"period={cfg.period}, {bound}"
+
+    @classmethod
+    def staleness_limit(cls, cfg: ExchangeConfig) -> int:
+        return cfg.period - 1 if cfg.sync else cfg.staleness_bound
+
+    def __init__(self, cfg: RunConfig, index: int, board: Board):
+        super().__init__(cfg, index, board)
+        self.period = cfg.exchange.period
+        self.first_usable = ceil_to(max(cfg.loss.burn_in, 1), self.period)
+
+    def required_version(self, step: int) -> int | None:
+        """The teacher version a peer must hold (at least, or exactly under sync) to distill at `step`;
+        None when nothing can be required (before burn-in, or before the first usable version is due)."""
+        if not self.distills_at(step):
+            return None
+        if self.cfg.exchange.sync:
+            version = (step // self.period) * self.period
+        else:
+            version = ceil_to(max(step - self.cfg.exchange.staleness_bound, self.first_usable), self.period)
+        return version if self.first_usable <= version <= step else None
+
+    def start_step(self, peer: Peer, step: int) -> None:
+        peer.forward(step)
+
+    def _pull(self, peer: Peer, step: int) -> None:
+        sync = self.cfg.exchange.sync
+        required = self.required_version(step)
+        held = peer.teacher_versions()
+        if sync and required is None:
+            return  # the exact schedule loads versions only when they are due
+        need = {j: required for j in self.teachers if required is not None}
+        if not sync:  # a teacher held at least as new as required needs no wait
+            need = {j: v for j, v in need.items() if held.get(j, -1) < v}
+        known = {j: max(held.get(j, -1), self.first_usable - 1) for j in self.teachers}
+        t0 = time.perf_counter()
+        for j, w in self.board.pull_weights(self.index, known, need, sync, self.cfg.exchange.timeout_s).items():
+            peer.set_teacher(j, w.version, decode_weights(w))
+            self.stats.bytes_pulled += w.nbytes
+            self.stats.teacher_updates += 1
+        self.stats.exchange_s += time.perf_counter() - t0
+
+    def teacher_logits(self, peer: Peer, step: int) -> list[torch.Tensor] | None:
+        # Pull here, not in start_step: every peer has published what step k needs by the time any
+        # peer asks (LocalEngine runs all start_steps first; on Ray it does not matter).
+        if not self.teachers or self.cfg.loss.alpha == 0:
+            return None
+        self._pull(peer, step)
+        if not self.distills_at(step) or not peer.teachers:
+            return None
+        for version in peer.teacher_versions().values():
+            self.stats.see_staleness(step - version)
+        t0 = time.perf_counter()
+        logits = peer.local_teacher_logits()
+        self.stats.teacher_forward_s += time.perf_counter() - t0
+        return logits
+
+    def end_step(self, peer: Peer, step: int) -> None:
+        version = step + 1
+        if self.publishes and version % self.period == 0 and version >= self.first_usable:
+            t0 = time.perf_counter()
+            w = encode_weights(peer.model.state_dict(), version, self.cfg.exchange.dtype)
+            self.board.publish_weights(self.index, w)
+            self.stats.bytes_published += w.nbytes
+            self.stats.exchange_s += time.perf_counter() - t0

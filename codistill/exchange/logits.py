@@ -1,0 +1,93 @@
+"""Deep Mutual Learning over logit shards (Zhang et al., CVPR 2018), `exchange.mode: logits`.
+
+Every peer draws the same batch at each step. With `staleness: 0` a peer publishes the logits of
+its step-k forward pass (before its step-k update) and trains on the others' step-k logits:
+simultaneous DML, N forward passes. With `staleness: s > 0` a peer publishes at step k its logits
+for batch k + s (one extra no-grad forward, BatchNorm statistics untouched), so the others can use
+them at their step k + s: a peer waits only when it is more than s steps ahead of a teacher, and the
+signal it uses is exactly s steps stale, whatever the timing. That keeps runs reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from codistill.config import ExchangeConfig
+from codistill.errors import CodistillError
+from codistill.exchange.base import Exchange
+from codistill.exchange.wire import LogitShard, decode_array, encode_tensor
+
+if TYPE_CHECKING:
+    from codistill.peer import Peer
+
+__all__ = ["LogitExchange", "TeacherMismatch"]
+
+
+class TeacherMismatch(CodistillError, RuntimeError):
+    """A teacher's shard covers other samples than the student's batch: the jobs of the peers differ."""
+
+
+class LogitExchange(Exchange):
+    """Deep Mutual Learning over logit shards, with bounded staleness (see module docstring)."""
+
+    shared_batch_order = True
+
+    @classmethod
+    def describe(cls, cfg: ExchangeConfig) -> str:
+        return f"staleness={cfg.staleness}"
+
+    @classmethod
+    def staleness_limit(cls, cfg: ExchangeConfig) -> int:
+        return cfg.staleness
+
+    def start_step(self, peer: Peer, step: int) -> None:
+        ids, logits = peer.forward(step)
+        if not self.publishes:
+            return
+        s = self.cfg.exchange.staleness
+        if s == 0:
+            self._publish(step, step, ids, logits)
+            return
+        # Publish the batch that consumers will train on s steps from now (at step 0 also the first s).
+        first = step + s if step > 0 else 0
+        for batch_step in range(first, min(step + s, peer.total_steps - 1) + 1):
+            ids_b, logits_b = peer.lookahead_logits(batch_step)
+            self._publish(batch_step, step, ids_b, logits_b)
+
+    def _publish(self, batch_step: int, produced_step: int, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        if batch_step < self.cfg.loss.burn_in:
+            return
+        t0 = time.perf_counter()
+        shard = LogitShard(
+            batch_step,
+            produced_step,
+            ids.numpy().astype(np.int64, copy=False),
+            encode_tensor(logits, self.cfg.exchange.dtype),
+            self.cfg.exchange.dtype,
+        )
+        self.board.publish_logits(self.index, shard)
+        self.stats.bytes_published += shard.nbytes
+        self.stats.exchange_s += time.perf_counter() - t0
+
+    def teacher_logits(self, peer: Peer, step: int) -> list[torch.Tensor] | None:
+        if not self.distills_at(step):
+            return None
+        t0 = time.perf_counter()
+        expected_ids = peer.data.batch_ids(step).numpy()
+        out = []
+        shards = self.board.fetch_logits(self.teachers, step, self.index, self.cfg.exchange.timeout_s)
+        for j, shard in zip(self.teachers, shards):
+            if not np.array_equal(shard.sample_ids, expected_ids):  # a shard is keyed by the samples it covers
+                raise TeacherMismatch(
+                    f"peer {self.index}: logits of peer {j} for step {step} cover other samples; "
+                    f"the peers' batch orders disagree (job seed or data config differ)"
+                )
+            out.append(decode_array(shard.logits, shard.dtype, peer.device))
+            self.stats.bytes_pulled += shard.nbytes
+            self.stats.see_staleness(step - shard.produced_step)
+        self.stats.exchange_s += time.perf_counter() - t0
+        return out

@@ -1,0 +1,78 @@
+"""What travels between peers: numpy arrays (Ray hands numpy out of its object store zero-copy, and
+copies torch tensors). bf16 travels as its raw 16 bits: numpy has no bfloat16."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["LogitShard", "WireWeights", "decode_array", "decode_weights", "encode_tensor", "encode_weights"]
+
+
+def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A numpy copy in the wire dtype. Always a copy: a view of a live parameter would change under
+    the consumer's feet while the publisher keeps training."""
+    wire = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
+    t = t.detach().to("cpu", dtype=wire, copy=True)
+    return t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # object-store arrays are read-only views; we never write to them
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(a)
+
+
+def decode_array(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    t = _from_numpy(a)
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.to(device=device, dtype=torch.float32)
+
+
+@dataclass
+class LogitShard:
+    """One peer's logits for one batch, keyed by the sample ids they cover."""
+
+    batch_step: int  # the step whose batch these logits are for
+    produced_step: int  # the publisher's step (weights) when it computed them
+    sample_ids: np.ndarray  # int64 (B,)
+    logits: np.ndarray  # (B, C) in the wire dtype
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.logits.nbytes + self.sample_ids.nbytes)
+
+
+@dataclass
+class WireWeights:
+    """A published checkpoint: the model's state dict as numpy arrays (floats in the wire dtype)."""
+
+    version: int  # the publisher's completed steps when these weights were taken
+    dtype: str
+    arrays: dict[str, np.ndarray]
+    float_keys: frozenset[str]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+def encode_weights(state: Mapping[str, torch.Tensor], version: int, dtype: str) -> WireWeights:
+    arrays, float_keys = {}, set()
+    for k, v in state.items():
+        if v.is_floating_point():
+            arrays[k] = encode_tensor(v, dtype)
+            float_keys.add(k)
+        else:
+            arrays[k] = v.detach().to("cpu", copy=True).numpy()
+    return WireWeights(version, dtype, arrays, frozenset(float_keys))
+
+
+def decode_weights(w: WireWeights) -> dict[str, torch.Tensor]:
+    return {k: decode_array(a, w.dtype) if k in w.float_keys else _from_numpy(a) for k, a in w.arrays.items()}

@@ -1,0 +1,276 @@
+"""Peer: one model being trained, with its optimiser, LR schedule, data stream and local teachers.
+
+Plain PyTorch, no Ray. A training step is split in two so that N peers need only N forward passes
+in mutual learning (not N^2): `forward(step)` computes the peer's logits on its batch (kept with
+their graph, and returned detached for publishing), then `train_step(teacher_logits)` adds the loss
+and updates. In checkpoint mode the teachers are local frozen copies of other peers
+(`set_teacher`), run by `local_teacher_logits()` on the peer's own batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from codistill.config import RunConfig
+from codistill.data import Dataset, PeerData, mix_seed
+from codistill.errors import CodistillError, ConfigError
+from codistill.losses import total_loss
+from codistill.models import build_model
+from codistill.peer.optim import make_optimizer, make_scheduler
+from codistill.registry import lookup
+
+__all__ = ["EvalResult", "NonFiniteLossError", "Peer", "StepStats", "resolve_device", "total_steps"]
+
+
+class NonFiniteLossError(CodistillError, RuntimeError):
+    """A peer's loss became NaN or inf: its step is not applied."""
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    ce: float
+    distill: float | None
+    alpha: float
+    lr: float
+    num_teachers: int
+
+
+@dataclass
+class EvalResult:
+    step: int
+    logits: torch.Tensor  # CPU float32 (num_test, num_classes)
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class _Teacher:
+    model: nn.Module
+    version: int  # the publisher's step at which these weights were produced
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "'cpu' or 'auto' on a machine without CUDA")
+    return torch.device(name)
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    assert cfg.epochs is not None, "a RunConfig has steps or epochs"
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+class Peer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        index: int,
+        dataset: Dataset,
+        device: torch.device | str | None = None,
+        *,
+        shard_index: int | None = None,
+    ):
+        self.cfg = cfg
+        self.index = index
+        self.name = cfg.peer_name(index)
+        self.seed = cfg.peer_seed(index)
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.dataset = dataset
+        # An exchange that moves per-batch signals (logits) needs one batch order from the job seed;
+        # otherwise each peer has its own order (and, with shard: disjoint, its own part of the data).
+        shared_order = lookup("codistill.exchange", "EXCHANGES")[cfg.exchange.mode].shared_batch_order
+        disjoint = cfg.data.shard == "disjoint"
+        self.data = PeerData(
+            dataset,
+            cfg.data,
+            order_seed=cfg.seed if shared_order else self.seed,
+            aug_seed=self.seed,
+            shard_index=index if shard_index is None else shard_index,
+            num_shards=cfg.num_peers if disjoint else 1,
+            device=self.device,
+        )
+        self.total_steps = total_steps(cfg, self.data.steps_per_epoch)
+        self.model = self._build(index, seed=self.seed)
+        oc = cfg.peer_optim(index)
+        self.optimizer = make_optimizer(list(self.model.parameters()), oc)
+        self.scheduler = make_scheduler(self.optimizer, oc, self.total_steps)
+        self.step = 0  # completed training steps
+        self.teachers: dict[int, _Teacher] = {}
+        self._pending: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # step, x, y, logits
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _build(self, index: int, seed: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # initialise from the peer's seed without touching global RNG
+            torch.manual_seed(seed)
+            model = build_model(self.cfg.peers[index].model, self.dataset.input_shape, self.dataset.num_classes)
+        model = model.to(self.device)
+        if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    @property
+    def _channels_last(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _step_rng(self, step: int, salt: int):
+        """Dropout and other random layers draw from (peer seed, step): identical in any process."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(mix_seed(self.seed, step, salt))
+            yield
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last and x.ndim == 4 else x
+
+    # -- one training step ---------------------------------------------------------------------
+
+    def forward(self, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward pass on the batch of `step` (default: the next one). Returns (sample_ids, logits detached)."""
+        step = self.step if step is None else step
+        if step != self.step:
+            raise ValueError(f"peer {self.name}: forward for step {step} but the next step is {self.step}")
+        ids, x, y = self.data.batch(step)
+        x = self._input(x)
+        self.model.train()
+        with self._step_rng(step, 0), self._autocast():
+            logits = self.model(x)
+        self._pending = (step, x, y, logits)
+        return ids, logits.detach()
+
+    def lookahead_logits(self, batch_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the current weights on the batch of a later step (bounded-staleness DML publishes
+        these): train mode like the training forward, but no grad and BatchNorm statistics untouched."""
+        ids, x, _ = self.data.batch(batch_step)
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [
+            (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms
+        ]
+        self.model.train()
+        try:
+            for m in norms:
+                m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+            with torch.no_grad(), self._step_rng(batch_step, 1), self._autocast():
+                logits = self.model(self._input(x)).float()
+        finally:
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                if tracked is not None and m.num_batches_tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+        return ids, logits
+
+    def local_teacher_logits(self) -> list[torch.Tensor]:
+        """The local frozen teachers' logits on this step's batch (checkpoint mode), in teacher-index order."""
+        assert self._pending is not None, "call forward() first"
+        _, x, _, _ = self._pending
+        out = []
+        with torch.no_grad(), self._autocast():
+            for j in sorted(self.teachers):
+                out.append(self.teachers[j].model(x).float())
+        return out
+
+    def train_step(
+        self, teacher_logits: list[torch.Tensor] | None, sample_weights: torch.Tensor | None = None
+    ) -> StepStats:
+        """Loss on the pending forward pass given the teachers' logits, backward, optimiser and LR step."""
+        assert self._pending is not None, "call forward() first"
+        step, _x, y, logits = self._pending
+        self._pending = None
+        parts = total_loss(logits, y, teacher_logits, self.cfg.loss, step, sample_weights)
+        if not torch.isfinite(parts.total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"peer {self.name}: non-finite loss {parts.total.item()} at step {step} "
+                f"(ce={parts.ce.item()}, distill={None if parts.distill is None else parts.distill.item()}); "
+                f"the step was not applied. Lower optim.lr or loss.temperature, or check the data."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step = step + 1
+        return StepStats(
+            step,
+            parts.total.item(),
+            parts.ce.item(),
+            None if parts.distill is None else parts.distill.item(),
+            parts.alpha,
+            lr,
+            len(teacher_logits or ()),
+        )
+
+    # -- teachers (checkpoint mode) ------------------------------------------------------------
+
+    def set_teacher(self, source_index: int, version: int, weights: Mapping[str, Any]) -> None:
+        """Load a published checkpoint of peer `source_index` as a frozen local teacher."""
+        teacher = self.teachers.get(source_index)
+        if teacher is None:
+            model = self._build(source_index, seed=0)
+            model.eval().requires_grad_(False)
+            teacher = self.teachers[source_index] = _Teacher(model, -1)
+        with warnings.catch_warnings():  # zero-copy object-store arrays are read-only; load_state_dict copies
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            state = {k: torch.as_tensor(v) for k, v in weights.items()}
+        teacher.model.load_state_dict(state)
+        teacher.version = version
+
+    def teacher_versions(self) -> dict[int, int]:
+        return {j: t.version for j, t in self.teachers.items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The model's weights on the CPU (what a checkpoint exchange publishes)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    # -- evaluation and training checkpoints ---------------------------------------------------
+
+    def evaluate(self) -> EvalResult:
+        self.model.eval()
+        chunks, loss_sum, n = [], 0.0, 0
+        with torch.no_grad(), self._autocast():
+            for x, y in self.data.test_batches():
+                logits = self.model(self._input(x)).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                n += len(y)
+                chunks.append(logits.cpu())
+        logits = torch.cat(chunks)
+        acc = (logits.argmax(-1) == self.data.test_y.cpu()).float().mean().item()
+        return EvalResult(self.step, logits, loss_sum / n, acc)
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything needed to resume this peer exactly (loadable with torch.load(weights_only=True))."""
+        return {
+            "step": self.step,
+            "model": self.weights(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self._pending = None

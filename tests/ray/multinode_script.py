@@ -1,0 +1,58 @@
+"""Run by tests/ray/test_multinode.py in its own process (python -m tests.ray.multinode_script): a
+3-node Ray cluster on this machine (ray.cluster_utils.Cluster), two small jobs with placement=spread,
+results as JSON on stdout."""
+
+import json
+import tempfile
+from typing import Any
+
+import ray
+from ray.cluster_utils import Cluster
+
+from codistill.engine import RayEngine
+from tests.helpers import small_job
+
+
+def main() -> None:
+    node_args: dict = {"num_cpus": 1, "object_store_memory": 96 << 20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(**node_args)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    out: dict[str, Any] = {"nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
+    # checkpoint mode with the sync schedule: every peer must receive its teachers (free-running
+    # pulls on a fast peer may legitimately see none in 20 steps)
+    # logits both ways: small shards by value through the board, and by reference (ray.put, pulled
+    # from the publisher's node)
+    modes = {
+        "logits": ["exchange.mode=logits"],
+        "logits_by_reference": ["exchange.mode=logits", "exchange.inline_max_bytes=0"],
+        "checkpoint": ["exchange.mode=checkpoint", "exchange.period=5", "exchange.sync=true"],
+    }
+    for key, mode in modes.items():
+        cfg = small_job(
+            "engine=ray",
+            "resources.num_cpus=1",
+            "resources.placement=spread",
+            *mode,
+            models=("mlp", "cnn", "mlp"),
+            steps=20,
+        )
+        engine = RayEngine(cfg)
+        history = engine.run(tempfile.mkdtemp())
+        final = history[-1]
+        out[key] = {
+            "node_ids": [info["node_id"] for info in engine.peer_info],
+            "steps": [p.step for p in final.peers],
+            "bytes_pulled": [p.exchange.bytes_pulled for p in final.peers],
+            "teacher_updates": [p.exchange.teacher_updates for p in final.peers],
+            "accuracy": final.metrics["mean_peer_accuracy"],
+        }
+    ray.shutdown()
+    cluster.shutdown()
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A real Tune sweep on digits: 4 trials of whole two-peer runs, each an MLflow run under the sweep's."""
+
+import json
+
+import mlflow
+import pytest
+import yaml
+
+from codistill import config as C
+from codistill.tune import load_sweep, main
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bad_search_keys_fail_before_any_trial(tmp_path):
+    sweep = yaml.safe_load((ROOT / "jobs" / "tune_temperature.yaml").read_text())
+    sweep["search"] = {"loss.temprature": {"uniform": [1, 2]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(ValueError, match=r"search.loss.temprature: loss.temprature: unknown key"):
+        load_sweep(str(tmp_path / "s.yaml"), [])
+    sweep["search"] = {"loss.alpha": {"uniform": [0.5, 3]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    with pytest.raises(ValueError, match=r"loss.alpha: got 3.0; allowed: a number in \[0, 1\]"):
+        load_sweep(str(tmp_path / "s.yaml"), [])
+
+
+def test_sweep_runs_ranks_writes_best_job_and_resumes(ray_session, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [
+        "steps=60",
+        "eval_every=30",
+        f"tune.storage_path={tmp_path}/tune",
+        "tune.name=sweep",
+        f"tracking.uri={uri}",
+        "tune.num_samples=2",
+        "search.loss.divergence={grid: [kl, js]}",
+    ]
+    argv = ["--config", str(ROOT / "jobs" / "tune_temperature.yaml")] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rank" in out and "best job:" in out
+    results = json.loads((tmp_path / "tune" / "sweep" / "sweep_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4 and all(t["complete"] for t in trials)  # 2 grid points x 2 samples
+    metrics = [t["metric"] for t in trials]
+    assert metrics == sorted(metrics, reverse=True) and all(0 < m <= 1 for m in metrics)
+    assert {t["params"]["loss.divergence"] for t in trials} == {"kl", "js"}
+    assert len({round(t["params"]["loss.temperature"], 6) for t in trials}) == 4
+    # the best job is a runnable job file with the best trial's values
+    best = C.load_job(results["best_job"])
+    assert best.loss.temperature == pytest.approx(trials[0]["params"]["loss.temperature"])
+    assert best.loss.divergence == trials[0]["params"]["loss.divergence"]
+    # MLflow: one sweep run, four trial runs under it, each with its two peer runs
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tune_temperature"])
+    sweep_id = results["mlflow_parent_run_id"]
+    trial_runs = runs[runs["tags.mlflow.parentRunId"] == sweep_id]
+    assert len(trial_runs) == 4
+    peer_runs = runs[runs["tags.mlflow.parentRunId"].isin(set(trial_runs["run_id"]))]
+    assert len(peer_runs) == 8
+    # the best job runs
+    from codistill.run import main as run_main
+
+    assert (
+        run_main(
+            [
+                "--config",
+                results["best_job"],
+                "--set",
+                "steps=20",
+                "--set",
+                "tracking=none",
+                "--output",
+                str(tmp_path / "best"),
+            ]
+        )
+        == 0
+    )
+    # --resume on the finished sweep restores it instead of starting again
+    assert main([*argv, "--resume"]) == 0
+    again = json.loads((tmp_path / "tune" / "sweep" / "sweep_results.json").read_text())
+    assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in trials]
+    assert again["mlflow_parent_run_id"] == sweep_id
+
+
+def test_asha_stops_weak_trials_and_their_runs_end(ray_session, tmp_path):
+    """ASHA fed by per-round reports: trials whose learning rate cannot learn in time are stopped at
+    the first rung; the best job comes from a trial that ran to the end; stopped trials leave no
+    MLflow run RUNNING and no peer actor behind."""
+    import ray
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [
+        "steps=60",
+        "eval_every=20",
+        f"tune.storage_path={tmp_path}/tune",
+        "tune.name=asha",
+        f"tracking.uri={uri}",
+        "tune.num_samples=1",
+        "tune.scheduler=asha",
+        "tune.grace_period=1",
+        "search.optim.lr={grid: [0.05, 0.00003, 0.00002, 0.00001]}",
+    ]
+    argv = ["--config", str(ROOT / "jobs" / "tune_temperature.yaml")] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "tune" / "asha" / "sweep_results.json").read_text())
+    trials = results["trials"]
+    assert len(trials) == 4
+    stopped = [t for t in trials if not t["complete"]]
+    assert len(stopped) >= 2, trials  # the second pair reaches rung 1 after a good and a bad trial
+    assert all(t["params"]["optim.lr"] < 0.001 for t in stopped)
+    assert results["best"]["params"]["optim.lr"] == 0.05 and results["best"]["complete"]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tune_temperature"])
+    assert "RUNNING" not in set(runs["status"]), runs[["tags.mlflow.runName", "status"]]
+    assert (runs["status"] == "KILLED").sum() >= 3 * len(stopped)  # each stopped trial and its two peers
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("codistill-")]
+    assert not alive, alive
