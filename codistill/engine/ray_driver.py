@@ -11,7 +11,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -30,13 +30,15 @@ from codistill.storage import Storage
 
 __all__ = ["RayEngine", "RoundAssembler", "round_ends"]
 
+R = TypeVar("R")  # a peer's round report (PeerReport in RayEngine)
+
 
 def round_ends(total_steps: int, eval_every: int) -> list[int]:
     """The step at which each round ends (the last may be short)."""
     return [min(e, total_steps) for e in range(eval_every, total_steps + eval_every, eval_every)]
 
 
-class RoundAssembler:
+class RoundAssembler(Generic[R]):
     """Turns per-peer reports, arriving in any order, into complete rounds in order.
 
     `rounds_per_peer[i]` is how many rounds peer i runs (peers with a shorter shard run fewer); once a
@@ -48,10 +50,10 @@ class RoundAssembler:
         self.rounds_per_peer = list(rounds_per_peer)
         self.num_rounds = max(self.rounds_per_peer)
         self.next_round = first_round
-        self._by_round: dict[int, dict[int, PeerReport]] = {}
-        self._last: dict[int, PeerReport] = {}
+        self._by_round: dict[int, dict[int, R]] = {}
+        self._last: dict[int, R] = {}
 
-    def add(self, peer: int, round_index: int, report: PeerReport) -> list[tuple[int, list[PeerReport]]]:
+    def add(self, peer: int, round_index: int, report: R) -> list[tuple[int, list[R]]]:
         """Record one report; returns the rounds it completed, in order, as (round, reports by peer)."""
         self._by_round.setdefault(round_index, {})[peer] = report
         done = []
@@ -193,7 +195,9 @@ class RayEngine:
         totals = [info["total_steps"] for info in self.peer_info]  # may differ per peer under `disjoint` shards
         self.reporter.on_start(cfg, max(totals))
         ends = [round_ends(t, cfg.eval_every) for t in totals]
-        assembler = RoundAssembler([len(e) for e in ends], first_round=len(self.prior_rounds))
+        assembler: RoundAssembler[PeerReport] = RoundAssembler(
+            [len(e) for e in ends], first_round=len(self.prior_rounds)
+        )
         pending: dict[Any, tuple[int, int]] = {}
         for i, a in enumerate(actors):
             start = self.peer_info[i]["step"]

@@ -4,7 +4,7 @@ from codistill.exchange import BoardState, new_board_state
 from tests.helpers import small_job
 
 
-def three_peers_all() -> BoardState:
+def three_peers_all() -> BoardState[str]:
     return BoardState({0: [1, 2], 1: [0, 2], 2: [0, 1]}, versions_kept=1)
 
 
@@ -34,7 +34,7 @@ def test_a_lost_shard_is_forgotten_until_published_again():
 
 
 def test_versions_kept_and_newest_selection():
-    st = BoardState({0: [1], 1: [0]}, versions_kept=3)
+    st: BoardState[str] = BoardState({0: [1], 1: [0]}, versions_kept=3)
     assert st.newest_version(0) == -1 and st.newest_versions() == {}
     dropped = [d for v in (10, 20, 30, 40) for d in st.put_weights(0, v, f"w{v}")]
     assert dropped == ["w10"] and sorted(st.weights[0]) == [20, 30, 40]
@@ -45,14 +45,14 @@ def test_versions_kept_and_newest_selection():
     # the exact schedule hands out the version asked for, even when newer ones exist
     assert st.pick_weights({0: 20}, {0: 30}, exact=True) == {0: (30, "w30")}
     assert st.pick_weights({0: 30}, {0: 30}, exact=True) == {}
-    single = BoardState({0: [1], 1: [0]}, versions_kept=1)
+    single: BoardState[int] = BoardState({0: [1], 1: [0]}, versions_kept=1)
     for v in (10, 20):
         single.put_weights(0, v, v)
     assert list(single.weights[0]) == [20]
 
 
 def test_weights_ready_waits_for_a_version_unless_the_publisher_finished():
-    st = BoardState({0: [1], 1: [0]}, versions_kept=1)
+    st: BoardState[str] = BoardState({0: [1], 1: [0]}, versions_kept=1)
     st.put_weights(1, 50, "w50")
     assert st.weights_ready({1: 50}, exact=False) and st.weights_ready({1: 40}, exact=False)
     assert not st.weights_ready({1: 100}, exact=False)

@@ -9,7 +9,7 @@ from tests.helpers import small_job
 
 
 def test_rounds_complete_in_order_whatever_order_reports_arrive():
-    asm = RoundAssembler([3, 3])
+    asm: RoundAssembler[str] = RoundAssembler([3, 3])
     assert asm.add(1, 0, "b0") == []
     assert asm.add(1, 1, "b1") == []  # peer 1 is a round ahead: nothing completes without peer 0
     assert asm.add(0, 1, "a1") == []  # round 1 waits for round 0
@@ -19,7 +19,7 @@ def test_rounds_complete_in_order_whatever_order_reports_arrive():
 
 
 def test_a_peer_with_fewer_rounds_stands_in_with_its_last_report():
-    asm = RoundAssembler([2, 3])  # peer 0's shard is shorter
+    asm: RoundAssembler[str] = RoundAssembler([2, 3])  # peer 0's shard is shorter
     asm.add(0, 0, "a0")
     asm.add(1, 0, "b0")
     asm.add(0, 1, "a1")
@@ -28,7 +28,7 @@ def test_a_peer_with_fewer_rounds_stands_in_with_its_last_report():
 
 
 def test_a_resumed_driver_starts_at_the_first_round_it_has_not_reported():
-    asm = RoundAssembler([4, 4], first_round=2)
+    asm: RoundAssembler[str] = RoundAssembler([4, 4], first_round=2)
     assert asm.add(0, 2, "a2") == [] and asm.add(1, 2, "b2") == [(2, ["a2", "b2"])]
 
 
