@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -120,7 +121,8 @@ def format_table(summary: dict) -> str:
 
 
 def default_out_dir(cfg: RunConfig) -> str:
-    return str(Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:4]}")  # two runs in one second differ
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,12 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from codistill.api import train  # torch, ray and mlflow are imported only to train
+    from codistill.api import RunFinishedError, train  # torch, ray and mlflow are imported only to train
 
     out_dir = cfg.output.dir or default_out_dir(cfg)
     reporter = ConsoleReporter()
     try:
         summary = train(cfg, out_dir, reporter, resume=bool(args.resume))
+    except RunFinishedError as e:  # nothing to do is not an error
+        reporter.close()
+        print(f"codistill: {e}")
+        return 0
     except CodistillError as e:  # what the user caused or can fix; anything else keeps its traceback
         reporter.close()
         print(f"error: {e}", file=sys.stderr)

@@ -63,6 +63,36 @@ class Storage:
         info = self.fs.get_file_info(fs.FileSelector(self._path(rel_dir), allow_not_found=True))
         return sorted(i.base_name for i in info if i.type == fs.FileType.File)
 
+    def is_local(self) -> bool:
+        from pyarrow import fs
+
+        return isinstance(self.fs, fs.LocalFileSystem)
+
+    def entries(self) -> list[str]:
+        """Names directly under the run directory (files and folders); [] when it does not exist."""
+        from pyarrow import fs
+
+        info = self.fs.get_file_info(fs.FileSelector(self.root, allow_not_found=True))
+        return sorted(i.base_name for i in info)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write `rel` only if it does not exist; False if it does. Atomic on a local disk (O_EXCL);
+        on object stores, check-then-write (their conditional writes are not exposed by pyarrow.fs)."""
+        path = self._path(rel)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if self.is_local():
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.read(rel) is not None:
+            return False
+        self.write(rel, data)
+        return True
+
     def checkpoint_steps(self, peer_name: str) -> list[int]:
         """Steps of `peer_name`'s training checkpoints, oldest first."""
         steps = []

@@ -20,8 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from codistill.config import RunConfig, flatten, to_dict
-from codistill.engine.report import Reporter, RoundResult
+from codistill.engine.report import Reporter, RoundResult, round_record
 from codistill.storage import Storage
+
+ROUND_METRICS = ("ensemble_accuracy", "churn", "mean_pairwise_kl", "mean_peer_accuracy")
+"""Logged to the job's run per round (the first one is how a resumed driver finds what is logged)."""
+PEER_METRICS = (
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "steps_per_s",
+    "staleness_mean",
+    "staleness_max",
+    "teacher_lead_max",
+    "bytes_published",
+    "bytes_pulled",
+    "restarts",
+    "lr",
+)
+"""Logged to each peer's run per round."""
 
 __all__ = ["NullTracker", "Tracker", "make_tracker", "plot_curves", "resolve_tracking_uri"]
 
@@ -54,7 +71,13 @@ class Tracker(NullTracker):
     """Logs a run to MLflow through MlflowClient (explicit run ids, no global active-run state)."""
 
     def __init__(
-        self, cfg: RunConfig, parent_run_id: str | None = None, run_name: str | None = None, resume: dict | None = None
+        self,
+        cfg: RunConfig,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        resume: dict | None = None,
+        *,
+        kind: str = "job",
     ):
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -73,12 +96,21 @@ class Tracker(NullTracker):
             for run_id in [self.job_run, *self.peer_runs.values()]:
                 self.client.update_run(run_id, status="RUNNING")
             return
-        tags = {"codistill.kind": "job", "codistill.exchange": cfg.exchange.mode}
+        tags = {"codistill.kind": kind, "codistill.exchange": cfg.exchange.mode}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self.job_run = self.client.create_run(self.experiment_id, run_name=run_name or cfg.name, tags=tags).info.run_id
         self.run_id = self.job_run
         self._log_params(self.job_run, flatten(to_dict(cfg)))
+        for i in range(cfg.num_peers if kind == "job" else 0):  # now: tracking.json names them before anything fails
+            name = cfg.peer_name(i)
+            run = self.client.create_run(
+                self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.job_run, "codistill.kind": "peer"}
+            )
+            self.peer_runs[name] = run.info.run_id
+            self._log_params(
+                run.info.run_id, {"peer.index": i, "peer.name": name, **flatten(to_dict(cfg.peers[i]), "peer")}
+            )
 
     def state(self) -> dict:
         """What a resumed driver needs to continue these runs (kept in the run directory)."""
@@ -101,50 +133,23 @@ class Tracker(NullTracker):
             run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
         )
 
-    def on_start(self, cfg: RunConfig, total_steps: int) -> None:
-        if self.peer_runs:
-            return
-        for i in range(cfg.num_peers):
-            name = cfg.peer_name(i)
-            run = self.client.create_run(
-                self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.job_run, "codistill.kind": "peer"}
-            )
-            self.peer_runs[name] = run.info.run_id
-            self._log_params(
-                run.info.run_id, {"peer.index": i, "peer.name": name, **flatten(to_dict(cfg.peers[i]), "peer")}
-            )
-
     def on_round(self, result: RoundResult) -> None:
-        m = result.metrics
-        self._metrics(
-            self.job_run,
-            {
-                "ensemble_accuracy": m["ensemble_accuracy"],
-                "churn": m["churn"],
-                "mean_pairwise_kl": m["mean_pairwise_kl"],
-                "mean_peer_accuracy": m["mean_peer_accuracy"],
-            },
-            result.step,
-        )
-        for p in result.peers:
-            ex = p.exchange.to_dict()
-            self._metrics(
-                self.peer_runs[p.name],
-                {
-                    "train_loss": p.train_loss if p.step_losses else None,
-                    "test_loss": p.eval.loss,
-                    "test_accuracy": p.eval.accuracy,
-                    "steps_per_s": p.steps_per_s,
-                    "staleness_mean": ex["staleness_mean"],
-                    "staleness_max": ex["staleness_max"],
-                    "teacher_lead_max": ex["teacher_lead_max"],
-                    "bytes_published": ex["bytes_published"],
-                    "bytes_pulled": ex["bytes_pulled"],
-                    "restarts": p.restarts,
-                    "lr": p.lr,
-                },
-                p.step,
-            )
+        self.log_round(round_record(result))
+
+    def log_round(self, record: dict) -> None:
+        """One round (a summary.json record) as metrics of the job's run and of each peer's run."""
+        step = record["step"]
+        self._metrics(self.job_run, {k: record[k] for k in ROUND_METRICS}, step)
+        for name, p in record["peers"].items():
+            self._metrics(self.peer_runs[name], {k: p.get(k) for k in PEER_METRICS}, p["step"])
+
+    def on_resume(self, prior_rounds: list[dict]) -> None:
+        """A resumed driver logs the rounds an earlier driver recorded but did not get to log (it may be
+        killed between the two)."""
+        logged = {m.step for m in self.client.get_metric_history(self.job_run, ROUND_METRICS[0])}
+        for record in prior_rounds:
+            if record["step"] not in logged:
+                self.log_round(record)
 
     def finish(self, summary: dict, out_dir: str, status: str = "FINISHED") -> None:
         """Log artifacts and close the runs. out_dir is the run directory codistill wrote."""
@@ -189,11 +194,17 @@ class Tracker(NullTracker):
 
 
 def make_tracker(
-    cfg: RunConfig, parent_run_id: str | None = None, run_name: str | None = None, resume: dict | None = None
+    cfg: RunConfig,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    resume: dict | None = None,
+    *,
+    kind: str = "job",
 ) -> NullTracker:
+    """`kind`: "job" (a run with one nested run per peer) or "sweep" (a Tune sweep's parent run)."""
     if cfg.tracking.backend == "none":
         return NullTracker()
-    return Tracker(cfg, parent_run_id, run_name, resume)
+    return Tracker(cfg, parent_run_id, run_name, resume, kind=kind)
 
 
 def plot_curves(summary: dict, path: Path) -> None:

@@ -170,7 +170,7 @@ def _trainable(config: dict, base_raw: dict, metric: str, parent_run_id: str | N
     from codistill.api import train
 
     cfg = build(trial_job(base_raw, config))
-    out_dir = tune.get_context().get_trial_dir()
+    out_dir = os.path.join(tune.get_context().get_trial_dir(), "run")  # Tune writes its own files beside
     name = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in config.items())
     summary = train(
         cfg,
@@ -226,7 +226,7 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
     if resume and state_file.exists():
         parent_run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
     if parent_run_id is None:
-        sweep_tracker = make_tracker(base_cfg, run_name=f"sweep {name}")
+        sweep_tracker = make_tracker(base_cfg, run_name=f"sweep {name}", kind="sweep")
         parent_run_id = sweep_tracker.run_id
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))

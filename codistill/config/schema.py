@@ -88,6 +88,9 @@ class DataConfig(_Section):
     limit_train: int | None = None
     """Use only the first N training examples (quick experiments)."""
     limit_test: int | None = None
+    num_classes: int | None = None
+    """parquet: the number of classes when the file does not declare them (Hugging Face ClassLabel);
+    labels must lie in [0, num_classes). None = declared, or inferred from dense labels."""
     synthetic_train: int = 2048
     """synthetic only: number of training examples."""
     synthetic_shape: tuple[int, ...] = (1, 8, 8)
@@ -106,6 +109,12 @@ class DataConfig(_Section):
             "synthetic_shape",
             self.synthetic_shape,
             "three positive integers [C, H, W]",
+        )
+        self._check(
+            self.num_classes is None or 2 <= self.num_classes <= 1_000_000,
+            "num_classes",
+            self.num_classes,
+            "null or an integer in [2, 1000000]",
         )
         self._check(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "an integer >= 2")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["Dataset", "channel_stats", "mix_seed"]
+__all__ = ["Dataset", "as_tensor", "channel_stats", "mix_seed"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,20 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
+    def to_arrays(self) -> dict:
+        """The dataset as numpy arrays and plain values: what travels through Ray's object store
+        (numpy comes out zero-copy; torch tensors would be copied by every reader)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.numpy() if isinstance(value, torch.Tensor) else value
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> Dataset:
+        values: dict[str, Any] = {k: as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+        return cls(**values)
+
     def limited(self, limit_train: int | None, limit_test: int | None) -> Dataset:
         """The first `limit_train` training and `limit_test` test examples (None = all)."""
         if limit_train is None and limit_test is None:
@@ -44,6 +61,14 @@ class Dataset:
             self.scale,
             self.augment,
         )
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a numpy array without a copy. Arrays out of Ray's object store are read-only
+    views: we never write to them (PyTorch warns that it cannot tell)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(a)
 
 
 def mix_seed(*parts: int) -> int:

@@ -17,7 +17,16 @@ from codistill.config import DataConfig
 from codistill.data.dataset import Dataset, mix_seed
 from codistill.errors import ConfigError
 
-__all__ = ["PeerData", "random_crop_flip"]
+__all__ = ["PeerData", "random_crop_flip", "shard_sample_ids"]
+
+
+def shard_sample_ids(n: int, shard_seed: int, shard_index: int, num_shards: int) -> torch.Tensor:
+    """The training-set ids of shard `shard_index` of `num_shards` (all ids when there is one shard).
+    Every peer computes the same partition from the job's seed, so the shards are disjoint."""
+    if num_shards <= 1:
+        return torch.arange(n)
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(shard_seed, 7)))
+    return ids[shard_index::num_shards].sort().values
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -50,6 +59,7 @@ class PeerData:
         *,
         order_seed: int,
         aug_seed: int,
+        shard_seed: int = 0,
         shard_index: int = 0,
         num_shards: int = 1,
         device: torch.device | str = "cpu",
@@ -61,12 +71,8 @@ class PeerData:
         self.aug_seed = aug_seed
         self.augment = ds.augment if cfg.augment is None else cfg.augment
         self.device = torch.device(device)
-        n = len(ds.train_y)
-        if num_shards > 1:  # Anil et al.: peers train on disjoint parts of the training set
-            ids = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(order_seed, 7)))
-            self.sample_ids = ids[shard_index::num_shards].sort().values
-        else:
-            self.sample_ids = torch.arange(n)
+        # Anil et al.: with several shards, peers train on disjoint parts of the training set
+        self.sample_ids = shard_sample_ids(len(ds.train_y), shard_seed, shard_index, num_shards)
         if len(self.sample_ids) < self.batch_size:
             raise ConfigError(
                 "data.batch_size",

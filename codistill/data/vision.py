@@ -5,9 +5,7 @@ the registry is `codistill.data.DATASETS`. No ray, no mlflow.
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +13,9 @@ import numpy as np
 import torch
 
 from codistill.config import DataConfig
+from codistill.data.cifar import read_cifar_batches
 from codistill.data.dataset import Dataset, channel_stats
+from codistill.data.parquet_images import check_labels, infer_classes, read_image_parquet
 from codistill.errors import ConfigError
 
 __all__ = ["digits", "parquet", "synthetic", "torchvision_cifar", "torchvision_mnist_like"]
@@ -84,17 +84,6 @@ def torchvision_mnist_like(name: str, cls_name: str, folder: str) -> Callable[[D
     return load
 
 
-def _read_cifar_batches(files: list[Path], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for f in files:
-        with open(f, "rb") as fh:
-            # CIFAR's official "python version" is pickled dicts of numpy arrays; torchvision reads it the same way.
-            entry = pickle.load(fh, encoding="latin1")
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.extend(entry[label_key])
-    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
-
-
 def torchvision_cifar(
     name: str,
     cls_name: str,
@@ -111,56 +100,37 @@ def torchvision_cifar(
             import torchvision
 
             getattr(torchvision.datasets, cls_name)(str(root), train=True, download=True)
-        # Read the official python-version batches directly (torchvision's own classes also demand the
-        # exact md5 of each file, which files written by tests or re-packed mirrors cannot match).
+        # Read the python-version batches ourselves: the official files by their checksum, any other by an
+        # unpickler that runs no code (torchvision's own classes refuse anything but the official bytes).
         missing = [f for f in train_files + test_files if not (base / f).exists()]
         if missing:
             raise _missing(name, base, f"Missing {', '.join(missing)} (the CIFAR 'python version' archive, extracted).")
-        xtr, ytr = _read_cifar_batches([base / f for f in train_files], label_key)
-        xte, yte = _read_cifar_batches([base / f for f in test_files], label_key)
+        xtr, ytr = read_cifar_batches([base / f for f in train_files], label_key, num_classes)
+        xte, yte = read_cifar_batches([base / f for f in test_files], label_key, num_classes)
         mean, std = channel_stats(xtr[:10000], 1 / 255)
         return Dataset(name, xtr, ytr, xte, yte, num_classes, mean, std, augment=True)
 
     return load
 
 
-def _decode_parquet(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hugging Face image layout: column image = {bytes, path}, column label = int."""
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    table = pq.read_table(os.path.expanduser(path), columns=["image", "label"])
-    images = table.column("image").combine_chunks().field("bytes").to_pylist()
-    labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.int64)
-    first = np.asarray(Image.open(io.BytesIO(images[0])))
-    out = np.empty((len(images), *first.shape), dtype=np.uint8)
-    for i, b in enumerate(images):
-        out[i] = np.asarray(Image.open(io.BytesIO(b)))
-    x = torch.from_numpy(out)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # N,H,W(,C) -> N,C,H,W
-    return x.contiguous(), labels
-
-
-_PARQUET_CACHE: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def parquet(cfg: DataConfig) -> Dataset:
-    """Images in Parquet (Hugging Face layout), read with pyarrow and decoded with PIL."""
-    parts = []
-    for split, path in (("train", cfg.train), ("test", cfg.test)):
+    """Images in Parquet (Hugging Face layout), checked as they are read (codistill.data.parquet_images)."""
+    splits = {}
+    for split, path, limit in (("train", cfg.train, cfg.limit_train), ("test", cfg.test, cfg.limit_test)):
         if path is None:
             raise ConfigError(f"data.{split}", None, "the path of a Parquet file when data.name is parquet")
-        p = Path(os.path.expanduser(str(path)))
-        if not p.exists():
-            raise ConfigError(f"data.{split}", message=f"Parquet file {str(p)!r} does not exist")
-        key = (str(p.resolve()), p.stat().st_mtime)
-        if key not in _PARQUET_CACHE:
-            _PARQUET_CACHE[key] = _decode_parquet(str(p))
-        parts.append(_PARQUET_CACHE[key])
-    (xtr, ytr), (xte, yte) = parts
-    num_classes = int(max(ytr.max(), yte.max())) + 1
+        splits[split] = read_image_parquet(str(path), f"data.{split}", limit)
+    (xtr, ytr, declared_tr), (xte, yte, declared_te) = splits["train"], splits["test"]
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise ConfigError("data.test", message=f"test images are {tuple(xte.shape[1:])}, train {tuple(xtr.shape[1:])}")
+    num_classes = declared_tr or declared_te or cfg.num_classes
+    if num_classes is None:
+        num_classes = infer_classes(np.concatenate([ytr, yte]), "data.train", f"{cfg.train} and {cfg.test}")
+    check_labels(ytr, num_classes, "data.train", str(cfg.train))
+    check_labels(yte, num_classes, "data.test", str(cfg.test))
     mean, std = channel_stats(xtr[:10000], 1 / 255)
     augment = xtr.shape[1] == 3  # colour images: CIFAR-style crop + flip; digits/clothes: none
+    name = Path(str(cfg.train)).parent.name or "parquet"
     return Dataset(
-        Path(str(cfg.train)).parent.name or "parquet", xtr, ytr, xte, yte, num_classes, mean, std, augment=augment
+        name, xtr, torch.from_numpy(ytr), xte, torch.from_numpy(yte), num_classes, mean, std, augment=augment
     )

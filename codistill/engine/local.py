@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from codistill.config import RunConfig
-from codistill.data import load_dataset
+from codistill.data import Dataset
+from codistill.engine.preflight import check_job
 from codistill.engine.report import PeerReport, Reporter, RoundResult, evaluate_round, staleness_warnings
 from codistill.exchange import in_memory_board, make_exchange
 from codistill.peer import Peer
@@ -34,10 +35,10 @@ class LocalEngine:
         self.prior_rounds: list[dict] = []
         self.peers: list[Peer] = []
 
-    def run(self, out_dir: str | Path | None = None) -> list[RoundResult]:
+    def run(self, out_dir: str | Path | None = None, dataset: Dataset | None = None) -> list[RoundResult]:
         """Train all peers; write each peer's final weights to out_dir/peers/<name>.pt."""
         cfg = self.cfg
-        dataset = load_dataset(cfg.data)
+        dataset = dataset if dataset is not None else check_job(cfg)
         peers = [Peer(cfg, i, dataset, self.device) for i in range(cfg.num_peers)]
         board = in_memory_board(cfg)
         exchanges = [make_exchange(cfg, i, board) for i in range(cfg.num_peers)]

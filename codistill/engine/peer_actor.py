@@ -1,12 +1,14 @@
 """PeerActor: one Peer in its own Ray actor (RayEngine).
 
-Restarted by Ray (`max_restarts`), it resumes from its own last training checkpoint; started by a
-resuming driver, from the step the driver names. Training runs free: it waits only where the
-exchange says.
+Restarted by Ray (`max_restarts`), it resumes from its newest usable training checkpoint (a corrupt
+one is a warning and the one before is used); started by a resuming driver, from the step the
+driver names. A round's step losses are part of its checkpoint, so a round re-run after a restart
+reports every step of the round once. Training runs free: it waits only where the exchange says.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,18 +16,26 @@ import ray
 import torch
 
 from codistill.config import build
-from codistill.data import load_dataset
+from codistill.data import Dataset
 from codistill.engine.report import PeerReport
-from codistill.exchange import make_exchange
+from codistill.exchange import EXCHANGES, make_exchange
 from codistill.exchange.ray_board import RayBoardClient
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
 from codistill.storage import Storage, checkpoint_path
 
-__all__ = ["KEEP_CHECKPOINTS", "PeerActor"]
+__all__ = ["PeerActor"]
 
-KEEP_CHECKPOINTS = 3
-"""Training checkpoints kept per peer (the newest)."""
+
+def _ray_restarts() -> int:
+    """How often Ray has restarted the current actor (0 for a fresh one)."""
+    ctx = ray.get_runtime_context()
+    try:  # the count lives in the GCS actor table; the public API only says whether it is > 0
+        from ray._private.state import actors
+
+        return int(actors(actor_id=ctx.get_actor_id())["NumRestarts"])
+    except Exception:
+        return int(bool(ctx.was_current_actor_reconstructed))
 
 
 class PeerActor:
@@ -33,54 +43,92 @@ class PeerActor:
         self,
         cfg_dict: dict,
         index: int,
+        dataset: dict,
         board_name: str,
         namespace: str,
         storage_uri: str,
         resume_step: int | None,
+        prior_restarts: int,
     ):
         self.cfg = cfg = build(cfg_dict)
         threads = cfg.resources.threads_per_peer or max(1, int(cfg.resources.num_cpus))
         torch.set_num_threads(threads)
         self.index = index
         self.storage = Storage(storage_uri)
-        self.peer = Peer(cfg, index, load_dataset(cfg.data))
+        self.peer = Peer(cfg, index, Dataset.from_arrays(dataset))
         self.board = RayBoardClient(
-            ray.get_actor(board_name, namespace=namespace), index, inline_max_bytes=cfg.exchange.inline_max_bytes
+            ray.get_actor(board_name, namespace=namespace),
+            index,
+            inline_max_bytes=cfg.exchange.inline_max_bytes,
+            versions_kept=EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange),
+            kept_shard_steps=2 * cfg.exchange.staleness + 8,
         )
         self.exchange = make_exchange(cfg, index, self.board)
-        ctx = ray.get_runtime_context()
-        self.node_id = ctx.get_node_id()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.busy_s = 0.0
-        self.restarts = 0
+        self.events: list[str] = []  # told to the driver with the next report
+        self.round_index = -1
+        self.round_losses: list[float] = []
+        self.lr = 0.0
+        ray_restarts = _ray_restarts()
+        self.restarts = prior_restarts + ray_restarts
         self.resumed_from: int | None = None
-        steps = self.storage.checkpoint_steps(self.peer.name)
-        reconstructed = ctx.was_current_actor_reconstructed
-        step: int | None
-        if reconstructed:
-            self.restarts = ray.get(self.board.handle.note_restart.remote(index))
-            step = steps[-1] if steps else None
-        else:
-            step = resume_step if resume_step in steps else None
-        if step is not None:
-            self._load(step)
+        if ray_restarts:
+            self._load_newest()
+        elif resume_step is not None:
+            self._load(resume_step)
+
+    def __repr__(self) -> str:  # what the Ray dashboard shows
+        return f"PeerActor({self.peer.name}, step {self.peer.step}/{self.peer.total_steps})"
+
+    def _load_newest(self) -> None:
+        for step in reversed(self.storage.checkpoint_steps(self.peer.name)):
+            try:
+                self._load(step)
+                return
+            except Exception as e:  # a corrupt file fails inside torch or zipfile in many ways
+                why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                self.events.append(
+                    f"warning: {self.peer.name}: checkpoint at step {step} unusable ({why}); trying the one before"
+                )
+        self.events.append(f"{self.peer.name} restarted with no usable checkpoint: from step 0")
 
     def _load(self, step: int) -> None:
         state = self.storage.read_torch(checkpoint_path(self.peer.name, step))
+        if state is None:
+            raise FileNotFoundError(checkpoint_path(self.peer.name, step))
         self.peer.load_training_state(state)
+        self.board.restore(state["board"], step)  # a new board (resumed driver) needs what we had published
         self.busy_s = float(state["busy_s"])
-        self.restarts = max(self.restarts, int(state["restarts"]))
         self.exchange.stats.load_state_dict(state["exchange"])
+        self.round_index = int(state["round_index"])
+        self.round_losses = [float(x) for x in state["round_losses"]]
+        self.lr = float(state["lr"])
         self.resumed_from = step
         self.board.mark_durable(self.index, step)
 
-    def _save(self) -> None:
+    def _is_round_end(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.peer.total_steps
+
+    def _save(self, keep_from: int) -> None:
+        """Write a checkpoint at the current step; keep round-end checkpoints from `keep_from` on (the
+        driver's resume points) and the newest one; delete the rest."""
         state = self.peer.training_state()
-        state.update(busy_s=self.busy_s, restarts=self.restarts, exchange=self.exchange.stats.state_dict())
-        name = self.peer.name
-        self.storage.write_torch(checkpoint_path(name, self.peer.step), state)
-        for old in self.storage.checkpoint_steps(name)[:-KEEP_CHECKPOINTS]:
-            self.storage.delete(checkpoint_path(name, old))
-        self.board.mark_durable(self.index, self.peer.step)
+        state.update(
+            busy_s=self.busy_s,
+            restarts=self.restarts,
+            exchange=self.exchange.stats.state_dict(),
+            round_index=self.round_index,
+            round_losses=list(self.round_losses),
+            lr=self.lr,
+            board=self.board.durable_state(self.peer.step),
+        )
+        name, now = self.peer.name, self.peer.step
+        self.storage.write_torch(checkpoint_path(name, now), state)
+        for old in self.storage.checkpoint_steps(name):
+            if old != now and (old < keep_from or not self._is_round_end(old)):
+                self.storage.delete(checkpoint_path(name, old))
+        self.board.mark_durable(self.index, now)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -91,44 +139,45 @@ class PeerActor:
             "resumed_from": self.resumed_from,
             "device": str(self.peer.device),
             "gpu_ids": ray.get_gpu_ids(),
+            "pid": os.getpid(),
         }
 
-    def test_labels(self) -> torch.Tensor:
-        return self.peer.dataset.test_y
-
-    def run_round(self, until_step: int, round_index: int) -> PeerReport:
-        """Train until `until_step` (free-running: waits only where the exchange says), then evaluate."""
+    def run_round(self, until_step: int, round_index: int, keep_from: int) -> PeerReport:
+        """Train round `round_index` until `until_step` (free-running: waits only where the exchange says),
+        then evaluate. Re-run after a restart, it goes on from the checkpoint and reports the whole round."""
         peer, ex, every = self.peer, self.exchange, self.cfg.output.checkpoint_every
-        losses, lr = [], 0.0
+        if round_index != self.round_index:
+            self.round_index, self.round_losses = round_index, []
         t0 = time.perf_counter()
         while peer.step < until_step:
             step = peer.step
             ex.start_step(peer, step)
             stats = peer.train_step(ex.teacher_logits(peer, step))
             ex.end_step(peer, step)
-            losses.append(stats.loss)
-            lr = stats.lr
-            if every and peer.step % every == 0:
+            self.round_losses.append(stats.loss)
+            self.lr = stats.lr
+            if every and peer.step % every == 0 and peer.step < until_step:
                 self.busy_s += time.perf_counter() - t0
-                self._save()
+                self._save(keep_from)
                 t0 = time.perf_counter()
         if peer.step == peer.total_steps:
             ex.finish(peer)
         self.busy_s += time.perf_counter() - t0
-        if not every or peer.step % every:
-            self._save()  # every round ends durable: restarts and --resume start from here
+        self._save(keep_from)  # every round ends durable: restarts and --resume start from here
+        events, self.events = self.events, []
         return PeerReport(
             self.index,
             peer.name,
             self.cfg.peers[self.index].model,
             peer.step,
-            losses,
+            list(self.round_losses),
             peer.evaluate(),
             self.busy_s,
             ex.stats,
-            lr,
+            self.lr,
             self.restarts,
             self.node_id,
+            events,
         )
 
     def take_weights(self, version: int) -> WireWeights | None:

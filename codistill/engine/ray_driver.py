@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 
 from codistill.config import RunConfig, to_dict
+from codistill.data import Dataset
 from codistill.engine.failure import Decision, FailurePolicy, PeerFailure
+from codistill.engine.preflight import check_job
 from codistill.engine.report import (
     PeerReport,
     Reporter,
@@ -25,6 +28,7 @@ from codistill.engine.report import (
     round_record,
     staleness_warnings,
 )
+from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
 from codistill.errors import ResourcesError
 from codistill.storage import Storage
 
@@ -77,9 +81,16 @@ class RoundAssembler(Generic[R]):
 
 
 class RayEngine:
-    """Peers as Ray actors exchanging through the object store."""
+    """Peers as Ray actors exchanging through the object store (see module docstring).
+
+    The driver keeps one round in flight per peer, so a retried task can never report another round's
+    state; a peer that is unreachable for a moment (`ActorUnavailableError`) is waited for and asked
+    again, not taken for dead.
+    """
 
     supports_resume: ClassVar[bool] = True
+    UNAVAILABLE_PATIENCE_S: ClassVar[float] = 600.0
+    """How long a peer may stay unreachable (its node lost, Ray restarting it) before it counts as dead."""
 
     def __init__(self, cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False):
         self.cfg = cfg
@@ -89,6 +100,8 @@ class RayEngine:
         self.step_losses: list[list[float]] = [[] for _ in cfg.peers]
         self.prior_rounds: list[dict] = []
         self.peer_info: list[dict] = []
+        self.run_id = uuid.uuid4().hex[:8]
+        self.board_name = f"codistill-{self.run_id}-board"
 
     @staticmethod
     def init_ray() -> None:
@@ -124,44 +137,58 @@ class RayEngine:
             )
         return pg, 0, True
 
-    def _resume_step(self, storage: Storage, names: list[str]) -> int | None:
-        progress = json.loads((storage.read("progress.json") or b"{}").decode() or "{}")
-        self.prior_rounds = progress.get("rounds", [])
-        have = [set(storage.checkpoint_steps(n)) for n in names]
-        common: set[int] = set.intersection(*have) if have else set()
-        step = max(common) if common else None  # every peer restarts from the same step
-        if step is not None:
-            self.prior_rounds = [r for r in self.prior_rounds if r["step"] <= step]
-        return step
+    def _start_board(self, actor_names: list[str], namespace: str) -> Any:
+        """The board lives on the driver's node (it goes only when the driver goes) and is restarted by
+        Ray if it dies; the peers give a new board what the old one held."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def run(self, out_dir: str | Path) -> list[RoundResult]:
+        from codistill.exchange.ray_board import RayBoardActor
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return (
+            ray.remote(RayBoardActor)
+            .options(
+                name=self.board_name,
+                namespace=namespace,
+                num_cpus=0,
+                max_concurrency=10_000,
+                max_restarts=-1,
+                max_task_retries=-1,
+                scheduling_strategy=here,
+            )
+            .remote(to_dict(self.cfg), actor_names, namespace)
+        )
+
+    def run(self, out_dir: str | Path, dataset: Dataset | None = None) -> list[RoundResult]:
+        cfg = self.cfg
+        storage = Storage(out_dir)
+        names = [cfg.peer_name(i) for i in range(cfg.num_peers)]
+        dataset = dataset if dataset is not None else check_job(cfg)  # before Ray: bad input costs nothing
+        point = ResumePoint(None, [])
+        if self.resume:
+            point = plan_resume(cfg, storage)
+            apply_resume(cfg, storage, point)
+            self.prior_rounds = point.prior_rounds
+            self.reporter.on_resume(self.prior_rounds)
+        self.init_ray()
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from codistill.engine.peer_actor import PeerActor
-        from codistill.exchange.ray_board import RayBoardActor
 
-        cfg, res = self.cfg, self.cfg.resources
-        self.init_ray()
-        storage = Storage(out_dir)
-        names = [cfg.peer_name(i) for i in range(cfg.num_peers)]
-        resume_step = self._resume_step(storage, names) if self.resume else None
-        run_id = uuid.uuid4().hex[:8]
         namespace = ray.get_runtime_context().namespace
-        actor_names = [f"codistill-{run_id}-{n}" for n in names]
-        board_name = f"codistill-{run_id}-board"
-        board: Any = (
-            ray.remote(RayBoardActor)
-            .options(name=board_name, namespace=namespace, num_cpus=0, max_concurrency=10_000)
-            .remote(to_dict(cfg), actor_names, namespace)
-        )
+        actor_names = [f"codistill-{self.run_id}-{n}" for n in names]
+        board = self._start_board(actor_names, namespace)
         pg, first_bundle, own_pg = self._placement_group()
+        data_ref = ray.put(dataset.to_arrays())  # decoded once, shared read-only by every peer on a node
         # take_weights runs in its own thread ("exchange" group) so the board can pull a checkpoint
         # while the peer is busy training.
         remote_peer = ray.remote(concurrency_groups={"exchange": 1})(PeerActor)  # type: ignore[call-overload]
+        res = cfg.resources
         actors: list[Any] = []
         try:
-            for i in range(cfg.num_peers):
+            for i, name in enumerate(names):
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i)
                 actors.append(
                     remote_peer.options(
@@ -170,13 +197,21 @@ class RayEngine:
                         num_cpus=res.num_cpus,
                         num_gpus=res.num_gpus,
                         max_restarts=res.max_restarts,
-                        max_task_retries=res.max_restarts,
+                        max_task_retries=-1,  # a round is re-run after a restart (it resumes from its checkpoint)
                         scheduling_strategy=strategy,
-                    ).remote(to_dict(cfg), i, board_name, namespace, storage.uri, resume_step)
+                    ).remote(
+                        to_dict(cfg),
+                        i,
+                        data_ref,
+                        self.board_name,
+                        namespace,
+                        storage.uri,
+                        None if point.steps is None else point.steps[name],
+                        point.restarts.get(name, 0),
+                    )
                 )
             self.peer_info = ray.get([a.info.remote() for a in actors])
-            labels = ray.get(actors[0].test_labels.remote())
-            history = self._collect(actors, labels, storage)
+            history = self._collect(actors, dataset.test_y, storage, point.messages)
             finals = ray.get([a.final_weights.remote() for a in actors])
             for name, w in zip(names, finals):
                 storage.write_torch(f"peers/{name}.pt", w)
@@ -188,7 +223,9 @@ class RayEngine:
             if own_pg:
                 ray.util.remove_placement_group(pg)
 
-    def _collect(self, actors: list[Any], labels: torch.Tensor, storage: Storage) -> list[RoundResult]:
+    def _collect(
+        self, actors: list[Any], labels: torch.Tensor, storage: Storage, messages: list[str]
+    ) -> list[RoundResult]:
         import ray
 
         cfg = self.cfg
@@ -198,50 +235,77 @@ class RayEngine:
         assembler: RoundAssembler[PeerReport] = RoundAssembler(
             [len(e) for e in ends], first_round=len(self.prior_rounds)
         )
+        assembled_steps: list[list[int]] = [  # each assembled round's per-peer steps: the resume points
+            [int(r["peers"][cfg.peer_name(i)]["step"]) for i in range(cfg.num_peers)] for r in self.prior_rounds
+        ]
+        next_round = [sum(1 for e in ends[i] if e <= info["step"]) for i, info in enumerate(self.peer_info)]
         pending: dict[Any, tuple[int, int]] = {}
-        for i, a in enumerate(actors):
-            start = self.peer_info[i]["step"]
-            for r, end in enumerate(ends[i]):
-                if end > start:
-                    pending[a.run_round.remote(end, r)] = (i, r)
+        unavailable_since: dict[int, float] = {}
+
+        def submit(i: int) -> None:
+            r = next_round[i]
+            if r < len(ends[i]):
+                keep_from = assembled_steps[-3][i] if len(assembled_steps) >= 3 else 0
+                pending[actors[i].run_round.remote(ends[i][r], r, keep_from)] = (i, r)
+
+        for i in range(cfg.num_peers):
+            submit(i)
         history: list[RoundResult] = []
         restarts = [info["restarts"] for info in self.peer_info]
-        events: list[str] = []
+        events: list[str] = list(messages)
         warned: set[str] = set()
         for i, info in enumerate(self.peer_info):
             if info["resumed_from"] is not None:
                 events.append(f"{cfg.peer_name(i)} resumed from its checkpoint at step {info['resumed_from']}")
-                self.reporter.on_event(events[-1])
+        for line in events:
+            self.reporter.on_event(line)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                i, r = pending.pop(ref)
-                report, failure = None, None
-                try:
-                    report = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    failure = PeerFailure(cfg.peer_name(i), r, "died", str(e))
-                except ray.exceptions.RayTaskError as e:
-                    failure = PeerFailure(cfg.peer_name(i), r, "step_failed", str(e.cause))
-                if report is not None and report.restarts > restarts[i]:
-                    failure = PeerFailure(report.name, r, "restarted", "", report.restarts)
-                    restarts[i] = report.restarts
-                if failure is not None:
-                    decision, msg = self.failure_policy.decide(failure)
-                    if decision is Decision.RAISE:
-                        raise self.failure_policy.error(failure, msg)
-                    events.append(msg)
-                    self.reporter.on_event(msg)
-                assert report is not None, "only a round that came back can be continued"
-                self.step_losses[i].extend(report.step_losses)
-                for round_index, reports in assembler.add(i, r, report):
-                    for warning in staleness_warnings(cfg, reports, warned):
-                        events.append(warning)
-                        self.reporter.on_event(warning)
-                    history.append(evaluate_round(round_index, reports, labels, events))
-                    events = []
-                    records = [*self.prior_rounds, *(round_record(h) for h in history)]
-                    # before reporting: what was shown is durable
-                    storage.write("progress.json", json.dumps({"rounds": records}).encode())
-                    self.reporter.on_round(history[-1])
+            ref = ready[0]
+            i, r = pending.pop(ref)
+            report, failure = None, None
+            try:
+                report = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError as e:
+                # Its node is unreachable or Ray is restarting it: wait and ask again (run_round is idempotent).
+                first = unavailable_since.setdefault(i, time.monotonic())
+                if time.monotonic() - first < self.UNAVAILABLE_PATIENCE_S:
+                    time.sleep(1.0)
+                    pending[actors[i].run_round.remote(ends[i][r], r, 0)] = (i, r)
+                    continue
+                failure = PeerFailure(
+                    cfg.peer_name(i), r, "died", f"unreachable for {self.UNAVAILABLE_PATIENCE_S:.0f}s: {e}"
+                )
+            except ray.exceptions.RayActorError as e:
+                failure = PeerFailure(cfg.peer_name(i), r, "died", str(e))
+            except ray.exceptions.RayTaskError as e:
+                failure = PeerFailure(cfg.peer_name(i), r, "step_failed", str(e.cause))
+            unavailable_since.pop(i, None)
+            if report is not None and report.restarts > restarts[i]:
+                failure = PeerFailure(report.name, r, "restarted", "", report.restarts)
+                restarts[i] = report.restarts
+            if failure is not None:
+                decision, msg = self.failure_policy.decide(failure)
+                if decision is Decision.RAISE:
+                    raise self.failure_policy.error(failure, msg)
+                events.append(msg)
+                self.reporter.on_event(msg)
+            assert report is not None, "only a round that came back can be continued"
+            for line in report.events:
+                events.append(line)
+                self.reporter.on_event(line)
+            self.step_losses[i].extend(report.step_losses)
+            next_round[i] = r + 1
+            submit(i)  # the next round only now: one round in flight per peer
+            for round_index, reports in assembler.add(i, r, report):
+                for warning in staleness_warnings(cfg, reports, warned):
+                    events.append(warning)
+                    self.reporter.on_event(warning)
+                history.append(evaluate_round(round_index, reports, labels, events))
+                assembled_steps.append([p.step for p in reports])
+                events = []
+                records = [*self.prior_rounds, *(round_record(h) for h in history)]
+                # before reporting: what was shown is durable
+                storage.write("progress.json", json.dumps({"rounds": records}).encode())
+                self.reporter.on_round(history[-1])
         return history

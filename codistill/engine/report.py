@@ -41,6 +41,7 @@ class PeerReport:
     lr: float = 0.0
     restarts: int = 0
     node_id: str | None = None
+    events: list[str] = field(default_factory=list)  # what the peer has to tell (e.g. a checkpoint it skipped)
 
     @property
     def steps_per_s(self) -> float:
@@ -67,6 +68,9 @@ class Reporter:
     def on_start(self, cfg: RunConfig, total_steps: int) -> None:
         pass
 
+    def on_resume(self, prior_rounds: list[dict]) -> None:
+        """A resumed run goes on after these rounds (records as in summary.json) of earlier drivers."""
+
     def on_round(self, result: RoundResult) -> None:
         pass
 
@@ -83,6 +87,10 @@ class Reporters(Reporter):
     def on_start(self, cfg: RunConfig, total_steps: int) -> None:
         for r in self.reporters:
             r.on_start(cfg, total_steps)
+
+    def on_resume(self, prior_rounds: list[dict]) -> None:
+        for r in self.reporters:
+            r.on_resume(prior_rounds)
 
     def on_round(self, result: RoundResult) -> None:
         for r in self.reporters:
@@ -130,6 +138,8 @@ def round_record(h: RoundResult) -> dict[str, Any]:
             "bytes_published": p.exchange.bytes_published,
             "bytes_pulled": p.exchange.bytes_pulled,
             "staleness_mean": p.exchange.staleness()["mean"],
+            "staleness_max": p.exchange.staleness_max,
+            "teacher_lead_max": p.exchange.teacher_lead_max,
         }
         for p in h.peers
     }

@@ -37,7 +37,13 @@ class BoardState(Generic[E]):
         self.durable = {j: 0 for j in consumers}
         self.weights: dict[int, dict[int, E]] = {j: {} for j in consumers}  # publisher -> version -> entry
         self.finished: set[int] = set()
-        self.restarts = {j: 0 for j in consumers}
+        self.passed: dict[int, int] = {}  # after a rebuild: the step each consumer had reached
+
+    def restore_progress(self, peer: int, step: int) -> None:
+        """After the board lost its state: `peer` is at `step`, so it took every shard before it (its
+        takes were lost with the old board)."""
+        self.passed[peer] = max(self.passed.get(peer, 0), step)
+        self.collect()
 
     # -- logit shards --------------------------------------------------------------------------
     def put_logits(self, publisher: int, batch_step: int, entry: E) -> None:
@@ -69,7 +75,8 @@ class BoardState(Generic[E]):
         consumer's last durable checkpoint is past the shard's step)."""
         for j, step in list(self.logits):
             consumers = self.consumers[j]
-            if set(consumers) <= self.taken.get((j, step), set()) and all(self.durable[c] > step for c in consumers):
+            taken = self.taken.get((j, step), set()) | {c for c in consumers if self.passed.get(c, -1) > step}
+            if set(consumers) <= taken and all(self.durable[c] > step for c in consumers):
                 del self.logits[(j, step)]
                 self.taken.pop((j, step), None)
 
@@ -118,10 +125,6 @@ class BoardState(Generic[E]):
             if version != have and ((exact and j in need) or version > have):
                 out[j] = (version, versions[version])
         return out
-
-    def note_restart(self, peer: int) -> int:
-        self.restarts[peer] += 1
-        return self.restarts[peer]
 
     def stats(self) -> dict[str, int]:
         return {

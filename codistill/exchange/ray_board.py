@@ -8,6 +8,13 @@ double a lockstep step's exchange latency for a few KB. Checkpoints must outlive
 so the board *pulls* them: the peer announces a version and the board calls
 `peer.take_weights(version)`; an actor method's return value is owned by its caller, so the
 object stays usable after the peer dies (Ray 2.56 removed `ray.put(_owner=...)`).
+
+The board can die too (docs/design.md, "Failure rules"). Ray restarts it (it lives on the driver's
+node, `max_restarts=-1`) and retries the calls in flight; every answer carries the board's *epoch*
+(a fresh id per incarnation), and a client that sees a new epoch publishes again what the lost
+state held of its own: its recent logit shards, its kept weight versions, its durable step, whether
+it finished, and how far it has come. Waits are cut into short slices so that a client blocked on a
+teacher notices a new epoch within seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +33,10 @@ from codistill.exchange import new_board_state
 from codistill.exchange.board import Board, TeacherUnavailable
 from codistill.exchange.wire import LogitShard, WireWeights
 
-__all__ = ["RayBoardActor", "RayBoardClient"]
+__all__ = ["RayBoardActor", "RayBoardClient", "WAIT_SLICE_S"]
+
+WAIT_SLICE_S = 5.0
+"""The longest one board call waits: a client checks the board's epoch at least this often."""
 
 
 class RayBoardActor:
@@ -33,10 +44,14 @@ class RayBoardActor:
 
     def __init__(self, cfg_dict: dict, peer_names: list[str], namespace: str | None):
         self.state = new_board_state(build(cfg_dict))
+        self.epoch = uuid.uuid4().hex[:12]
         self._peer_names = peer_names
         self._namespace = namespace
         self._handles: dict[int, Any] = {}
         self._changed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"RayBoardActor(epoch={self.epoch}, {self.state.stats()})"
 
     def _notify(self) -> None:
         self._changed.set()
@@ -54,6 +69,11 @@ class RayBoardActor:
                 return predicate()
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     # -- logits --
     def publish_logits(self, publisher: int, batch_step: int, entry: list | LogitShard) -> None:
         """`entry`: `[ref]` (a reference in a list, so Ray passes it through unresolved) or, for a shard
@@ -61,11 +81,11 @@ class RayBoardActor:
         self.state.put_logits(publisher, batch_step, entry)
         self._notify()
 
-    async def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> Any:
-        """The entries of all `publishers` for `batch_step` at once, or {"missing": [...]} after timeout_s."""
+    async def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> dict:
+        """{"epoch", "entries": [...]} for all `publishers` at `batch_step`, or {"epoch", "missing": [...]}."""
         if not await self._wait_until(lambda: not self.state.missing_logits(publishers, batch_step), timeout_s):
-            return {"missing": self.state.missing_logits(publishers, batch_step)}
-        return self.state.take_logits(publishers, batch_step, consumer)
+            return {"epoch": self.epoch, "missing": self.state.missing_logits(publishers, batch_step)}
+        return {"epoch": self.epoch, "entries": self.state.take_logits(publishers, batch_step, consumer)}
 
     def drop_logits(self, publisher: int, batch_step: int) -> None:
         self.state.drop_logits(publisher, batch_step)
@@ -77,6 +97,9 @@ class RayBoardActor:
         self.state.mark_finished(peer)
         self._notify()
 
+    def restore_progress(self, peer: int, step: int) -> None:
+        self.state.restore_progress(peer, step)
+
     # -- weights --
     def offer_weights(self, publisher: int, version: int) -> None:
         if publisher not in self._handles:
@@ -85,18 +108,15 @@ class RayBoardActor:
         self.state.put_weights(publisher, version, take.remote(version))
         self._notify()
 
-    def versions(self) -> dict[int, int]:
-        return self.state.newest_versions()
+    def versions(self) -> dict:
+        return {"epoch": self.epoch, "versions": self.state.newest_versions()}
 
-    async def pull_weights(self, known: dict[int, int], need: dict[int, int], exact: bool, timeout_s: float) -> Any:
-        """{publisher: (version, [ref])} once `need` is met, or {"missing": {publisher: version}} after timeout_s."""
+    async def pull_weights(self, known: dict[int, int], need: dict[int, int], exact: bool, timeout_s: float) -> dict:
+        """{"epoch", "weights": {publisher: (version, [ref])}} once `need` is met, or {"epoch", "missing"}."""
         if not await self._wait_until(lambda: self.state.weights_ready(need, exact), timeout_s):
-            return {"missing": {j: need[j] for j in self.state.missing_weights(need, exact)}}
-        return {j: (version, [ref]) for j, (version, ref) in self.state.pick_weights(known, need, exact).items()}
-
-    # -- events --
-    def note_restart(self, peer: int) -> int:
-        return self.state.note_restart(peer)
+            return {"epoch": self.epoch, "missing": {j: need[j] for j in self.state.missing_weights(need, exact)}}
+        picked = self.state.pick_weights(known, need, exact)
+        return {"epoch": self.epoch, "weights": {j: (version, [ref]) for j, (version, ref) in picked.items()}}
 
     def stats(self) -> dict[str, int]:
         return self.state.stats()
@@ -105,41 +125,97 @@ class RayBoardActor:
 class RayBoardClient(Board):
     """The Board interface over a RayBoardActor, used inside a peer actor."""
 
-    def __init__(self, handle: Any, index: int, inline_max_bytes: int = 0):
+    def __init__(
+        self, handle: Any, index: int, inline_max_bytes: int = 0, versions_kept: int = 1, kept_shard_steps: int = 16
+    ):
         self.handle = handle
         self.index = index
         self.inline_max_bytes = inline_max_bytes
-        self._keep: dict[tuple[int, int], Any] = {}  # our own published shards stay alive while referenced
-        self._versions_ref: Any = None
-        self.outbox: dict[int, WireWeights] = {}
+        self.versions_kept = versions_kept
+        self.kept_shard_steps = kept_shard_steps  # peers run at most `staleness` steps apart in logits mode
+        self.epoch: str | None = None
+        self.sent_logits: dict[tuple[int, int], Any] = {}  # what we published recently, as sent (keeps refs alive)
+        self.sent_shards: dict[tuple[int, int], LogitShard] = {}  # the same shards by value (for checkpoints)
+        self.sent_weights: dict[int, WireWeights] = {}  # our newest versions, even once the board took them
+        self.outbox: dict[int, WireWeights] = {}  # versions the board has not taken yet
         self._outbox_lock = threading.Lock()  # the training thread adds, the "exchange" thread takes
+        self._versions_ref: Any = None
+        self.durable_step = 0
+        self.finished = False
+        self.progress_step = 0  # the newest batch step we asked teachers for
 
+    # -- what must outlive this process and its board --
+    def durable_state(self, step: int) -> dict:
+        """What a new board (after a driver resume) needs from us when we restart at `step`: the shards
+        we published ahead of it (bounded staleness publishes batch k + s at step k) and our kept weight
+        versions. Tensors only: part of the training checkpoint."""
+        return {
+            "shards": [s.state_dict() for (_j, b), s in sorted(self.sent_shards.items()) if b >= step],
+            "weights": [w.state_dict() for _v, w in sorted(self.sent_weights.items())],
+        }
+
+    def restore(self, state: dict, step: int) -> None:
+        """Publish again what `durable_state` kept (the peer restarts at `step`)."""
+        self.progress_step = max(self.progress_step, step)
+        for s in state.get("shards", []):
+            self.publish_logits(self.index, LogitShard.from_state_dict(s))
+        for w in state.get("weights", []):
+            self.publish_weights(self.index, WireWeights.from_state_dict(w))
+
+    # -- a board that restarted --
+    def _see(self, epoch: str) -> None:
+        if self.epoch is None:
+            self.epoch = epoch
+        elif epoch != self.epoch:
+            self.epoch = epoch
+            self.republish()
+
+    def republish(self) -> None:
+        """Give a new board what the old one held of ours."""
+        for (publisher, step), entry in sorted(self.sent_logits.items(), key=lambda kv: kv[0][1]):
+            self.handle.publish_logits.remote(publisher, step, entry)
+        with self._outbox_lock:
+            self.outbox.update(self.sent_weights)
+        for version in sorted(self.sent_weights):
+            self.handle.offer_weights.remote(self.index, version)
+        self.handle.mark_durable.remote(self.index, self.durable_step)
+        self.handle.restore_progress.remote(self.index, self.progress_step)
+        if self.finished:
+            self.handle.mark_finished.remote(self.index)
+
+    # -- logits --
     def publish_logits(self, publisher: int, shard: LogitShard) -> None:
-        if shard.nbytes <= self.inline_max_bytes:
-            # Small: by value. A `ray.put` plus a reference resolved through its owner costs two more
-            # round trips per step, which is most of a lockstep step's exchange time for small models.
-            self.handle.publish_logits.remote(publisher, shard.batch_step, shard)
-            return
-        ref = ray.put(shard)
-        self._keep[(publisher, shard.batch_step)] = ref
-        for key in [k for k in self._keep if k[1] < shard.batch_step - 64]:  # the board holds what consumers need
-            del self._keep[key]
-        self.handle.publish_logits.remote(publisher, shard.batch_step, [ref])
+        entry: Any = shard
+        if shard.nbytes > self.inline_max_bytes:
+            # Large: by reference. Small: by value; a `ray.put` plus a reference resolved through its owner
+            # costs two more round trips per step, most of a lockstep step's exchange time for small models.
+            entry = [ray.put(shard)]
+        self.sent_logits[(publisher, shard.batch_step)] = entry
+        self.sent_shards[(publisher, shard.batch_step)] = shard
+        for key in [k for k in self.sent_logits if k[1] < shard.batch_step - self.kept_shard_steps]:
+            del self.sent_logits[key], self.sent_shards[key]
+        self.handle.publish_logits.remote(publisher, shard.batch_step, entry)
 
     def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> list[LogitShard]:
+        self.progress_step = max(self.progress_step, batch_step)
         deadline = time.monotonic() + timeout_s
         got: dict[int, LogitShard] = {}
         pending = list(publishers)
-        while pending:  # one board request for all teachers; again only for shards lost with their publisher
+        while pending:  # one board request for all teachers; again for shards lost with their publisher
             left = deadline - time.monotonic()
-            found = ray.get(self.handle.fetch_logits.remote(pending, batch_step, consumer, max(left, 0.0)))
-            if isinstance(found, dict):
+            found = ray.get(
+                self.handle.fetch_logits.remote(pending, batch_step, consumer, min(max(left, 0), WAIT_SLICE_S))
+            )
+            self._see(found["epoch"])
+            if "missing" in found:
+                if time.monotonic() < deadline:
+                    continue
                 raise TeacherUnavailable(
                     f"peer {consumer}: no logits from peer(s) {found['missing']} for step {batch_step} "
                     f"after {timeout_s}s (exchange.timeout_s)"
                 )
             lost = []
-            for j, entry in zip(pending, found):
+            for j, entry in zip(pending, found["entries"]):
                 if isinstance(entry, LogitShard):
                     got[j] = entry
                     continue
@@ -153,6 +229,7 @@ class RayBoardClient(Board):
                 time.sleep(0.05)
         return [got[j] for j in publishers]
 
+    # -- weights --
     def publish_weights(self, publisher: int, weights: WireWeights) -> None:
         # Keep it in the outbox and announce it; the board takes it with peer.take_weights(version),
         # so the board owns the object and it outlives this peer.
@@ -160,13 +237,15 @@ class RayBoardClient(Board):
             self.outbox[weights.version] = weights
             for v in sorted(self.outbox)[:-3]:  # untaken versions the board has not asked for yet
                 del self.outbox[v]
+        self.sent_weights[weights.version] = weights
+        for v in sorted(self.sent_weights)[: -self.versions_kept]:
+            del self.sent_weights[v]
         self.handle.offer_weights.remote(publisher, weights.version)
 
     def take_weights(self, version: int) -> WireWeights | None:
         # The board takes versions in order (one caller, one thread): once it has taken this one, older
         # ones are never asked for again. Dropping them now lets the allocator reuse their memory for
-        # the next snapshot instead of faulting in fresh pages (the returned object stays alive until
-        # Ray has serialized it).
+        # the next snapshot (the returned object stays alive until Ray has serialized it).
         with self._outbox_lock:
             for v in [v for v in self.outbox if v < version]:
                 del self.outbox[v]
@@ -180,33 +259,42 @@ class RayBoardClient(Board):
         ready, _ = ray.wait([self._versions_ref], timeout=0)
         if not ready:
             return False
-        versions = ray.get(self._versions_ref)
+        answer = ray.get(self._versions_ref)
         self._versions_ref = self.handle.versions.remote()
-        return any(versions.get(j, -1) > have for j, have in known.items())
+        self._see(answer["epoch"])
+        return any(answer["versions"].get(j, -1) > have for j, have in known.items())
 
     def pull_weights(
         self, consumer: int, known: Mapping[int, int], need: Mapping[int, int], exact: bool, timeout_s: float
     ) -> dict[int, WireWeights]:
         if not need and not self._news(known):
             return {}
-        found = ray.get(self.handle.pull_weights.remote(dict(known), dict(need), exact, timeout_s))
-        if "missing" in found:
-            raise TeacherUnavailable(
-                f"peer {consumer}: no checkpoint of peer(s) {found['missing']} (peer: version) after {timeout_s}s "
-                f"(exchange.timeout_s)"
-            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(deadline - time.monotonic(), 0)
+            found = ray.get(self.handle.pull_weights.remote(dict(known), dict(need), exact, min(left, WAIT_SLICE_S)))
+            self._see(found["epoch"])
+            if "missing" not in found:
+                break
+            if time.monotonic() >= deadline:
+                raise TeacherUnavailable(
+                    f"peer {consumer}: no checkpoint of peer(s) {found['missing']} (peer: version) after "
+                    f"{timeout_s}s (exchange.timeout_s)"
+                )
         out = {}
-        for j, (_version, refs) in found.items():
+        for j, (_version, refs) in found["weights"].items():
             try:
-                out[j] = ray.get(refs[0])
+                w = ray.get(refs[0])
             except (ray.exceptions.ObjectLostError, ray.exceptions.RayActorError):
                 continue  # gone with its node or publisher: no fresh teacher, keep the last one
-            if out[j] is None:  # the publisher restarted before the board took it
-                del out[j]
+            if w is not None:  # None: the publisher restarted before the board took it
+                out[j] = w
         return out
 
     def mark_durable(self, peer: int, step: int) -> None:
+        self.durable_step = max(self.durable_step, step)
         self.handle.mark_durable.remote(peer, step)
 
     def mark_finished(self, peer: int) -> None:
+        self.finished = True
         self.handle.mark_finished.remote(peer)

@@ -3,12 +3,13 @@ copies torch tensors). bf16 travels as its raw 16 bits: numpy has no bfloat16.""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from codistill.data.dataset import as_tensor
 
 __all__ = ["LogitShard", "WireWeights", "decode_array", "decode_weights", "encode_tensor", "encode_weights"]
 
@@ -21,14 +22,8 @@ def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
 
 
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # object-store arrays are read-only views; we never write to them
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        return torch.from_numpy(a)
-
-
 def decode_array(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    t = _from_numpy(a)
+    t = as_tensor(a)
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     return t.to(device=device, dtype=torch.float32)
@@ -48,6 +43,26 @@ class LogitShard:
     def nbytes(self) -> int:
         return int(self.logits.nbytes + self.sample_ids.nbytes)
 
+    def state_dict(self) -> dict:
+        """Tensors and numbers only (a training checkpoint loads with torch.load(weights_only=True))."""
+        return {
+            "batch_step": self.batch_step,
+            "produced_step": self.produced_step,
+            "dtype": self.dtype,
+            "sample_ids": torch.from_numpy(self.sample_ids.copy()),
+            "logits": torch.from_numpy(self.logits.copy()),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LogitShard:
+        return cls(
+            int(state["batch_step"]),
+            int(state["produced_step"]),
+            state["sample_ids"].numpy(),
+            state["logits"].numpy(),
+            str(state["dtype"]),
+        )
+
 
 @dataclass
 class WireWeights:
@@ -62,6 +77,24 @@ class WireWeights:
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
+    def state_dict(self) -> dict:
+        """Tensors and plain values only (loadable with torch.load(weights_only=True))."""
+        return {
+            "version": self.version,
+            "dtype": self.dtype,
+            "float_keys": sorted(self.float_keys),
+            "arrays": {k: torch.from_numpy(a.copy()) for k, a in self.arrays.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> WireWeights:
+        return cls(
+            int(state["version"]),
+            str(state["dtype"]),
+            {k: t.numpy() for k, t in state["arrays"].items()},
+            frozenset(state["float_keys"]),
+        )
+
 
 def encode_weights(state: Mapping[str, torch.Tensor], version: int, dtype: str) -> WireWeights:
     arrays, float_keys = {}, set()
@@ -75,4 +108,4 @@ def encode_weights(state: Mapping[str, torch.Tensor], version: int, dtype: str) 
 
 
 def decode_weights(w: WireWeights) -> dict[str, torch.Tensor]:
-    return {k: decode_array(a, w.dtype) if k in w.float_keys else _from_numpy(a) for k, a in w.arrays.items()}
+    return {k: decode_array(a, w.dtype) if k in w.float_keys else as_tensor(a) for k, a in w.arrays.items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +100,7 @@ class Peer:
             cfg.data,
             order_seed=cfg.seed if shared_order else self.seed,
             aug_seed=self.seed,
+            shard_seed=cfg.seed,
             shard_index=index if shard_index is None else shard_index,
             num_shards=cfg.num_peers if disjoint else 1,
             device=self.device,
@@ -224,17 +224,14 @@ class Peer:
 
     # -- teachers (checkpoint mode) ------------------------------------------------------------
 
-    def set_teacher(self, source_index: int, version: int, weights: Mapping[str, Any]) -> None:
+    def set_teacher(self, source_index: int, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a published checkpoint of peer `source_index` as a frozen local teacher."""
         teacher = self.teachers.get(source_index)
         if teacher is None:
             model = self._build(source_index, seed=0)
             model.eval().requires_grad_(False)
             teacher = self.teachers[source_index] = _Teacher(model, -1)
-        with warnings.catch_warnings():  # zero-copy object-store arrays are read-only; load_state_dict copies
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            state = {k: torch.as_tensor(v) for k, v in weights.items()}
-        teacher.model.load_state_dict(state)
+        teacher.model.load_state_dict(dict(weights))  # copies: the (read-only) arrays are not kept
         teacher.version = version
 
     def teacher_versions(self) -> dict[int, int]:

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
-from codistill.engine import RayEngine
+from codistill.engine import RayEngine, Reporter
 from tests.helpers import small_job
 
 
@@ -49,9 +49,53 @@ def main() -> None:
             "teacher_updates": [p.exchange.teacher_updates for p in final.peers],
             "accuracy": final.metrics["mean_peer_accuracy"],
         }
+    out["node_lost"] = lose_a_node(cluster)
     ray.shutdown()
     cluster.shutdown()
     print("RESULT " + json.dumps(out))
+
+
+class RemoveNodeOfPeer(Reporter):
+    """After round 0, removes (kills the raylet and every process of) the worker node hosting a peer."""
+
+    def __init__(self, cluster: Cluster, engine: RayEngine):
+        self.cluster, self.engine = cluster, engine
+        self.removed: str | None = None
+
+    def on_round(self, result) -> None:
+        if result.round != 0 or self.removed is not None:
+            return
+        head = ray.get_runtime_context().get_node_id()  # the driver's node, where the board lives
+        victim = next(info["node_id"] for info in self.engine.peer_info if info["node_id"] != head)
+        node = next(n for n in self.cluster.worker_nodes if n.node_id == victim)
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.removed = victim
+
+
+def lose_a_node(cluster: Cluster) -> dict:
+    """Two peers on a three-node cluster; the node of one is lost after a round; Ray restarts that peer
+    on the free node (its placement-group bundle is rescheduled) and the run finishes."""
+    cfg = small_job(
+        "engine=ray",
+        "resources.num_cpus=1",
+        "resources.placement=spread",
+        "exchange.timeout_s=240",
+        "eval_every=10",
+        steps=60,
+    )
+    engine = RayEngine(cfg)
+    remover = RemoveNodeOfPeer(cluster, engine)
+    engine.reporter = remover
+    history = engine.run(tempfile.mkdtemp())
+    final = history[-1]
+    return {
+        "removed": remover.removed,
+        "start_nodes": [info["node_id"] for info in engine.peer_info],
+        "end_nodes": [p.node_id for p in final.peers],
+        "steps": [[p.step for p in h.peers] for h in history],
+        "restarts": [p.restarts for p in final.peers],
+        "events": [e for h in history for e in h.events],
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Only the processes this test started are stopped (matched by their private temp 
 import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +42,6 @@ def node_ports() -> list[str]:
 def stop_cluster(temp_dir: str) -> None:
     """Kill every process whose command line names our temp dir (`ray stop` would also stop the
     test session's own Ray)."""
-    import signal
-
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -77,7 +77,8 @@ def generate_private_token(ray_bin: str, tmp_path: Path) -> Path:
 def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="cdray", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs_port, dash_port = free_port(), free_port()
-    ray_bin = str(Path(sys.executable).parent / "ray")
+    beside = Path(sys.executable).parent / "ray"  # the ray CLI of this interpreter, else the one on PATH
+    ray_bin = str(beside) if beside.exists() else shutil.which("ray") or "ray"
     token_path = generate_private_token(ray_bin, tmp_path)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     env.pop("RAY_ADDRESS", None)

@@ -33,3 +33,10 @@ def test_spread_peers_run_on_different_nodes_and_exchange():
         assert res["steps"] == [20, 20, 20]
         assert all(b > 0 for b in res["bytes_pulled"]), res  # teacher signals crossed nodes
     assert all(u > 0 for u in out["checkpoint"]["teacher_updates"])
+    # a node hosting a peer is lost: the peer is restarted elsewhere and the run finishes every round
+    lost = out["node_lost"]
+    assert lost["removed"] in lost["start_nodes"]
+    moved = lost["start_nodes"].index(lost["removed"])
+    assert lost["end_nodes"][moved] != lost["removed"] and lost["restarts"][moved] >= 1
+    assert lost["steps"] == [[s, s] for s in range(10, 61, 10)]
+    assert any("restarted" in e for e in lost["events"])

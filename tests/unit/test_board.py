@@ -63,9 +63,17 @@ def test_weights_ready_waits_for_a_version_unless_the_publisher_finished():
     assert st.pick_weights({1: -1}, {1: 100}, exact=False) == {1: (50, "w50")}
 
 
-def test_restarts_are_counted_per_peer():
+def test_a_rebuilt_board_learns_who_passed_which_step():
+    """After a board restart the takes are lost; a consumer that reports its step has taken all before it."""
     st = three_peers_all()
-    assert [st.note_restart(2), st.note_restart(2), st.note_restart(0)] == [1, 2, 1]
+    for step in (3, 8):
+        st.put_logits(0, step, f"shard-{step}")
+    for c in (1, 2):
+        st.mark_durable(c, 6)
+    st.restore_progress(1, 5)
+    assert (0, 3) in st.logits  # consumer 2 has not said where it is
+    st.restore_progress(2, 7)
+    assert (0, 3) not in st.logits and (0, 8) in st.logits
 
 
 def test_the_job_decides_consumers_and_versions_kept():

@@ -1,0 +1,32 @@
+"""What the driver checks before any Ray actor starts (each failure one line naming the field): the
+dataset loads and is sound (the loaders check files, images and labels), and every peer's shard
+holds at least one batch. Returns the dataset, so it is decoded once, here, and shared."""
+
+from __future__ import annotations
+
+from codistill.config import RunConfig
+from codistill.data import Dataset, load_dataset
+from codistill.errors import ConfigError
+
+__all__ = ["check_job", "num_shards"]
+
+
+def num_shards(cfg: RunConfig) -> int:
+    return cfg.num_peers if cfg.data.shard == "disjoint" else 1
+
+
+def check_job(cfg: RunConfig) -> Dataset:
+    dataset = load_dataset(cfg.data)
+    n, shards = len(dataset.train_y), num_shards(cfg)
+    smallest = n // shards  # shard i holds ids[i::shards]: the last ones hold floor(n / shards)
+    if smallest < cfg.data.batch_size:
+        where = f"each of {shards} disjoint shards of" if shards > 1 else "the"
+        raise ConfigError(
+            "data.batch_size",
+            cfg.data.batch_size,
+            f"at most {smallest}, the size of {where} {n} training examples"
+            + (" (data.limit_train)" if cfg.data.limit_train else ""),
+        )
+    if len(dataset.test_y) == 0:
+        raise ConfigError("data.limit_test", cfg.data.limit_test, "at least 1 test example")
+    return dataset

@@ -1,0 +1,105 @@
+"""Whatever dies, the run finishes or stops with the truth, and nothing it reported or kept is wrong:
+SIGKILL of peers and of the board (both exchanges), with every round of the history checked against
+MLflow; a lost node in a three-node cluster is in tests/ray/test_multinode.py; a killed driver and
+resume in test_resume.py."""
+
+import math
+import os
+import signal
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from codistill.api import train
+from codistill.engine.report import Reporter
+from tests.helpers import small_job
+
+pytestmark = pytest.mark.slow
+
+
+def ray_job(*overrides, steps=20):
+    return small_job("engine=ray", "resources.num_cpus=1", "resources.threads_per_peer=1", *overrides, steps=steps)
+
+
+class SigKill(Reporter):
+    """Kills (SIGKILL) the process of the named actor of this run once round `after_round` is reported."""
+
+    def __init__(self, ray, name_part: str, after_round: int):
+        self.ray, self.name_part, self.after_round = ray, name_part, after_round
+        self.killed_pid: int | None = None
+        self.events: list[str] = []
+
+    def on_event(self, message: str) -> None:
+        self.events.append(message)
+
+    def on_round(self, result) -> None:
+        if result.round != self.after_round or self.killed_pid is not None:
+            return
+        ray = self.ray
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if self.name_part in a["name"]]
+        handle = ray.get_actor(names[-1], namespace=ray.get_runtime_context().namespace)
+        method = handle.pid if "board" in self.name_part else None
+        self.killed_pid = ray.get(method.remote()) if method is not None else ray.get(handle.info.remote())["pid"]
+        os.kill(self.killed_pid, signal.SIGKILL)
+
+
+def check_every_round(summary: dict, uri: str, run_id: str, steps: int, every: int) -> None:
+    """Steps strictly increasing per peer, losses finite and non-zero, MLflow's history equal to summary.json."""
+    rounds = summary["rounds"]
+    assert [r["step"] for r in rounds] == list(range(every, steps + 1, every))
+    client = MlflowClient(uri)
+    peer_runs = {
+        r.data.tags["mlflow.runName"]: r.info.run_id
+        for r in client.search_runs(
+            [client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
+        )
+    }
+    for name in summary["rounds"][0]["peers"]:
+        seen = [r["peers"][name] for r in rounds]
+        assert [p["step"] for p in seen] == [r["step"] for r in rounds]  # lockstep rounds: each peer's own step
+        for p in seen:
+            assert math.isfinite(p["train_loss"]) and p["train_loss"] > 0, (name, p)
+        history = client.get_metric_history(peer_runs[name], "train_loss")
+        assert [(m.step, m.value) for m in history] == [(p["step"], pytest.approx(p["train_loss"])) for p in seen]
+        acc = client.get_metric_history(peer_runs[name], "test_accuracy")
+        assert [m.value for m in acc] == [pytest.approx(p["test_accuracy"]) for p in seen]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ("exchange.mode=logits",),
+        ("exchange.mode=logits", "exchange.inline_max_bytes=0"),  # the dead publisher's shards are lost objects
+        ("exchange.mode=checkpoint", "exchange.period=5"),
+    ],
+)
+def test_killed_peer_is_restarted_and_every_round_is_true(ray_session, tmp_path, mode):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = ray_job(
+        *mode, "eval_every=10", "exchange.timeout_s=120", "tracking.backend=mlflow", f"tracking.uri={uri}", steps=40
+    )
+    killer = SigKill(ray_session, "peer1", after_round=0)
+    summary = train(cfg, tmp_path / "run", killer)
+    assert killer.killed_pid is not None
+    assert [p["steps"] for p in summary["peers"]] == [40, 40]
+    assert summary["peers"][1]["restarts"] >= 1 and summary["peers"][0]["restarts"] == 0
+    assert any("peer1-cnn restarted" in e for e in summary["events"])
+    assert summary["mean_peer_test_accuracy"] > 0.3
+    assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
+    check_every_round(summary, uri, summary["mlflow_run_id"], 40, 10)
+
+
+@pytest.mark.parametrize("mode", [("exchange.mode=logits",), ("exchange.mode=checkpoint", "exchange.period=5")])
+def test_killed_board_is_rebuilt_and_the_run_finishes(ray_session, tmp_path, mode):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = ray_job(
+        *mode, "eval_every=10", "exchange.timeout_s=120", "tracking.backend=mlflow", f"tracking.uri={uri}", steps=40
+    )
+    killer = SigKill(ray_session, "-board", after_round=0)
+    summary = train(cfg, tmp_path / "run", killer)
+    assert killer.killed_pid is not None
+    assert [p["steps"] for p in summary["peers"]] == [40, 40]
+    assert summary["restarts"] == 0  # no peer died
+    assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
+    check_every_round(summary, uri, summary["mlflow_run_id"], 40, 10)

@@ -1,0 +1,114 @@
+"""A driver killed mid-run is resumed with --resume: the run finishes with every round once, in the
+MLflow runs it started (no duplicates, all FINISHED); a corrupt newest checkpoint falls back to the
+round before with a warning line; resuming a finished run says so and changes nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from codistill.storage import checkpoint_path
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str]:
+    args = [sys.executable, "-m", "codistill.run", "--output", str(out)] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 180
+    assert proc.stdout is not None
+    for line in proc.stdout:  # kill the driver once enough rounds are done
+        seen.append(line)
+        if line.startswith(kill_after) or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(line.startswith(kill_after) for line in seen), "".join(seen)[-3000:]
+    time.sleep(1)  # let Ray reap the dead driver's actors
+    return seen
+
+
+@pytest.mark.parametrize(
+    "mode, corrupt",
+    [
+        (["exchange.mode=logits"], False),
+        # free-running peers with mid-round checkpoints share no checkpoint step but the round ends;
+        # the newest round's checkpoint of one peer is damaged after the kill
+        (["exchange.mode=checkpoint", "exchange.period=10", "loss.burn_in=10", "output.checkpoint_every=7"], True),
+    ],
+)
+def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mode, corrupt):
+    out = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    sets = [
+        "engine=ray",
+        "steps=300",
+        "eval_every=30",
+        "data.name=synthetic",
+        "data.batch_size=16",
+        "data.synthetic_train=256",
+        "resources.num_cpus=1",
+        "device=cpu",
+        "tracking.backend=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.experiment=resume",
+        *mode,
+    ]
+    start_and_kill(env, out, sets, "round   2")
+    assert not (out / "summary.json").exists()
+    progress = json.loads((out / "progress.json").read_text())
+    assert len(progress["rounds"]) >= 3
+    tracking = json.loads((out / "tracking.json").read_text())
+    assert set(tracking["peer_runs"]) == {"peer0-mlp", "peer1-cnn"}
+    fallback_to = None
+    if corrupt:
+        newest = progress["rounds"][-1]["peers"]["peer1-cnn"]["step"]
+        (out / checkpoint_path("peer1-cnn", newest)).write_bytes(b"\x00" * 100)
+        fallback_to = progress["rounds"][-2]["step"]
+    r = subprocess.run(
+        [sys.executable, "-m", "codistill.run", "--resume", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from its checkpoint at step" in r.stdout
+    if corrupt:
+        assert "cannot be used" in r.stdout and f"resumed from its checkpoint at step {fallback_to}" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert [p["steps"] for p in s["peers"]] == [300, 300]
+    assert [h["step"] for h in s["rounds"]] == list(range(30, 301, 30))  # every round once, in order
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("resume")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # no duplicates
+    assert {r.info.run_id for r in runs} == {tracking["run_id"], *tracking["peer_runs"].values()}
+    parent_history = client.get_metric_history(tracking["run_id"], "ensemble_accuracy")
+    assert sorted({m.step for m in parent_history}) == list(range(30, 301, 30))
+
+    # resuming the finished run says so in one line and changes nothing
+    before = (out / "summary.json").read_bytes(), sorted(p.name for p in out.iterdir())
+    r = subprocess.run(
+        [sys.executable, "-m", "codistill.run", "--resume", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stdout.strip().splitlines() == [
+        f"codistill: {out} finished already (its summary.json is there): nothing to resume"
+    ], r.stdout + r.stderr
+    assert ((out / "summary.json").read_bytes(), sorted(p.name for p in out.iterdir())) == before
+    assert {r.info.status for r in client.search_runs([runs[0].info.experiment_id])} == {"FINISHED"}
