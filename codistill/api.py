@@ -1,30 +1,159 @@
-"""Run a job from Python: `train(cfg, out_dir)` writes the run directory, logs to MLflow and returns
-the summary. The CLI (`codistill.run`), Tune trials and notebooks all come through here."""
+"""Run a job from Python.
+
+    import codistill
+    result = codistill.train("quickstart", steps=60, engine="local", output={"dir": "runs/demo"})
+    result.summary["ensemble"], result.run_dir, result.history()    # a pandas frame of the rounds
+
+`train(job, **overrides)` takes a job file, the name of a bundled job or a RunConfig, and overrides
+as fields (nested sections as dicts), and returns a `Result`. `run_job(cfg, out_dir, ...)` is what
+the CLI and Tune trials call.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from codistill.config import RunConfig, to_dict
+from codistill.config import RunConfig, build, bundled_jobs, default_job_path, read_yaml, to_dict
 from codistill.engine import Reporter, Reporters, build_summary, make_engine
 from codistill.engine.preflight import check_job
 from codistill.errors import CodistillError, ConfigError
+from codistill.locations import new_run_id, resolve_run_dir
 from codistill.rundir import RunLock
-from codistill.storage import Storage
-from codistill.tracking import make_tracker
+from codistill.storage import Storage, checkpoint_path
+from codistill.tracking import ModelExample, make_tracker
 
-__all__ = ["train", "RunFinishedError"]
+__all__ = ["train", "run_job", "Result", "RunFinishedError", "job_config", "RUN_LOG"]
+
+RUN_LOG = "codistill.log"
+"""The run's log file in its directory: full tracebacks of what went wrong (the console shows one line)."""
+log = logging.getLogger("codistill")
 
 
 class RunFinishedError(CodistillError, RuntimeError):
     """--resume of a run that already finished: nothing to do, and nothing is changed."""
 
 
+@dataclass
+class Result:
+    """What a finished run left: its summary, its directory, its MLflow run."""
+
+    summary: dict
+    run_dir: str
+    run_id: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+    @property
+    def peer_weights(self) -> dict[str, str]:
+        """Peer name -> its final weights (`torch.load(path, weights_only=True)`)."""
+        return {p["name"]: f"{self.run_dir}/peers/{p['name']}.pt" for p in self.summary["peers"]}
+
+    @property
+    def checkpoints(self) -> dict[str, list[str]]:
+        """Peer name -> the training checkpoints it kept, oldest first."""
+        storage = Storage(self.run_dir)
+        return {
+            p["name"]: [f"{self.run_dir}/{checkpoint_path(p['name'], s)}" for s in storage.checkpoint_steps(p["name"])]
+            for p in self.summary["peers"]
+        }
+
+    def history(self) -> Any:
+        """The rounds as a pandas DataFrame: one row per round and peer (pandas must be installed)."""
+        import pandas as pd
+
+        rows = []
+        for r in self.summary["rounds"]:
+            ensemble = {k: v for k, v in r.items() if k not in ("peers", "events")}
+            for name, p in r["peers"].items():
+                rows.append({**ensemble, "peer": name, **{f"peer_{k}": v for k, v in p.items()}})
+        return pd.DataFrame(rows)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def job_config(job: str | Path | RunConfig | None = None, **overrides: Any) -> RunConfig:
+    """A RunConfig from a job file, a bundled job's name or a RunConfig, with overrides as fields
+    (`steps=60`) and nested sections as dicts (`loss={"alpha": 0}`)."""
+    if isinstance(job, RunConfig):
+        raw = to_dict(job)
+    elif job is None:
+        raw = read_yaml(default_job_path())
+    elif Path(str(job)).suffix in (".yaml", ".yml") or Path(str(job)).exists():
+        raw = read_yaml(job)
+    elif str(job) in bundled_jobs():
+        raw = read_yaml(default_job_path().parent / f"{job}.yaml")
+    else:
+        raise ConfigError("job", str(job), f"a job file or a bundled job: {' | '.join(bundled_jobs())}")
+    return build(_merge(raw, overrides))
+
+
 def train(
+    job: str | Path | RunConfig | None = None,
+    *,
+    reporter: Reporter | None = None,
+    resume: bool = False,
+    **overrides: Any,
+) -> Result:
+    """Run a job (see module docstring); with `resume=True`, `job` is the run directory to continue."""
+    if resume:
+        storage = Storage(str(job))
+        text = storage.read("job.yaml")
+        if text is None:
+            raise ConfigError("--resume", str(job), "a run directory codistill wrote (it has job.yaml)")
+        cfg = build(_merge(yaml.safe_load(text), {**overrides, "output": {"dir": storage.uri}}))
+    else:
+        cfg = job_config(job, **overrides)
+    run_id = new_run_id(cfg.name)
+    out_dir = resolve_run_dir(cfg.output.dir, run_id)
+    summary = run_job(cfg, out_dir, reporter, resume=resume, run_name=run_id)
+    return Result(
+        summary, out_dir, summary.get("run_id", run_id), summary.get("mlflow_run_id"), summary.get("tracking_uri")
+    )
+
+
+def _model_example(cfg: RunConfig, dataset: Any) -> ModelExample:
+    from codistill.data.order import normalize
+    from codistill.models import build_model
+
+    def build_peer(i: int) -> Any:
+        return build_model(cfg.peers[i].model, dataset.input_shape, dataset.num_classes)
+
+    example = normalize(dataset, dataset.test_x[:2])
+    # MLflow resolves a dataset source from a path or URI: the Parquet file, else the data root
+    source = cfg.data.train or cfg.data.root
+    source = source if "://" in source else str(Path(source).expanduser().absolute())
+    return ModelExample(build_peer, example, dataset, source)
+
+
+def _run_log(storage: Storage) -> logging.Handler | None:
+    """Tracebacks of this run go to DIR/codistill.log (local run directories only)."""
+    if not storage.is_local():
+        return None
+    handler = logging.FileHandler(f"{storage.root}/{RUN_LOG}")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def run_job(
     cfg: RunConfig,
     out_dir: str | Path,
     reporter: Reporter | None = None,
@@ -32,12 +161,11 @@ def train(
     parent_run_id: str | None = None,
     run_name: str | None = None,
 ) -> dict:
-    """Run a validated job; write the resolved job and summary.json to out_dir (a path or a pyarrow.fs
-    URI) and log it to MLflow (unless tracking is none); return the summary. With resume, continue
-    the run whose files are in out_dir. parent_run_id nests the MLflow run (Tune trials).
+    """Run a validated job into `out_dir` (a path or a pyarrow.fs URI); return the summary.
 
-    Before anything is started or logged, the run directory is locked (one run per directory; a new
-    run needs an empty one) and the job's data is loaded and checked."""
+    Before anything is started or logged: the run directory is locked (one run per directory; a new
+    run needs an empty one) and the job's data is loaded and checked. MLflow failures never stop the
+    run; tracebacks go to DIR/codistill.log."""
     out_dir = str(out_dir)
     storage = Storage(out_dir)
     reporter = reporter or Reporter()
@@ -47,26 +175,42 @@ def train(
         if storage.read("summary.json") is not None:
             raise RunFinishedError(f"{out_dir} finished already (its summary.json is there): nothing to resume")
     with RunLock(storage, resume=resume) as lock:
-        for note in lock.notes:
-            reporter.on_event(note)
-        dataset = check_job(cfg)
-        if not resume:
-            storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-        previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
-        tracker = make_tracker(cfg, parent_run_id, run_name, resume=previous)
-        if tracker.state() is not None:
-            storage.write("tracking.json", json.dumps(tracker.state()).encode())
-        t0 = time.perf_counter()
-        engine = make_engine(cfg, Reporters(tracker, reporter), resume=resume)  # logged before shown
+        handler = _run_log(storage)
         try:
-            history = engine.run(out_dir, dataset)
-        except BaseException as e:
-            # stopped from outside (a Tune scheduler, Ctrl-C) is KILLED; an error in the run is FAILED
-            tracker.fail("FAILED" if isinstance(e, Exception) else "KILLED")
+            for note in lock.notes:
+                reporter.on_event(note)
+            run_info = json.loads(storage.read("run.json") or b"null") if resume else None
+            run_id = run_info["run_id"] if run_info else (run_name or new_run_id(cfg.name))
+            t_load = time.perf_counter()
+            dataset = check_job(cfg)
+            reporter.on_event(
+                f"data: {dataset.name}, {len(dataset.train_y)} train / {len(dataset.test_y)} test "
+                f"examples, loaded and checked in {time.perf_counter() - t_load:.1f}s"
+            )
+            if not resume:
+                storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+                storage.write("run.json", json.dumps({"run_id": run_id}).encode())
+            previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
+            tracker = make_tracker(cfg, run_id, parent_run_id, resume=previous, warn=reporter.on_event)
+            if tracker.state() is not None:
+                storage.write("tracking.json", json.dumps(tracker.state()).encode())
+            t0 = time.perf_counter()
+            engine = make_engine(cfg, Reporters(tracker, reporter), resume=resume, run_id=run_id)  # logged, then shown
+            try:
+                history = engine.run(out_dir, dataset)
+            except BaseException as e:
+                # stopped from outside (a Tune scheduler, Ctrl-C) is KILLED; an error in the run is FAILED
+                tracker.fail("FAILED" if isinstance(e, Exception) else "KILLED")
+                raise
+            summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds)
+            summary.update(run_id=run_id, run_dir=out_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+            storage.write("summary.json", json.dumps(summary, indent=2).encode())
+            tracker.finish(summary, out_dir, _model_example(cfg, dataset) if tracker.run_id else None)
+            return summary
+        except CodistillError as e:
+            log.error("%s\n%s", e, traceback.format_exc())
             raise
-        summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds)
-        storage.write("summary.json", json.dumps(summary, indent=2).encode())
-        tracker.finish(summary, out_dir)
-    if tracker.run_id:
-        summary["mlflow_run_id"] = tracker.run_id
-    return summary
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()

@@ -1,22 +1,26 @@
 """Registries: a name -> entry dict owned by the module that defines the entries.
 
 A registry may also have *families*, names of the form `family:<rest>` (`torchvision:resnet18`),
-whose entry receives `<rest>`. Configs validate names against the owning registry (looked up
-lazily, so `codistill.config` imports no torch); nothing outside the owner branches on a name.
-This module imports nothing of codistill but `errors`.
+whose entry receives `<rest>`; and any name of the form `package.module:attribute` names an entry by
+its import path (`mypkg.nets:tiny_cnn`), imported where it is used, so user code needs no
+registration step on a Ray cluster. Entries a program adds at run time (`MODELS["mine"] = fn` in a
+notebook) are `extras()`: RayEngine ships them to its actors, so they work there too. Configs
+validate names against the owning registry, looked up lazily (`codistill.config` imports no torch);
+nothing outside the owner branches on a name. This module imports nothing of codistill but `errors`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from codistill.errors import ConfigError
 
-__all__ = ["Registry", "lookup"]
+__all__ = ["Registry", "lookup", "all_extras", "install_extras"]
 
 T = TypeVar("T")
+_REGISTRIES: dict[str, Registry] = {}  # kind -> registry
 
 
 class Registry(dict[str, T], Generic[T]):
@@ -25,36 +29,54 @@ class Registry(dict[str, T], Generic[T]):
     def __init__(self, kind: str, entries: dict[str, T] | None = None):
         super().__init__(entries or {})
         self.kind = kind
+        self.builtin = frozenset(self)
         self.families: dict[str, tuple[Callable[[str], T], Callable[[str], None] | None]] = {}
+        _REGISTRIES[kind] = self
 
     def family(self, prefix: str, make: Callable[[str], T], check: Callable[[str], None] | None = None) -> None:
         """Register `prefix:<rest>` names; `check(rest)` raises ValueError for a bad rest."""
         self.families[prefix] = (make, check)
 
     def allowed(self) -> str:
-        return " | ".join([*(repr(n) for n in self), *(f"'{p}:<name>'" for p in self.families)])
+        names = [*(repr(n) for n in self), *(f"'{p}:<name>'" for p in self.families), "'package.module:attribute'"]
+        return " | ".join(names)
+
+    def _imported(self, name: str) -> T:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"an importable package.module:attribute ({type(e).__name__}: {e})") from None
 
     def check(self, name: str, field: str) -> None:
-        """Raise ConfigError(field) unless `name` is registered (or a family name whose rest is valid)."""
+        """Raise ConfigError(field) unless `name` is registered, a valid family member or an import path."""
         if name in self:
             return
         prefix, sep, rest = name.partition(":")
-        if sep and prefix in self.families:
-            check = self.families[prefix][1]
-            if check is not None:
-                try:
+        if not sep:
+            raise ConfigError(field, name, self.allowed())
+        try:
+            if prefix in self.families:
+                check = self.families[prefix][1]
+                if check is not None:
                     check(rest)
-                except ValueError as e:
-                    raise ConfigError(field, name, str(e)) from None
-            return
-        raise ConfigError(field, name, self.allowed())
+            else:
+                self._imported(name)
+        except ValueError as e:
+            raise ConfigError(field, name, str(e)) from None
 
     def get_entry(self, name: str, field: str) -> T:
         self.check(name, field)
         if name in self:
             return self[name]
         prefix, _, rest = name.partition(":")
-        return self.families[prefix][0](rest)
+        if prefix in self.families:
+            return self.families[prefix][0](rest)
+        return self._imported(name)
+
+    def extras(self) -> dict[str, T]:
+        """Entries added after the owning module defined the registry (user code at run time)."""
+        return {k: v for k, v in self.items() if k not in self.builtin}
 
 
 def lookup(module: str, attr: str) -> Registry:
@@ -62,3 +84,16 @@ def lookup(module: str, attr: str) -> Registry:
     registry = getattr(importlib.import_module(module), attr)
     assert isinstance(registry, Registry), f"{module}.{attr} is not a Registry"
     return registry
+
+
+def all_extras() -> dict[str, dict[str, Any]]:
+    """{registry kind: its extras} for every registry that has some (what RayEngine ships to actors)."""
+    return {kind: extras for kind, r in _REGISTRIES.items() if (extras := r.extras())}
+
+
+def install_extras(extras: dict[str, dict[str, Any]]) -> None:
+    """Add shipped extras to this process's registries (their owning modules must be imported)."""
+    for kind, entries in extras.items():
+        if kind not in _REGISTRIES:
+            raise KeyError(f"no registry of kind {kind!r} in this process")
+        _REGISTRIES[kind].update(entries)

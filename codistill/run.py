@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
-from codistill.config import RunConfig, apply_overrides, build, default_job_path, read_yaml
+from codistill.config import RunConfig, apply_overrides, build, bundled_jobs, default_job_path, read_yaml
 from codistill.engine.report import Reporter, RoundResult
 from codistill.errors import CodistillError, ConfigError
 from codistill.exchange import EXCHANGES
+from codistill.locations import new_run_id, resolve_run_dir
 
 __all__ = ["ConsoleReporter", "format_table", "main"]
 
@@ -120,16 +119,11 @@ def format_table(summary: dict) -> str:
     return "\n".join(out)
 
 
-def default_out_dir(cfg: RunConfig) -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return str(Path("runs") / f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:4]}")  # two runs in one second differ
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m codistill.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--config", help=f"job YAML (default: {default_job_path().name})")
+    ap.add_argument("--config", help=f"a job file, or the name of a bundled job (default: {default_job_path().stem})")
     ap.add_argument(
         "--set",
         dest="overrides",
@@ -140,14 +134,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--output",
-        help="run directory, a path or a pyarrow.fs URI such as s3://bucket/run (default runs/<name>-<timestamp>)",
+        help="run directory, a path or a pyarrow.fs URI such as s3://bucket/run "
+        "(default $CODISTILL_STORAGE/runs/<run id>, else ~/codistill/runs/<run id>)",
     )
     ap.add_argument(
         "--resume",
         metavar="DIR",
-        help="continue the run in DIR (its job.yaml; peers restart from their last common checkpoint)",
+        help="continue the run in DIR (its job.yaml; peers restart from the newest round they all can)",
     )
     return ap.parse_args(argv)
+
+
+def job_path(name: str | None) -> Path:
+    """A job file's path, or the bundled job of that name (`--config quickstart`)."""
+    if name is None:
+        return default_job_path()
+    if not Path(name).exists() and name in bundled_jobs():
+        return default_job_path().parent / f"{name}.yaml"
+    return Path(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,32 +166,46 @@ def main(argv: list[str] | None = None) -> int:
             raw = apply_overrides(yaml.safe_load(job), args.overrides)
             raw.setdefault("output", {})["dir"] = args.resume
         else:
-            raw = apply_overrides(read_yaml(args.config or default_job_path()), args.overrides)
+            raw = apply_overrides(read_yaml(job_path(args.config)), args.overrides)
             if args.output:
                 raw.setdefault("output", {})["dir"] = args.output
         cfg = build(raw)
+        run_id = new_run_id(cfg.name)
+        out_dir = resolve_run_dir(cfg.output.dir, run_id)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from codistill.api import RunFinishedError, train  # torch, ray and mlflow are imported only to train
+    from codistill.api import RUN_LOG, RunFinishedError, run_job  # torch, ray and mlflow only to train
 
-    out_dir = cfg.output.dir or default_out_dir(cfg)
     reporter = ConsoleReporter()
     try:
-        summary = train(cfg, out_dir, reporter, resume=bool(args.resume))
+        summary = run_job(cfg, out_dir, reporter, resume=bool(args.resume), run_name=run_id)
     except RunFinishedError as e:  # nothing to do is not an error
         reporter.close()
         print(f"codistill: {e}")
         return 0
     except CodistillError as e:  # what the user caused or can fix; anything else keeps its traceback
         reporter.close()
-        print(f"error: {e}", file=sys.stderr)
+        where = f" (details: {Path(out_dir) / RUN_LOG})" if (Path(out_dir) / RUN_LOG).exists() else ""
+        print(f"error: {e}{where}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     finally:
         reporter.close()
     print(format_table(summary))
-    print(f"summary: {Path(out_dir) / 'summary.json'}")
+    print(where_it_is(summary, out_dir))
     return 0
+
+
+def where_it_is(summary: dict, out_dir: str) -> str:
+    """The end of every run: where its files and its MLflow run are, and how to look at them."""
+    lines = [f"run {summary['run_id']}", f"  run directory: {out_dir}  (summary: {out_dir}/summary.json)"]
+    if summary.get("mlflow_run_id"):
+        uri = summary["tracking_uri"]
+        lines += [
+            f"  MLflow: store {uri}, run {summary['mlflow_run_id']}",
+            f"  look:   mlflow ui --backend-store-uri {uri}",
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """One run per directory: a run holds a lock file in its run directory for as long as it runs.
 
 The lock names its owner (host, pid, start time). A second run into the same directory is refused
-in one line, and so is a new run into a directory that already holds files (use --resume to
-continue one). A lock left by a process that is gone from this host is taken over, with a line
+in one line, and so is a new run into a directory that already holds a run (its job.yaml; use
+--resume to continue it). A lock left by a process that is gone from this host is taken over, with a line
 saying so; a lock from another host is only reported (we cannot tell whether it still runs).
 """
 
@@ -54,7 +54,7 @@ class RunLock:
             existing = self.storage.read(LOCK_FILE)
             if existing is not None:
                 self._take_over_if_stale(existing)
-            if not self.resume:
+            if not self.resume and self.storage.read("job.yaml") is not None:  # a run's files, not a failed start
                 others = [e for e in self.storage.entries() if e != LOCK_FILE]
                 if others:
                     shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")

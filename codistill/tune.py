@@ -167,18 +167,12 @@ def _trainable(config: dict, base_raw: dict, metric: str, parent_run_id: str | N
     `tune.with_parameters`, so Tune's progress tables show just what is searched)."""
     from ray import tune
 
-    from codistill.api import train
+    from codistill.api import run_job
 
     cfg = build(trial_job(base_raw, config))
     out_dir = os.path.join(tune.get_context().get_trial_dir(), "run")  # Tune writes its own files beside
-    name = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in config.items())
-    summary = train(
-        cfg,
-        out_dir,
-        TuneReporter(metric),
-        parent_run_id=parent_run_id,
-        run_name=f"trial {tune.get_context().get_trial_id()}: {name}",
-    )
+    run_name = f"{cfg.name}-{tune.get_context().get_trial_id()}-{trial_title(config)}"  # MLflow, actors alike
+    summary = run_job(cfg, out_dir, TuneReporter(metric), parent_run_id=parent_run_id, run_name=run_name)
     tune.report(
         {
             "ensemble_accuracy": summary["ensemble"]["test_accuracy"],
@@ -193,6 +187,11 @@ def _trainable(config: dict, base_raw: dict, metric: str, parent_run_id: str | N
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def trial_title(config: dict) -> str:
+    """What a trial tries, short: `temperature=2.53,alpha=0.41`."""
+    return ",".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(config.items()))
 
 
 def trial_resources(cfg: RunConfig, trial_cpus: float):
@@ -316,8 +315,8 @@ def _close_parent(cfg: RunConfig, run_id: str | None, out: dict) -> None:
         experiment_id = client.get_run(run_id).info.experiment_id
         children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
         for trial_run in children:
-            trial_id = trial_run.data.tags.get("mlflow.runName", "").removeprefix("trial ").split(":")[0]
-            if trial_id in stopped:
+            run_id = trial_run.data.tags.get("codistill.run_id", "")
+            if any(run_id.startswith(f"{cfg.name}-{trial_id}-") for trial_id in stopped):
                 peers = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial_run.info.run_id}'")
                 for r in [trial_run, *peers]:
                     client.set_terminated(r.info.run_id, "KILLED")

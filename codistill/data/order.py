@@ -17,7 +17,14 @@ from codistill.config import DataConfig
 from codistill.data.dataset import Dataset, mix_seed
 from codistill.errors import ConfigError
 
-__all__ = ["PeerData", "random_crop_flip", "shard_sample_ids"]
+__all__ = ["PeerData", "random_crop_flip", "shard_sample_ids", "normalize"]
+
+
+def normalize(ds: Dataset, x: torch.Tensor) -> torch.Tensor:
+    """Raw images (N, C, H, W) of `ds` as the models see them: scaled, then standardised per channel."""
+    mean = torch.tensor(ds.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() * ds.scale - mean) / std
 
 
 def shard_sample_ids(n: int, shard_seed: int, shard_index: int, num_shards: int) -> torch.Tensor:
@@ -107,7 +114,7 @@ class PeerData:
         return self.sample_ids[self.positions(step)]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * self.ds.scale - self._mean) / self._std
+        return (x.float() * self.ds.scale - self._mean) / self._std  # as normalize(ds, x), with cached tensors
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample_ids, x, y) for `step`; x normalised and augmented with the peer's own randomness."""

@@ -47,10 +47,12 @@ Engine = LocalEngine | RayEngine
 ENGINES: Registry[type[Engine]] = Registry("engine", {"local": LocalEngine, "ray": RayEngine})
 
 
-def make_engine(cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False) -> Engine:
+def make_engine(
+    cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False, run_id: str | None = None
+) -> Engine:
     engine = ENGINES[cfg.engine]
     if resume and not engine.supports_resume:
         raise ConfigError(
             "--resume", message=f"needs an engine that keeps training checkpoints, not engine={cfg.engine}"
         )
-    return engine(cfg, reporter, resume=resume)
+    return engine(cfg, reporter, resume=resume, run_id=run_id)

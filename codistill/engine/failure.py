@@ -12,10 +12,11 @@ from codistill.errors import CodistillError
 
 __all__ = ["Decision", "FailureKind", "FailurePolicy", "PeerFailedError", "PeerFailure"]
 
-FailureKind = Literal["restarted", "died", "step_failed"]
+FailureKind = Literal["restarted", "died", "step_failed", "start_failed"]
 """restarted: Ray restarted the actor and it resumed from its checkpoint; died: it is dead for good
 (restarts used up); step_failed: a step raised (non-finite loss, a teacher that never came within
-exchange.timeout_s, ...)."""
+exchange.timeout_s, ...); start_failed: the peer could not be built (it is not restarted: it would fail the
+same way)."""
 
 
 class Decision(enum.Enum):
@@ -56,6 +57,8 @@ class FailurePolicy:
             return Decision.CONTINUE, (
                 f"{failure.peer} restarted ({failure.restarts} restart(s) so far) and resumed from its last checkpoint"
             )
+        if failure.kind == "start_failed":
+            return Decision.RAISE, f"peer {failure.peer} could not start: {failure.detail}"
         if failure.kind == "died":
             return Decision.RAISE, (
                 f"peer {failure.peer} died and could not be restarted "

@@ -25,7 +25,13 @@ class LocalEngine:
     supports_resume: ClassVar[bool] = False  # keeps no training checkpoints
 
     def __init__(
-        self, cfg: RunConfig, reporter: Reporter | None = None, device: str | None = None, *, resume: bool = False
+        self,
+        cfg: RunConfig,
+        reporter: Reporter | None = None,
+        device: str | None = None,
+        *,
+        resume: bool = False,
+        run_id: str | None = None,
     ):
         assert not resume, "LocalEngine keeps no training checkpoints"
         self.cfg = cfg

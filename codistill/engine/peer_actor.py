@@ -22,9 +22,10 @@ from codistill.exchange import EXCHANGES, make_exchange
 from codistill.exchange.ray_board import RayBoardClient
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
+from codistill.registry import install_extras
 from codistill.storage import Storage, checkpoint_path
 
-__all__ = ["PeerActor"]
+__all__ = ["PeerActor", "PeerStartError"]
 
 
 def _ray_restarts() -> int:
@@ -38,6 +39,10 @@ def _ray_restarts() -> int:
         return int(bool(ctx.was_current_actor_reconstructed))
 
 
+class PeerStartError(RuntimeError):
+    """The peer could not be built; raised by its first call, so Ray does not restart it to fail again."""
+
+
 class PeerActor:
     def __init__(
         self,
@@ -49,12 +54,44 @@ class PeerActor:
         storage_uri: str,
         resume_step: int | None,
         prior_restarts: int,
+        extras: dict | None = None,
     ):
+        # A constructor that raises is restarted by Ray (max_restarts) only to fail the same way, with a
+        # traceback per attempt: the error is kept and raised by the first call instead.
+        self.start_error: str | None = None
+        self.peer_name = build(cfg_dict).peer_name(index)
+        try:
+            self._start(
+                cfg_dict, index, dataset, board_name, namespace, storage_uri, resume_step, prior_restarts, extras
+            )
+        except Exception as e:
+            import traceback
+
+            self.start_error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+
+    def _check_started(self) -> None:
+        if self.start_error is not None:
+            raise PeerStartError(self.start_error)
+
+    def _start(
+        self,
+        cfg_dict: dict,
+        index: int,
+        dataset: dict,
+        board_name: str,
+        namespace: str,
+        storage_uri: str,
+        resume_step: int | None,
+        prior_restarts: int,
+        extras: dict | None,
+    ) -> None:
+        install_extras(extras or {})  # models and losses the driver's program registered
         self.cfg = cfg = build(cfg_dict)
         threads = cfg.resources.threads_per_peer or max(1, int(cfg.resources.num_cpus))
         torch.set_num_threads(threads)
         self.index = index
         self.storage = Storage(storage_uri)
+        self.run_id = board_name.removeprefix("codistill-").removesuffix("-board")
         self.peer = Peer(cfg, index, Dataset.from_arrays(dataset))
         self.board = RayBoardClient(
             ray.get_actor(board_name, namespace=namespace),
@@ -79,7 +116,9 @@ class PeerActor:
             self._load(resume_step)
 
     def __repr__(self) -> str:  # what the Ray dashboard shows
-        return f"PeerActor({self.peer.name}, step {self.peer.step}/{self.peer.total_steps})"
+        if self.start_error is not None:
+            return f"PeerActor({self.peer_name}, failed to start)"
+        return f"PeerActor({self.peer.name}, step {self.peer.step}/{self.peer.total_steps}, run {self.run_id})"
 
     def _load_newest(self) -> None:
         for step in reversed(self.storage.checkpoint_steps(self.peer.name)):
@@ -131,6 +170,7 @@ class PeerActor:
         self.board.mark_durable(self.index, now)
 
     def info(self) -> dict[str, Any]:
+        self._check_started()
         return {
             "step": self.peer.step,
             "total_steps": self.peer.total_steps,
@@ -145,6 +185,7 @@ class PeerActor:
     def run_round(self, until_step: int, round_index: int, keep_from: int) -> PeerReport:
         """Train round `round_index` until `until_step` (free-running: waits only where the exchange says),
         then evaluate. Re-run after a restart, it goes on from the checkpoint and reports the whole round."""
+        self._check_started()
         peer, ex, every = self.peer, self.exchange, self.cfg.output.checkpoint_every
         if round_index != self.round_index:
             self.round_index, self.round_losses = round_index, []

@@ -7,6 +7,7 @@ The assembly of rounds from the peers' reports (`RoundAssembler`) is plain Pytho
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -30,9 +31,23 @@ from codistill.engine.report import (
 )
 from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
 from codistill.errors import ResourcesError
+from codistill.registry import all_extras
 from codistill.storage import Storage
 
 __all__ = ["RayEngine", "RoundAssembler", "round_ends"]
+
+log = logging.getLogger("codistill")  # the run's log file (full tracebacks) when run through codistill.api
+
+
+def _one_line(e: BaseException) -> str:
+    """What a user needs of a remote failure: the cause's type and message, first line only."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        text = str(cause).strip().splitlines()
+        return f"{text[0] if text else type(cause).__name__}"
+    text = [line for line in str(e).strip().splitlines() if line.strip()]
+    return text[-1][:300] if text else type(e).__name__
+
 
 R = TypeVar("R")  # a peer's round report (PeerReport in RayEngine)
 
@@ -92,7 +107,9 @@ class RayEngine:
     UNAVAILABLE_PATIENCE_S: ClassVar[float] = 600.0
     """How long a peer may stay unreachable (its node lost, Ray restarting it) before it counts as dead."""
 
-    def __init__(self, cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False):
+    def __init__(
+        self, cfg: RunConfig, reporter: Reporter | None = None, resume: bool = False, run_id: str | None = None
+    ):
         self.cfg = cfg
         self.reporter = reporter or Reporter()
         self.resume = resume
@@ -100,7 +117,7 @@ class RayEngine:
         self.step_losses: list[list[float]] = [[] for _ in cfg.peers]
         self.prior_rounds: list[dict] = []
         self.peer_info: list[dict] = []
-        self.run_id = uuid.uuid4().hex[:8]
+        self.run_id = run_id or uuid.uuid4().hex[:8]  # in actor names, the run directory and MLflow alike
         self.board_name = f"codistill-{self.run_id}-board"
 
     @staticmethod
@@ -208,9 +225,10 @@ class RayEngine:
                         storage.uri,
                         None if point.steps is None else point.steps[name],
                         point.restarts.get(name, 0),
+                        all_extras(),
                     )
                 )
-            self.peer_info = ray.get([a.info.remote() for a in actors])
+            self.peer_info = self._started(actors)
             history = self._collect(actors, dataset.test_y, storage, point.messages)
             finals = ray.get([a.final_weights.remote() for a in actors])
             for name, w in zip(names, finals):
@@ -222,6 +240,20 @@ class RayEngine:
             ray.kill(board, no_restart=True)
             if own_pg:
                 ray.util.remove_placement_group(pg)
+
+    def _started(self, actors: list[Any]) -> list[dict]:
+        """Each peer's info once it is built; a peer that could not be built stops the run in one line."""
+        import ray
+
+        infos = []
+        for i, actor in enumerate(actors):
+            try:
+                infos.append(ray.get(actor.info.remote()))
+            except ray.exceptions.RayTaskError as e:
+                failure = PeerFailure(self.cfg.peer_name(i), 0, "start_failed", _one_line(e))
+                log.error("peer %s could not start:\n%s", failure.peer, e)
+                raise self.failure_policy.error(failure, self.failure_policy.decide(failure)[1]) from None
+        return infos
 
     def _collect(
         self, actors: list[Any], labels: torch.Tensor, storage: Storage, messages: list[str]
@@ -277,9 +309,11 @@ class RayEngine:
                     cfg.peer_name(i), r, "died", f"unreachable for {self.UNAVAILABLE_PATIENCE_S:.0f}s: {e}"
                 )
             except ray.exceptions.RayActorError as e:
-                failure = PeerFailure(cfg.peer_name(i), r, "died", str(e))
+                log.error("peer %s died in round %d:\n%s", cfg.peer_name(i), r, e)
+                failure = PeerFailure(cfg.peer_name(i), r, "died", _one_line(e))
             except ray.exceptions.RayTaskError as e:
-                failure = PeerFailure(cfg.peer_name(i), r, "step_failed", str(e.cause))
+                log.error("peer %s failed in round %d:\n%s", cfg.peer_name(i), r, e)
+                failure = PeerFailure(cfg.peer_name(i), r, "step_failed", _one_line(e))
             unavailable_since.pop(i, None)
             if report is not None and report.restarts > restarts[i]:
                 failure = PeerFailure(report.name, r, "restarted", "", report.restarts)

@@ -5,6 +5,7 @@ Only the processes this test started are stopped (matched by their private temp 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -80,7 +81,13 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
     beside = Path(sys.executable).parent / "ray"  # the ray CLI of this interpreter, else the one on PATH
     ray_bin = str(beside) if beside.exists() else shutil.which("ray") or "ray"
     token_path = generate_private_token(ray_bin, tmp_path)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    storage = tmp_path / "storage"
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_path),
+        "CODISTILL_STORAGE": str(storage),
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
     run = lambda *args, **kw: subprocess.run([ray_bin, *args], env=env, capture_output=True, text=True, **kw)
@@ -122,43 +129,75 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
                 if time.time() > deadline:
                     raise
                 time.sleep(1)
-        out_dir = tmp_path / "run"
-        uri = f"sqlite:///{tmp_path}/mlflow.db"
-        sets = [
-            "steps=60",
-            "eval_every=30",
-            "resources.num_cpus=1",
-            "resources.placement=spread",
-            "tracking.experiment=submitted",
-            f"tracking.uri={uri}",
-        ]
+        # The README's command, as written, from the checkout: the job runs inside Ray's unpacked package
+        # (deleted after the job); results must land in the storage root instead (CODISTILL_STORAGE,
+        # given to the cluster's nodes when they started, as a cluster.yaml would).
         for _attempt in range(10):  # the job agent comes up a little after the dashboard
             submit = run(
                 "job",
                 "submit",
                 f"--address=http://127.0.0.1:{dash_port}",
+                "--working-dir",
+                ".",
                 "--",
-                sys.executable,
+                "python",
                 "-m",
                 "codistill.run",
-                "--output",
-                str(out_dir),
-                *[a for s in sets for a in ("--set", s)],
+                "--config",
+                "quickstart",
+                "--set",
+                "steps=60",
+                "--set",
+                "eval_every=30",
+                "--set",
+                "resources.num_cpus=1",
+                "--set",
+                "resources.placement=spread",
                 timeout=300,
                 cwd=ROOT,
             )
             if "No available agent" not in submit.stderr + submit.stdout:
                 break
             time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
-        assert "succeeded" in submit.stdout + submit.stderr
-        summary = json.loads((out_dir / "summary.json").read_text())
+        output = submit.stdout + submit.stderr
+        assert submit.returncode == 0, output[-4000:]
+        assert "succeeded" in output
+        # the end of the run says where everything is; it is there after the job is gone
+        run_dir = Path(re.search(r"run directory: (\S+)", output).group(1))  # type: ignore[union-attr]
+        assert run_dir.is_relative_to(storage) and "_ray_pkg_" not in str(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
         assert [p["steps"] for p in summary["peers"]] == [60, 60]
         assert len({p["node_id"] for p in summary["peers"]}) == 2  # one peer on each node
+        uri = re.search(r"MLflow: store (\S+), run (\w+)", output)
+        assert uri is not None and uri.group(1) == f"sqlite:///{storage / 'mlflow.db'}"
+        assert f"mlflow ui --backend-store-uri {uri.group(1)}" in output
         import mlflow
 
-        mlflow.set_tracking_uri(uri)
-        runs = mlflow.search_runs(experiment_names=["submitted"])
+        mlflow.set_tracking_uri(uri.group(1))
+        runs = mlflow.search_runs(experiment_names=["quickstart"])
         assert len(runs) == 3 and (runs["status"] == "FINISHED").all()
+        assert uri.group(2) in set(runs["run_id"]) and summary["mlflow_run_id"] == uri.group(2)
+        # a relative --output inside the job package is refused in one line
+        refused = run(
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash_port}",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "-m",
+            "codistill.run",
+            "--output",
+            "runs/here",
+            "--set",
+            "steps=5",
+            timeout=300,
+            cwd=ROOT,
+        )
+        assert refused.returncode != 0
+        assert "error: --output: 'runs/here' is relative, and this driver runs inside Ray's job package" in (
+            refused.stdout + refused.stderr
+        )
     finally:
         stop_cluster(temp_dir)

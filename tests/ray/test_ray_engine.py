@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codistill.api import train
+from codistill.api import run_job
 from codistill.engine import LocalEngine, RayEngine
 from tests.helpers import ROOT, small_job
 
@@ -36,7 +36,7 @@ def test_ray_matches_local_engine(ray_session, tmp_path, mode):
     cfg = ray_job(*mode)
     local = LocalEngine(small_job(*mode, steps=20))
     local.run(tmp_path / "local")
-    summary = train(cfg, str(tmp_path / "ray"))
+    summary = run_job(cfg, str(tmp_path / "ray"))
     ray_engine_losses = [r["peers"] for r in summary["rounds"]]
     assert summary["peers"][0]["steps"] == 20 and summary["bytes_exchanged"] > 0
     remote = RayEngine(cfg)

@@ -10,7 +10,7 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
-from codistill.api import train
+from codistill.api import run_job
 from codistill.engine.report import Reporter
 from tests.helpers import small_job
 
@@ -80,7 +80,7 @@ def test_killed_peer_is_restarted_and_every_round_is_true(ray_session, tmp_path,
         *mode, "eval_every=10", "exchange.timeout_s=120", "tracking.backend=mlflow", f"tracking.uri={uri}", steps=40
     )
     killer = SigKill(ray_session, "peer1", after_round=0)
-    summary = train(cfg, tmp_path / "run", killer)
+    summary = run_job(cfg, tmp_path / "run", killer)
     assert killer.killed_pid is not None
     assert [p["steps"] for p in summary["peers"]] == [40, 40]
     assert summary["peers"][1]["restarts"] >= 1 and summary["peers"][0]["restarts"] == 0
@@ -97,7 +97,7 @@ def test_killed_board_is_rebuilt_and_the_run_finishes(ray_session, tmp_path, mod
         *mode, "eval_every=10", "exchange.timeout_s=120", "tracking.backend=mlflow", f"tracking.uri={uri}", steps=40
     )
     killer = SigKill(ray_session, "-board", after_round=0)
-    summary = train(cfg, tmp_path / "run", killer)
+    summary = run_job(cfg, tmp_path / "run", killer)
     assert killer.killed_pid is not None
     assert [p["steps"] for p in summary["peers"]] == [40, 40]
     assert summary["restarts"] == 0  # no peer died

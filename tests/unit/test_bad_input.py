@@ -55,13 +55,17 @@ def refuse(tmp_path, capsys, sets: list[str], field: str, *, code: int = 2, extr
     argv = ["--output", str(tmp_path / "run"), *(extra or [])]
     for s in ["tracking=none", "steps=5", *sets]:
         argv += ["--set", s]
+    was_up = ray.is_initialized()  # a Ray another test started: then no actor of ours may appear in it
+    before = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} if was_up else set()
     assert main(argv) == code
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"error: {field}"), lines[0]
     assert "Traceback" not in captured.err + captured.out
-    assert not ray.is_initialized()  # nothing started
+    assert ray.is_initialized() == was_up  # nothing started
+    if was_up:
+        assert {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)} == before
     return lines[0]
 
 
@@ -146,7 +150,7 @@ def test_a_crafted_cifar_batch_is_refused_and_never_runs(tmp_path, capsys):
 def test_one_run_per_directory(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "summary.json").write_text("{}")
+    (out / "job.yaml").write_text("name: earlier\n")
     argv = ["--output", str(out), "--set", "engine=local", "--set", "tracking=none", "--set", "steps=5"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -4,17 +4,20 @@ import json
 from pathlib import Path
 
 import mlflow
+import mlflow.models
+import mlflow.pytorch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from codistill.api import train
+from codistill.api import run_job
 from tests.helpers import small_job
 
 
 def test_run_logs_parent_and_nested_peer_runs_with_metrics_and_artifacts(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = small_job("tracking.backend=mlflow", f"tracking.uri={uri}", "tracking.experiment=codistill-test", steps=30)
-    summary = train(cfg, str(tmp_path / "run"))
+    summary = run_job(cfg, str(tmp_path / "run"), run_name="test-20261123-101500-ab12")
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["codistill-test"])
     assert len(runs) == 3  # parent + 2 peers
@@ -22,7 +25,14 @@ def test_run_logs_parent_and_nested_peer_runs_with_metrics_and_artifacts(tmp_pat
     peers = runs[runs["tags.codistill.kind"] == "peer"]
     assert parent["run_id"] == summary["mlflow_run_id"] and parent["status"] == "FINISHED"
     assert set(peers["tags.mlflow.parentRunId"]) == {parent["run_id"]}
-    assert sorted(peers["tags.mlflow.runName"]) == ["peer0-mlp", "peer1-cnn"]
+    # names a list can be read by: the run id (job, time, suffix) and, for peers, the peer
+    assert parent["tags.mlflow.runName"] == "test-20261123-101500-ab12" == summary["run_id"]
+    assert sorted(peers["tags.mlflow.runName"]) == [
+        "test-20261123-101500-ab12/peer0-mlp",
+        "test-20261123-101500-ab12/peer1-cnn",
+    ]
+    assert sorted(peers["tags.codistill.peer"]) == ["peer0-mlp", "peer1-cnn"]
+    assert parent["tags.mlflow.user"] and parent["tags.mlflow.source.name"]  # MLflow's own source tags
     # params: the flattened config
     assert parent["params.loss.alpha"] == "0.5" and parent["params.peers.1.model"] == "cnn"
     assert parent["params.exchange.mode"] == "logits"
@@ -36,6 +46,24 @@ def test_run_logs_parent_and_nested_peer_runs_with_metrics_and_artifacts(tmp_pat
         assert [m.step for m in acc] == [10, 20, 30]
         for key in ("train_loss", "steps_per_s", "staleness_mean", "bytes_pulled", "restarts"):
             assert client.get_metric_history(peer["run_id"], key), key
+        # the training loss of every step, equal to the round means summary.json keeps
+        steps = client.get_metric_history(peer["run_id"], "step_loss")
+        assert [m.step for m in steps] == list(range(1, 31))
+        name = peer["tags.codistill.peer"]
+        first_round = [m.value for m in steps[:10]]
+        assert sum(first_round) / 10 == pytest.approx(summary["rounds"][0]["peers"][name]["train_loss"])
+        # the final model, loadable by MLflow, with a signature; the dataset as an input
+        models = client.search_logged_models(
+            experiment_ids=[peer["experiment_id"]], filter_string=f"source_run_id = '{peer['run_id']}'"
+        )
+        assert len(models) == 1 and models[0].name == name
+        loaded = mlflow.pytorch.load_model(models[0].model_uri)
+        weights = torch.load(tmp_path / "run" / "peers" / f"{name}.pt", weights_only=True)
+        assert all(torch.equal(v, weights[k]) for k, v in loaded.state_dict().items())
+        info = mlflow.models.get_model_info(models[0].model_uri)
+        assert info.signature is not None and info.saved_input_example_info is not None
+        inputs = client.get_run(peer["run_id"]).inputs
+        assert inputs is not None and [d.dataset.name for d in inputs.dataset_inputs] == ["synthetic"]
     names = {a.path for a in client.list_artifacts(parent["run_id"])}
     assert {"job.yaml", "summary.json", "curves.png", "peers"} <= names
     weights = {a.path for a in client.list_artifacts(parent["run_id"], "peers")}
@@ -48,5 +76,48 @@ def test_run_logs_parent_and_nested_peer_runs_with_metrics_and_artifacts(tmp_pat
 
 def test_tracking_none_creates_no_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train(small_job("tracking=none", steps=5), str(tmp_path / "run"))
+    run_job(small_job("tracking=none", steps=5), str(tmp_path / "run"))
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_broken_store_never_stops_training_and_nothing_is_lost(tmp_path):
+    """The SQLite store is locked by another process mid-run: one warning line, the run goes on, and
+    what could not be logged is logged at the end (summary.json is the record throughout)."""
+    import sqlite3
+
+    from codistill.engine.report import Reporter
+
+    db = tmp_path / "mlflow.db"
+
+    class LockTheStore(Reporter):
+        def __init__(self) -> None:
+            self.lock: sqlite3.Connection | None = None
+            self.events: list[str] = []
+
+        def on_event(self, message: str) -> None:
+            self.events.append(message)
+
+        def on_round(self, result) -> None:
+            if result.round == 1:  # after round 1 was logged: lock the database as a writer would
+                self.lock = sqlite3.connect(db, timeout=0, isolation_level=None)
+                self.lock.execute("BEGIN EXCLUSIVE")
+            if result.round == 3 and self.lock is not None:
+                self.lock.execute("COMMIT")
+                self.lock.close()
+
+    cfg = small_job(
+        "tracking.backend=mlflow",
+        f"tracking.uri=sqlite:///{db}",
+        "tracking.experiment=broken",
+        "eval_every=10",
+        steps=50,
+    )
+    reporter = LockTheStore()
+    summary = run_job(cfg, tmp_path / "run", reporter)
+    warnings = [e for e in reporter.events if e.startswith("warning: MLflow")]
+    assert len(warnings) == 1 and "training goes on" in warnings[0], reporter.events
+    assert [r["step"] for r in summary["rounds"]] == [10, 20, 30, 40, 50]
+    client = MlflowClient(f"sqlite:///{db}")
+    history = client.get_metric_history(summary["mlflow_run_id"], "ensemble_accuracy")
+    assert sorted(m.step for m in history) == [10, 20, 30, 40, 50]
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
