@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from codistill.config import RunConfig, build, bundled_jobs, default_job_path, read_yaml, to_dict
+from codistill.config import RunConfig, build, bundled_jobs, job_path, read_yaml, to_dict
 from codistill.engine import Reporter, Reporters, build_summary, make_engine
 from codistill.engine.preflight import check_job
 from codistill.errors import CodistillError, ConfigError
@@ -93,12 +93,8 @@ def job_config(job: str | Path | RunConfig | None = None, **overrides: Any) -> R
     (`steps=60`) and nested sections as dicts (`loss={"alpha": 0}`)."""
     if isinstance(job, RunConfig):
         raw = to_dict(job)
-    elif job is None:
-        raw = read_yaml(default_job_path())
-    elif Path(str(job)).suffix in (".yaml", ".yml") or Path(str(job)).exists():
-        raw = read_yaml(job)
-    elif str(job) in bundled_jobs():
-        raw = read_yaml(default_job_path().parent / f"{job}.yaml")
+    elif job is None or str(job) in bundled_jobs() or Path(str(job)).exists():
+        raw = read_yaml(job_path(job))
     else:
         raise ConfigError("job", str(job), f"a job file or a bundled job: {' | '.join(bundled_jobs())}")
     return build(_merge(raw, overrides))
@@ -153,6 +149,24 @@ def _run_log(storage: Storage) -> logging.Handler | None:
     return handler
 
 
+_RUN_MODULES = (
+    "codistill.engine.peer_actor",
+    "codistill.exchange.ray_board",
+    "codistill.tracking.models",
+    "codistill.tracking.sweep",
+    "codistill.engine.resume",
+)
+
+
+def _import_what_a_run_needs() -> None:
+    """Import now what the run would import later: under `ray job submit --working-dir`, a second node on
+    the same host may unpack the job's package again over the files the driver imports from."""
+    import importlib
+
+    for module in _RUN_MODULES:
+        importlib.import_module(module)
+
+
 def run_job(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -169,6 +183,7 @@ def run_job(
     out_dir = str(out_dir)
     storage = Storage(out_dir)
     reporter = reporter or Reporter()
+    _import_what_a_run_needs()
     if resume:
         if storage.read("job.yaml") is None:
             raise ConfigError("--resume", out_dir, "a run directory codistill wrote (it has job.yaml)")
@@ -202,7 +217,7 @@ def run_job(
                 # stopped from outside (a Tune scheduler, Ctrl-C) is KILLED; an error in the run is FAILED
                 tracker.fail("FAILED" if isinstance(e, Exception) else "KILLED")
                 raise
-            summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds)
+            summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds, engine.final)
             summary.update(run_id=run_id, run_dir=out_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
             storage.write("summary.json", json.dumps(summary, indent=2).encode())
             tracker.finish(summary, out_dir, _model_example(cfg, dataset) if tracker.run_id else None)

@@ -19,11 +19,12 @@ from typing import IO, Any
 
 import yaml
 
-from codistill.config import RunConfig, apply_overrides, build, bundled_jobs, default_job_path, read_yaml
+from codistill.config import RunConfig, apply_overrides, build, default_job_path, job_path, read_yaml
 from codistill.engine.report import Reporter, RoundResult
 from codistill.errors import CodistillError, ConfigError
 from codistill.exchange import EXCHANGES
 from codistill.locations import new_run_id, resolve_run_dir
+from codistill.table import text_table
 
 __all__ = ["ConsoleReporter", "format_table", "main"]
 
@@ -103,11 +104,8 @@ def format_table(summary: dict) -> str:
                 str(p["restarts"]),
             )
         )
-    rows.append(("ensemble", "mean probs", f"{summary['ensemble']['test_accuracy']:.4f}", "", "", "", ""))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    line = "+".join("-" * (w + 2) for w in widths)
-    fmt = lambda r: "|".join(f" {v:<{w}} " for v, w in zip(r, widths))
-    out = [line, fmt(rows[0]), line, *(fmt(r) for r in rows[1:-1]), line, fmt(rows[-1]), line]
+    ensemble = [("ensemble", "mean probs", f"{summary['ensemble']['test_accuracy']:.4f}", "", "", "", "")]
+    out = [text_table(rows[0], rows[1:], ensemble)]
     st = summary["staleness"]
     out.append(
         f"churn {summary['churn']:.4f}   mean pairwise KL {summary['mean_pairwise_kl']:.4f}   "
@@ -143,15 +141,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="continue the run in DIR (its job.yaml; peers restart from the newest round they all can)",
     )
     return ap.parse_args(argv)
-
-
-def job_path(name: str | None) -> Path:
-    """A job file's path, or the bundled job of that name (`--config quickstart`)."""
-    if name is None:
-        return default_job_path()
-    if not Path(name).exists() and name in bundled_jobs():
-        return default_job_path().parent / f"{name}.yaml"
-    return Path(name)
 
 
 def main(argv: list[str] | None = None) -> int:

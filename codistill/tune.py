@@ -36,9 +36,11 @@ from typing import Any, Literal
 
 import yaml
 
-from codistill.config import RunConfig, apply_overrides, build, check, from_dict, read_yaml, to_dict
-from codistill.engine.report import Reporter, RoundResult
+from codistill.config import RunConfig, apply_overrides, build, check, from_dict, job_path, read_yaml, to_dict
 from codistill.errors import ConfigError
+from codistill.locations import resolve_tracking_uri, storage_root
+from codistill.table import text_table
+from codistill.tune_trial import fmt, trainable, trial_title
 
 __all__ = ["DOMAINS", "SweepConfig", "load_sweep", "main", "run_sweep"]
 
@@ -50,14 +52,19 @@ class SweepConfig:
     max_concurrent_trials: int = 2
     metric: Literal["ensemble_accuracy", "mean_peer_accuracy", "churn", "mean_pairwise_kl"] = "ensemble_accuracy"
     mode: Literal["max", "min"] = "max"
-    scheduler: Literal["none", "asha"] = "none"
+    scheduler: Literal["none", "asha", "pbt"] = "none"
+    """asha: stop weak trials early; pbt: population-based training (weak trials take a strong trial's state
+    from its round checkpoint and go on with mutated values of the searched keys)."""
     grace_period: int = 1
     """asha: rounds every trial runs before it can be stopped."""
+    perturbation_interval: int = 2
+    """pbt: rounds between two exploit/explore decisions."""
     trial_cpus: float = 0.1
     """CPUs of the trial's own bundle (the trial's driver); peers get one bundle each."""
     name: str | None = None
     """Sweep directory name under storage_path; default: the job name."""
-    storage_path: str = "runs/tune"
+    storage_path: str | None = None
+    """Where Tune keeps the sweep; default $CODISTILL_STORAGE/tune (else ~/codistill/tune)."""
 
     def __post_init__(self) -> None:
         check(self.num_samples >= 1, "tune.num_samples", self.num_samples, "an integer >= 1")
@@ -65,6 +72,9 @@ class SweepConfig:
             self.max_concurrent_trials >= 1, "tune.max_concurrent_trials", self.max_concurrent_trials, "an integer >= 1"
         )
         check(self.grace_period >= 1, "tune.grace_period", self.grace_period, "an integer >= 1")
+        check(
+            self.perturbation_interval >= 1, "tune.perturbation_interval", self.perturbation_interval, "an integer >= 1"
+        )
         check(self.trial_cpus >= 0, "tune.trial_cpus", self.trial_cpus, "a number >= 0")
 
 
@@ -102,8 +112,9 @@ def _representatives(spec: dict) -> list[Any]:
 
 
 def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig]:
-    """(base raw job, search spec, sweep settings); every searched key is checked against the job schema."""
-    raw = apply_overrides(read_yaml(path), overrides)
+    """(base raw job, search spec, sweep settings); every searched key is checked against the job schema.
+    `path` is a sweep file or the name of a bundled one."""
+    raw = apply_overrides(read_yaml(job_path(path)), overrides)
     search = raw.pop("search", None) or {}
     settings = from_dict(SweepConfig, raw.pop("tune", None) or {}, "tune")
     if not isinstance(search, dict) or not search:
@@ -150,48 +161,29 @@ def trial_job(base_raw: dict, sample: dict[str, Any]) -> dict:
     return raw
 
 
-class TuneReporter(Reporter):
-    """Reports every round to Tune (ASHA's time unit is the round)."""
-
-    def __init__(self, metric: str):
-        self.metric = metric
-
-    def on_round(self, result: RoundResult) -> None:
-        from ray import tune
-
-        tune.report({**result.metrics, "step": result.step, "round": result.round})
+def trial_name(trial: Any) -> str:
+    title = trial_title({k: v for k, v in (trial.config or {}).items()})
+    return f"{trial.trial_id}-{title}"[:120].replace("/", "_")
 
 
-def _trainable(config: dict, base_raw: dict, metric: str, parent_run_id: str | None) -> None:
-    """One trial: `config` holds only the sampled dotted keys (the rest comes through
-    `tune.with_parameters`, so Tune's progress tables show just what is searched)."""
+def make_scheduler(settings: SweepConfig, search: dict, seed: int) -> Any:
+    """None, ASHA on rounds, or PBT mutating every searched key that is not a grid."""
     from ray import tune
 
-    from codistill.api import run_job
-
-    cfg = build(trial_job(base_raw, config))
-    out_dir = os.path.join(tune.get_context().get_trial_dir(), "run")  # Tune writes its own files beside
-    run_name = f"{cfg.name}-{tune.get_context().get_trial_id()}-{trial_title(config)}"  # MLflow, actors alike
-    summary = run_job(cfg, out_dir, TuneReporter(metric), parent_run_id=parent_run_id, run_name=run_name)
-    tune.report(
-        {
-            "ensemble_accuracy": summary["ensemble"]["test_accuracy"],
-            "churn": summary["churn"],
-            "mean_pairwise_kl": summary["mean_pairwise_kl"],
-            "mean_peer_accuracy": summary["mean_peer_test_accuracy"],
-            "step": summary["rounds"][-1]["step"],
-            "final": True,
-        }
-    )
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def trial_title(config: dict) -> str:
-    """What a trial tries, short: `temperature=2.53,alpha=0.41`."""
-    return ",".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in sorted(config.items()))
+    if settings.scheduler == "asha":
+        return tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
+    if settings.scheduler == "pbt":
+        mutations = {k: _domain(*_spec(v), f"search.{k}") for k, v in search.items() if _spec(v)[0] != "grid"}
+        if not mutations:
+            raise ConfigError("tune.scheduler", "pbt", "a search with at least one key that is not a grid")
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=settings.perturbation_interval,
+            hyperparam_mutations=mutations,
+            quantile_fraction=0.5 if settings.num_samples < 4 else 0.25,
+            synch=False,
+        )
+    return None
 
 
 def trial_resources(cfg: RunConfig, trial_cpus: float):
@@ -213,11 +205,10 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
     base_cfg = build(base_raw)
     RayEngine.init_ray()
     name = settings.name or base_cfg.name
-    storage_path = os.path.abspath(settings.storage_path)
+    root = Path(settings.storage_path).expanduser() if settings.storage_path else storage_root() / "tune"
+    storage_path = str(root.absolute())
     sweep_dir = os.path.join(storage_path, name)
     if base_cfg.tracking.backend == "mlflow" and not base_cfg.tracking.uri:
-        from codistill.tracking import resolve_tracking_uri
-
         base_raw = set_dotted_value(base_raw, "tracking.uri", resolve_tracking_uri(None))  # absolute for trials
         base_cfg = build(base_raw)
     state_file = Path(sweep_dir) / "sweep.json"
@@ -225,25 +216,21 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
     if resume and state_file.exists():
         parent_run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
     if parent_run_id is None:
-        sweep_tracker = make_tracker(base_cfg, run_name=f"sweep {name}", kind="sweep")
+        sweep_tracker = make_tracker(base_cfg, run_name=f"sweep-{name}", kind="sweep")
         parent_run_id = sweep_tracker.run_id
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))
     param_space = {k: _domain(*_spec(v), f"search.{k}") for k, v in search.items()}
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base_raw=base_raw, metric=settings.metric, parent_run_id=parent_run_id),
+    trial_fn = tune.with_resources(
+        tune.with_parameters(trainable, base_raw=base_raw, parent_run_id=parent_run_id),
         trial_resources(base_cfg, settings.trial_cpus),
     )
     if resume and tune.Tuner.can_restore(sweep_dir):
-        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True, param_space=param_space)
+        tuner = tune.Tuner.restore(sweep_dir, trial_fn, resume_errored=True, param_space=param_space)
     else:
-        scheduler = None
-        if settings.scheduler == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="training_iteration", grace_period=settings.grace_period
-            )
+        scheduler = make_scheduler(settings, search, base_cfg.seed)
         tuner = tune.Tuner(
-            trainable,
+            trial_fn,
             param_space=param_space,
             # the job's seed seeds the sampler too: the same sweep file draws the same trials
             # (given a search_alg, Tune ignores TuneConfig.max_concurrent_trials: the generator holds it)
@@ -252,6 +239,8 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
                 mode=settings.mode,
                 num_samples=settings.num_samples,
                 scheduler=scheduler,
+                trial_name_creator=trial_name,  # trial names say what they try
+                trial_dirname_creator=trial_name,
                 search_alg=BasicVariantGenerator(
                     max_concurrent=settings.max_concurrent_trials or 0, random_state=base_cfg.seed
                 ),
@@ -295,56 +284,35 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
         best_path.write_text(header + yaml.safe_dump(to_dict(build(best_raw)), sort_keys=False))
         out["best_job"] = str(best_path)
         out["best"] = best
-    _close_parent(base_cfg, parent_run_id, out)
+    _close_parent(base_cfg, parent_run_id, out, search)
     (Path(sweep_dir) / "sweep_results.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
 
-def _close_parent(cfg: RunConfig, run_id: str | None, out: dict) -> None:
+def _close_parent(cfg: RunConfig, run_id: str | None, out: dict, search: dict) -> None:
     if cfg.tracking.backend == "none" or run_id is None:
         return
-    from mlflow.tracking import MlflowClient  # through tracking's resolved URI
+    from codistill.tracking.sweep import close_sweep
 
-    from codistill.tracking import resolve_tracking_uri
-
-    client = MlflowClient(resolve_tracking_uri(cfg.tracking.uri))
-    # A trial the scheduler stopped was cut off from outside (its peers died with its placement group,
-    # so its own tracker may have marked it FAILED): the sweep knows why it ended, so say KILLED.
-    stopped = {r["trial"] for r in out["trials"] if not r["complete"] and not r["error"]}
-    if stopped:
-        experiment_id = client.get_run(run_id).info.experiment_id
-        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-        for trial_run in children:
-            run_id = trial_run.data.tags.get("codistill.run_id", "")
-            if any(run_id.startswith(f"{cfg.name}-{trial_id}-") for trial_id in stopped):
-                peers = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial_run.info.run_id}'")
-                for r in [trial_run, *peers]:
-                    client.set_terminated(r.info.run_id, "KILLED")
-    if out.get("best"):
-        client.log_metric(run_id, f"best_{out['metric']}", out["best"]["metric"])
-        client.log_artifact(run_id, out["best_job"])
-    client.set_terminated(run_id, "FINISHED")
+    close_sweep(resolve_tracking_uri(cfg.tracking.uri), run_id, cfg.name, out, search)
 
 
 def format_ranking(out: dict) -> str:
     keys = sorted({k for r in out["trials"] for k in r["params"]})
     header = ["rank", "trial", *(k.split(".")[-1] for k in keys), out["metric"], "status"]
-    rows = [header]
+    rows = []
     for i, r in enumerate(out["trials"], 1):
         status = "error" if r["error"] else ("done" if r["complete"] else "stopped")
         rows.append(
             [
                 str(i),
                 r["trial"],
-                *(_fmt(r["params"].get(k)) for k in keys),
+                *(fmt(r["params"].get(k)) for k in keys),
                 "" if r["metric"] is None else f"{r['metric']:.4f}",
                 status,
             ]
         )
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    line = "+".join("-" * (w + 2) for w in widths)
-    fmt = lambda row: "|".join(f" {v:<{w}} " for v, w in zip(row, widths))
-    return "\n".join([line, fmt(rows[0]), line, *(fmt(r) for r in rows[1:]), line])
+    return text_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ __all__ = [
     "apply_overrides",
     "build",
     "bundled_jobs",
+    "job_path",
     "default_job_path",
     "flatten",
     "from_dict",
@@ -247,6 +248,15 @@ def bundled_jobs() -> list[str]:
 def default_job_path() -> Path:
     """The quickstart job."""
     return _jobs_dir() / "quickstart.yaml"
+
+
+def job_path(name: str | Path | None) -> Path:
+    """A job file's path, or the bundled job of that name (`--config quickstart`); None = the quickstart."""
+    if name is None:
+        return default_job_path()
+    if not Path(name).exists() and str(name) in bundled_jobs():
+        return _jobs_dir() / f"{name}.yaml"
+    return Path(name)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -39,6 +39,7 @@ class LocalEngine:
         self.device = device
         self.step_losses: list[list[float]] = [[] for _ in cfg.peers]  # every step's loss, per peer
         self.prior_rounds: list[dict] = []
+        self.final: RoundResult | None = None
         self.peers: list[Peer] = []
 
     def run(self, out_dir: str | Path | None = None, dataset: Dataset | None = None) -> list[RoundResult]:

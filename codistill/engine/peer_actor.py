@@ -59,7 +59,7 @@ class PeerActor:
         # A constructor that raises is restarted by Ray (max_restarts) only to fail the same way, with a
         # traceback per attempt: the error is kept and raised by the first call instead.
         self.start_error: str | None = None
-        self.peer_name = build(cfg_dict).peer_name(index)
+        self.peer_name = (cfg_dict.get("peers") or [{}])[index].get("name") or f"peer{index}"
         try:
             self._start(
                 cfg_dict, index, dataset, board_name, namespace, storage_uri, resume_step, prior_restarts, extras

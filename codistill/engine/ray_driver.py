@@ -117,6 +117,7 @@ class RayEngine:
         self.step_losses: list[list[float]] = [[] for _ in cfg.peers]
         self.prior_rounds: list[dict] = []
         self.peer_info: list[dict] = []
+        self.final: RoundResult | None = None  # the last round, when this driver ran none
         self.run_id = run_id or uuid.uuid4().hex[:8]  # in actor names, the run directory and MLflow alike
         self.board_name = f"codistill-{self.run_id}-board"
 
@@ -282,6 +283,10 @@ class RayEngine:
 
         for i in range(cfg.num_peers):
             submit(i)
+        if not pending:  # resumed after the last round: the peers report it again (no training) for the summary
+            refs = [a.run_round.remote(ends[i][-1], len(ends[i]) - 1, 0) for i, a in enumerate(actors)]
+            self.final = evaluate_round(len(self.prior_rounds) - 1, ray.get(refs), labels)
+            return []
         history: list[RoundResult] = []
         restarts = [info["restarts"] for info in self.peer_info]
         events: list[str] = list(messages)

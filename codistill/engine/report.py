@@ -147,11 +147,17 @@ def round_record(h: RoundResult) -> dict[str, Any]:
 
 
 def build_summary(
-    cfg: RunConfig, history: Sequence[RoundResult], wall_time_s: float, prior_rounds: Sequence[dict] = ()
+    cfg: RunConfig,
+    history: Sequence[RoundResult],
+    wall_time_s: float,
+    prior_rounds: Sequence[dict] = (),
+    final: RoundResult | None = None,
 ) -> dict[str, Any]:
     """The run's summary.json: final per-peer and ensemble results plus the per-round history
-    (`prior_rounds`: records of rounds an earlier driver of the same run finished)."""
-    final = history[-1]
+    (`prior_rounds`: records of rounds an earlier driver of the same run finished; `final`: the last
+    round when this driver ran none, as when a run resumes after its last round)."""
+    final = history[-1] if history else final
+    assert final is not None, "a summary needs a round"
     total = ExchangeStats()
     for r in final.peers:
         total.merge(r.exchange)

@@ -155,6 +155,9 @@ class Board(ABC):
         until every publisher in `need` has what is needed (TeacherUnavailable after). With an empty
         `need` it never waits."""
 
+    def flush(self) -> None:
+        """Send what is held back to ride on the next request (the end of every step calls it)."""
+
     def mark_durable(self, peer: int, step: int) -> None:
         """`peer` saved a training checkpoint at `step`."""
 

@@ -91,3 +91,6 @@ class LogitExchange(Exchange):
             self.stats.see_staleness(step - shard.produced_step)
         self.stats.exchange_s += time.perf_counter() - t0
         return out
+
+    def end_step(self, peer: Peer, step: int) -> None:
+        self.board.flush()  # a shard held back to ride on a teacher request goes now if none came

@@ -81,8 +81,15 @@ class RayBoardActor:
         self.state.put_logits(publisher, batch_step, entry)
         self._notify()
 
-    async def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> dict:
-        """{"epoch", "entries": [...]} for all `publishers` at `batch_step`, or {"epoch", "missing": [...]}."""
+    async def fetch_logits(
+        self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float, publish: list | None = None
+    ) -> dict:
+        """{"epoch", "entries": [...]} for all `publishers` at `batch_step`, or {"epoch", "missing": [...]}.
+        `publish`: (publisher, batch step, entry) the consumer publishes on the same call (one call per step)."""
+        for publisher, step, entry in publish or ():
+            self.state.put_logits(publisher, step, entry)
+        if publish:
+            self._notify()
         if not await self._wait_until(lambda: not self.state.missing_logits(publishers, batch_step), timeout_s):
             return {"epoch": self.epoch, "missing": self.state.missing_logits(publishers, batch_step)}
         return {"epoch": self.epoch, "entries": self.state.take_logits(publishers, batch_step, consumer)}
@@ -136,6 +143,8 @@ class RayBoardClient(Board):
         self.epoch: str | None = None
         self.sent_logits: dict[tuple[int, int], Any] = {}  # what we published recently, as sent (keeps refs alive)
         self.sent_shards: dict[tuple[int, int], LogitShard] = {}  # the same shards by value (for checkpoints)
+        self.held: list[tuple[int, int, Any]] = []  # published this step, not sent yet
+        self._last_news = 0.0
         self.sent_weights: dict[int, WireWeights] = {}  # our newest versions, even once the board took them
         self.outbox: dict[int, WireWeights] = {}  # versions the board has not taken yet
         self._outbox_lock = threading.Lock()  # the training thread adds, the "exchange" thread takes
@@ -172,6 +181,7 @@ class RayBoardClient(Board):
 
     def republish(self) -> None:
         """Give a new board what the old one held of ours."""
+        self.flush()
         for (publisher, step), entry in sorted(self.sent_logits.items(), key=lambda kv: kv[0][1]):
             self.handle.publish_logits.remote(publisher, step, entry)
         with self._outbox_lock:
@@ -194,7 +204,12 @@ class RayBoardClient(Board):
         self.sent_shards[(publisher, shard.batch_step)] = shard
         for key in [k for k in self.sent_logits if k[1] < shard.batch_step - self.kept_shard_steps]:
             del self.sent_logits[key], self.sent_shards[key]
-        self.handle.publish_logits.remote(publisher, shard.batch_step, entry)
+        self.held.append((publisher, shard.batch_step, entry))  # rides on this step's teacher request
+
+    def flush(self) -> None:
+        for publisher, step, entry in self.held:
+            self.handle.publish_logits.remote(publisher, step, entry)
+        self.held = []
 
     def fetch_logits(self, publishers: list[int], batch_step: int, consumer: int, timeout_s: float) -> list[LogitShard]:
         self.progress_step = max(self.progress_step, batch_step)
@@ -203,9 +218,9 @@ class RayBoardClient(Board):
         pending = list(publishers)
         while pending:  # one board request for all teachers; again for shards lost with their publisher
             left = deadline - time.monotonic()
-            found = ray.get(
-                self.handle.fetch_logits.remote(pending, batch_step, consumer, min(max(left, 0), WAIT_SLICE_S))
-            )
+            held, self.held = self.held, []  # what we published this step rides on the request
+            wait = min(max(left, 0), WAIT_SLICE_S)
+            found = ray.get(self.handle.fetch_logits.remote(pending, batch_step, consumer, wait, held))
             self._see(found["epoch"])
             if "missing" in found:
                 if time.monotonic() < deadline:
@@ -251,9 +266,14 @@ class RayBoardClient(Board):
                 del self.outbox[v]
             return self.outbox.pop(version, None)
 
+    NEWS_EVERY_S = 0.25
+
     def _news(self, known: Mapping[int, int]) -> bool:
         """Whether the board has a version newer than `known` (one versions() request stays in flight and
-        is read once it is ready: never waits)."""
+        is read once it is ready: never waits; asked at most every NEWS_EVERY_S, not every step)."""
+        if time.monotonic() - self._last_news < self.NEWS_EVERY_S:
+            return False
+        self._last_news = time.monotonic()
         if self._versions_ref is None:
             self._versions_ref = self.handle.versions.remote()
         ready, _ = ray.wait([self._versions_ref], timeout=0)

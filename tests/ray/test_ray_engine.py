@@ -76,3 +76,42 @@ def test_digits_dml_job_runs_on_ray(ray_session, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [p["steps"] for p in summary["peers"]] == [40, 40, 40] and summary["engine"] == "ray"
     assert all(p["node_id"] for p in summary["peers"])
+
+
+def test_a_peer_that_cannot_start_is_one_line_and_not_restarted(ray_session, tmp_path, capsys):
+    """device=cuda passes the driver's checks (workers may have GPUs); on this CPU machine each peer fails
+    to build. That is one `error:` line naming the peer and the cause, with the traceback in the run log;
+    the actor is not restarted to fail again."""
+    from codistill.run import main
+
+    out = tmp_path / "run"
+    argv = ["--output", str(out)]
+    for s in ("device=cuda", "tracking=none", "steps=10", "resources.num_cpus=1", "resources.max_restarts=3"):
+        argv += ["--set", s]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: peer peer0-mlp could not start: ConfigError: device: got 'cuda'"), lines[0]
+    assert lines[0].endswith(f"(details: {out / 'codistill.log'})")
+    log = (out / "codistill.log").read_text()
+    assert "Traceback" in log and "resolve_device" in log
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_a_model_registered_at_run_time_works_on_ray(ray_session, tmp_path):
+    """What a notebook does: register a model in the driver's process; the peers' actors get it."""
+    import torch.nn as nn
+
+    from codistill.models import MODELS
+
+    def tiny(input_shape, num_classes):  # a local function: shipped by value, as from a notebook
+        return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+
+    MODELS["tiny_registered"] = tiny
+    try:
+        summary = run_job(ray_job("peers.1.model=tiny_registered", steps=10), tmp_path / "run")
+    finally:
+        del MODELS["tiny_registered"]
+    assert [p["model"] for p in summary["peers"]] == ["mlp", "tiny_registered"]
+    assert [p["steps"] for p in summary["peers"]] == [10, 10]

@@ -49,7 +49,7 @@ def check_every_round(summary: dict, uri: str, run_id: str, steps: int, every: i
     assert [r["step"] for r in rounds] == list(range(every, steps + 1, every))
     client = MlflowClient(uri)
     peer_runs = {
-        r.data.tags["mlflow.runName"]: r.info.run_id
+        r.data.tags["codistill.peer"]: r.info.run_id
         for r in client.search_runs(
             [client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"
         )

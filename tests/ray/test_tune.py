@@ -117,3 +117,36 @@ def test_asha_stops_weak_trials_and_their_runs_end(ray_session, tmp_path):
     assert (runs["status"] == "KILLED").sum() >= 3 * len(stopped)  # each stopped trial and its two peers
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("codistill-")]
     assert not alive, alive
+
+
+def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_path, capsys):
+    """PBT over temperature and alpha: trials report a checkpoint every round; a weak trial takes a strong
+    one's state and goes on with mutated values. Every trial still finishes its whole run."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [
+        "steps=80",
+        "eval_every=20",
+        f"tune.storage_path={tmp_path}/tune",
+        "tune.name=pbt",
+        f"tracking.uri={uri}",
+        "tune.num_samples=2",
+        "tune.scheduler=pbt",
+        "tune.perturbation_interval=1",
+        "search.optim.lr={choice: [0.05, 0.00001]}",
+    ]
+    argv = ["--config", "tune_temperature"] + [a for s in sets for a in ("--set", s)]  # a bundled sweep by name
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "rank" in out
+    results = json.loads((tmp_path / "tune" / "pbt" / "sweep_results.json").read_text())
+    assert len(results["trials"]) == 2 and all(t["complete"] for t in results["trials"])
+    policy = list((tmp_path / "tune" / "pbt").glob("pbt_global.txt"))
+    assert policy and policy[0].read_text().strip(), "PBT never exploited a checkpoint"
+    # an exploited trial resumed from another trial's round checkpoint and still ran to the end
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "tune" / "pbt").glob("*/run/summary.json")]
+    assert len(summaries) == 2 and all(s["rounds"][-1]["step"] == 80 for s in summaries)
+    assert any("resumed from its checkpoint" in e for s in summaries for e in s["events"])
+    mlflow.set_tracking_uri(uri)
+    sweep = mlflow.search_runs(experiment_names=["tune_temperature"], filter_string="tags.codistill.kind = 'sweep'")
+    assert len(sweep) == 1 and sweep.iloc[0]["params.search.optim.lr"] == '{"choice": [0.05, 1e-05]}'
+    assert sweep.iloc[0]["params.best.optim.lr"] in ("0.05", "1e-05")

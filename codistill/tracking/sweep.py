@@ -1,0 +1,37 @@
+"""A Tune sweep's MLflow run: its search space and best parameters, and the truth about trials the
+scheduler stopped (their own runs may say FAILED: they were cut off from outside)."""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["close_sweep"]
+
+
+def close_sweep(uri: str, run_id: str, job_name: str, out: dict, search: dict) -> None:
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    params = [Param(f"search.{k}", json.dumps(v)[:6000]) for k, v in search.items()]
+    params += [Param(k, str(out[k])) for k in ("metric", "mode")]
+    if out.get("best"):
+        params += [Param(f"best.{k}", str(v)) for k, v in out["best"]["params"].items()]
+        params.append(Param("best.trial", str(out["best"]["trial"])))
+    logged = {p for p in client.get_run(run_id).data.params}
+    fresh = [p for p in params if p.key not in logged]  # a resumed sweep logged some already
+    for i in range(0, len(fresh), 100):
+        client.log_batch(run_id, params=fresh[i : i + 100])
+    stopped = {r["trial"] for r in out["trials"] if not r["complete"] and not r["error"]}
+    if stopped:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        for trial_run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"):
+            tag = trial_run.data.tags.get("codistill.run_id", "")
+            if any(tag.startswith(f"{job_name}-{trial_id}-") for trial_id in stopped):
+                peers = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial_run.info.run_id}'")
+                for r in [trial_run, *peers]:
+                    client.set_terminated(r.info.run_id, "KILLED")
+    if out.get("best"):
+        client.log_metric(run_id, f"best_{out['metric']}", out["best"]["metric"])
+        client.log_artifact(run_id, out["best_job"])
+    client.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,111 @@
+"""One Tune trial: a whole codistill run whose rounds are Tune's iterations, each reported with a
+checkpoint, so an interrupted trial resumes mid-run and population-based training can copy a good
+trial's state into a weak one and go on with mutated settings (temperature, alpha, exchange period).
+
+A trial checkpoint is a small directory: the run's `progress.json` and `job.yaml`, `trial.json`
+(which trial made it) and each peer's training checkpoint of that round. Restored into a trial, it
+becomes the trial's run directory and the run is resumed there with the trial's *own* settings;
+state copied from another trial (PBT's exploit) gets the trial's own MLflow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from codistill.config import build, to_dict
+from codistill.engine.report import Reporter, RoundResult
+from codistill.storage import Storage, checkpoint_path
+
+__all__ = ["TuneReporter", "trainable", "trial_title", "fmt"]
+
+RUN_FILES = ("progress.json", "job.yaml", "run.json", "tracking.json")
+
+
+def fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def trial_title(config: dict) -> str:
+    """What a trial tries, short: `alpha=0.41,temperature=2.53`."""
+    return ",".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in sorted(config.items()))
+
+
+class TuneReporter(Reporter):
+    """Reports every round to Tune (its iteration), with the run's state as a checkpoint."""
+
+    def __init__(self, run_dir: str, trial_id: str, checkpoints: bool):
+        self.storage = Storage(run_dir)
+        self.trial_id = trial_id
+        self.checkpoints = checkpoints
+
+    def on_round(self, result: RoundResult) -> None:
+        from ray import tune
+
+        metrics = {**result.metrics, "step": result.step, "round": result.round}
+        if not self.checkpoints:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="codistill-trial-") as tmp:
+            for name in RUN_FILES:  # progress.json is written before any reporter hears of the round
+                data = self.storage.read(name)
+                if data is not None:
+                    Path(tmp, name).write_bytes(data)
+            for p in result.peers:
+                data = self.storage.read(checkpoint_path(p.name, p.step))
+                if data is not None:
+                    target = Path(tmp, checkpoint_path(p.name, p.step))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
+            Path(tmp, "trial.json").write_text(json.dumps({"trial_id": self.trial_id}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _restore(checkpoint_dir: str, run_dir: str, trial_id: str) -> None:
+    """The trial's run directory from a checkpoint (its own after an interruption, or another trial's)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, run_dir)
+    made_by = json.loads(Path(run_dir, "trial.json").read_text())["trial_id"]
+    if made_by != trial_id:  # PBT copied another trial's state: this trial keeps its own run id and MLflow runs
+        for name in ("run.json", "tracking.json"):
+            Path(run_dir, name).unlink(missing_ok=True)
+
+
+def trainable(config: dict, base_raw: dict, parent_run_id: str | None) -> None:
+    """Tune's function trainable: `config` holds only the searched dotted keys (the rest comes through
+    `tune.with_parameters`, so Tune's tables show just what is searched)."""
+    import yaml
+    from ray import tune
+
+    from codistill.api import run_job
+    from codistill.tune import trial_job
+
+    cfg = build(trial_job(base_raw, config))
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    run_dir = os.path.join(ctx.get_trial_dir(), "run")  # Tune writes its own files beside
+    run_name = f"{cfg.name}-{trial_id}-{trial_title(config)}"  # MLflow, actor names and run.json alike
+    checkpoint = tune.get_checkpoint()
+    resume = False
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            _restore(d, run_dir, trial_id)
+        # this trial's settings (PBT may have just changed them) over the checkpoint's
+        Path(run_dir, "job.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        resume = True
+    reporter = TuneReporter(run_dir, trial_id, checkpoints=cfg.engine == "ray")
+    summary = run_job(cfg, run_dir, reporter, resume=resume, parent_run_id=parent_run_id, run_name=run_name)
+    tune.report(
+        {
+            "ensemble_accuracy": summary["ensemble"]["test_accuracy"],
+            "churn": summary["churn"],
+            "mean_pairwise_kl": summary["mean_pairwise_kl"],
+            "mean_peer_accuracy": summary["mean_peer_test_accuracy"],
+            "step": summary["rounds"][-1]["step"],
+            "final": True,
+        }
+    )
