@@ -12,6 +12,7 @@ nothing outside the owner branches on a name. This module imports nothing of cod
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -29,6 +30,7 @@ class Registry(dict[str, T], Generic[T]):
     def __init__(self, kind: str, entries: dict[str, T] | None = None):
         super().__init__(entries or {})
         self.kind = kind
+        self.owner: str = sys._getframe(1).f_globals.get("__name__", "")  # the module that defines the entries
         self.builtin = frozenset(self)
         self.families: dict[str, tuple[Callable[[str], T], Callable[[str], None] | None]] = {}
         _REGISTRIES[kind] = self
@@ -86,14 +88,18 @@ def lookup(module: str, attr: str) -> Registry:
     return registry
 
 
-def all_extras() -> dict[str, dict[str, Any]]:
-    """{registry kind: its extras} for every registry that has some (what RayEngine ships to actors)."""
-    return {kind: extras for kind, r in _REGISTRIES.items() if (extras := r.extras())}
+def all_extras() -> dict[str, tuple[str, dict[str, Any]]]:
+    """{registry kind: (owning module, its extras)} for every registry that has some (what RayEngine ships
+    to its actors)."""
+    return {kind: (r.owner, extras) for kind, r in _REGISTRIES.items() if (extras := r.extras())}
 
 
-def install_extras(extras: dict[str, dict[str, Any]]) -> None:
-    """Add shipped extras to this process's registries (their owning modules must be imported)."""
-    for kind, entries in extras.items():
+def install_extras(extras: dict[str, tuple[str, dict[str, Any]]]) -> None:
+    """Add shipped extras (`all_extras()` of another process) to this process's registries, importing
+    their owning modules first: an actor may not have imported them yet."""
+    for kind, (owner, entries) in extras.items():
         if kind not in _REGISTRIES:
-            raise KeyError(f"no registry of kind {kind!r} in this process")
+            importlib.import_module(owner)
+        if kind not in _REGISTRIES:
+            raise KeyError(f"module {owner} defines no registry of kind {kind!r} in this process")
         _REGISTRIES[kind].update(entries)

@@ -30,7 +30,7 @@ from codistill.engine.report import (
     staleness_warnings,
 )
 from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
-from codistill.errors import ResourcesError
+from codistill.errors import CodistillError, ResourcesError
 from codistill.registry import all_extras
 from codistill.storage import Storage
 
@@ -175,7 +175,7 @@ class RayEngine:
                 max_task_retries=-1,
                 scheduling_strategy=here,
             )
-            .remote(to_dict(self.cfg), actor_names, namespace)
+            .remote(to_dict(self.cfg), actor_names, namespace, all_extras())
         )
 
     def run(self, out_dir: str | Path, dataset: Dataset | None = None) -> list[RoundResult]:
@@ -199,6 +199,7 @@ class RayEngine:
         actor_names = [f"codistill-{self.run_id}-{n}" for n in names]
         board = self._start_board(actor_names, namespace)
         pg, first_bundle, own_pg = self._placement_group()
+        self._board_started(board)
         data_ref = ray.put(dataset.to_arrays())  # decoded once, shared read-only by every peer on a node
         # take_weights runs in its own thread ("exchange" group) so the board can pull a checkpoint
         # while the peer is busy training.
@@ -241,6 +242,17 @@ class RayEngine:
             ray.kill(board, no_restart=True)
             if own_pg:
                 ray.util.remove_placement_group(pg)
+
+    def _board_started(self, board: Any) -> None:
+        """A board that cannot be built (Ray does not restart a constructor that raised) stops the run in
+        one line; the peers would otherwise each fail on it and name themselves."""
+        import ray
+
+        try:
+            ray.get(board.__ray_ready__.remote())
+        except ray.exceptions.ActorDiedError as e:
+            log.error("the exchange board could not start:\n%s", e)
+            raise CodistillError(f"the exchange board could not start: {_one_line(e)}") from None
 
     def _started(self, actors: list[Any]) -> list[dict]:
         """Each peer's info once it is built; a peer that could not be built stops the run in one line."""

@@ -32,6 +32,7 @@ from codistill.config import build
 from codistill.exchange import new_board_state
 from codistill.exchange.board import Board, TeacherUnavailable
 from codistill.exchange.wire import LogitShard, WireWeights
+from codistill.registry import install_extras
 
 __all__ = ["RayBoardActor", "RayBoardClient", "WAIT_SLICE_S"]
 
@@ -42,16 +43,21 @@ WAIT_SLICE_S = 5.0
 class RayBoardActor:
     """A job's board as a named async actor (see module docstring)."""
 
-    def __init__(self, cfg_dict: dict, peer_names: list[str], namespace: str | None):
-        self.state = new_board_state(build(cfg_dict))
+    def __init__(self, cfg_dict: dict, peer_names: list[str], namespace: str | None, extras: dict | None = None):
+        # Set first: Ray calls __repr__ while reporting a constructor error, and a __repr__ that raises
+        # turns that error into a worker crash, which Ray restarts forever under max_restarts=-1.
         self.epoch = uuid.uuid4().hex[:12]
+        self.state: Any = None
+        install_extras(extras or {})  # the job may name models the driver's program registered
+        self.state = new_board_state(build(cfg_dict))
         self._peer_names = peer_names
         self._namespace = namespace
         self._handles: dict[int, Any] = {}
         self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"RayBoardActor(epoch={self.epoch}, {self.state.stats()})"
+        held = "starting" if self.state is None else self.state.stats()
+        return f"RayBoardActor(epoch={self.epoch}, {held})"
 
     def _notify(self) -> None:
         self._changed.set()

@@ -58,3 +58,21 @@ def test_public_api():
     from importlib.metadata import version
 
     assert r.stdout.strip() == version("codistill")
+
+
+def test_extras_install_in_a_process_that_has_not_imported_their_registry():
+    """What the board actor is: a fresh process that gets the driver's registered models before it has
+    imported `codistill.models`; a job that names them must validate there."""
+    driver = (
+        "import pickle, sys, torch.nn as nn; from codistill.models import MODELS; from codistill.registry import "
+        "all_extras; MODELS['tiny_extra'] = nn.Identity; sys.stdout.buffer.write(pickle.dumps(all_extras()))"
+    )
+    shipped = subprocess.run([sys.executable, "-c", driver], capture_output=True, check=True).stdout
+    actor = (
+        "import pickle, sys; from codistill.registry import install_extras; from codistill.config import build; "
+        "install_extras(pickle.loads(sys.stdin.buffer.read())); "
+        "cfg = build({'peers': [{'model': 'mlp'}, {'model': 'tiny_extra'}]}); print(cfg.peers[1].model)"
+    )
+    r = subprocess.run([sys.executable, "-c", actor], input=shipped, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().strip() == "tiny_extra"
