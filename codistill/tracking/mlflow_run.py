@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -91,6 +92,10 @@ class Tracker(NullTracker):
 
         self.cfg = cfg
         self.uri = resolve_tracking_uri(cfg.tracking.uri)
+        # MLflow's fluent calls (log_model, the system-metrics monitor) write to the process's tracking
+        # URI, and setting it also sets MLFLOW_TRACKING_URI, which the next run's default would follow:
+        # point it at this run's store while the run lasts and give the program its own back after.
+        self._program_uri = _current_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         self.mlflow = SafeClient(MlflowClient(self.uri), self.uri, warn)
         self.client = self.mlflow.client
@@ -146,6 +151,11 @@ class Tracker(NullTracker):
             with contextlib.suppress(Exception):
                 monitor.finish()
         self._monitors = []
+
+    def _restore_tracking_uri(self) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self._program_uri)  # None unsets it (and MLFLOW_TRACKING_URI)
 
     def state(self) -> dict:
         """What a resumed driver needs to continue these runs (kept in the run directory)."""
@@ -230,6 +240,7 @@ class Tracker(NullTracker):
                 )
         for run_id in [*self.peer_runs.values(), self.job_run]:
             self.mlflow.call("set_terminated", run_id, "FINISHED")
+        self._restore_tracking_uri()
 
     def _log_inputs_and_models(self, summary: dict, storage: Storage, example: ModelExample) -> None:
         try:
@@ -248,6 +259,15 @@ class Tracker(NullTracker):
         self.mlflow.retry()
         for run_id in [*self.peer_runs.values(), self.job_run]:
             self.mlflow.call("set_terminated", run_id, status)
+        self._restore_tracking_uri()
+
+
+def _current_tracking_uri() -> str | None:
+    """The tracking URI this program set (`mlflow.set_tracking_uri` or MLFLOW_TRACKING_URI), None if neither.
+    MLflow keeps it in a module global with no public getter that tells "unset" from its default."""
+    from mlflow.tracking._tracking_service import utils
+
+    return getattr(utils, "_tracking_uri", None) or os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _source_tags() -> dict[str, str]:

@@ -2,7 +2,10 @@
 3-node Ray cluster on this machine (ray.cluster_utils.Cluster), two small jobs with placement=spread,
 results as JSON on stdout."""
 
+import contextlib
 import json
+import os
+import signal
 import tempfile
 from typing import Any
 
@@ -66,10 +69,14 @@ class RemoveNodeOfPeer(Reporter):
         if result.round != 0 or self.removed is not None:
             return
         head = ray.get_runtime_context().get_node_id()  # the driver's node, where the board lives
-        victim = next(info["node_id"] for info in self.engine.peer_info if info["node_id"] != head)
-        node = next(n for n in self.cluster.worker_nodes if n.node_id == victim)
+        victim = next(info for info in self.engine.peer_info if info["node_id"] != head)
+        node = next(n for n in self.cluster.worker_nodes if n.node_id == victim["node_id"])
         self.cluster.remove_node(node, allow_graceful=False)
-        self.removed = victim
+        # A lost machine takes its processes with it. remove_node kills the raylet; a worker notices its
+        # raylet is gone only after a while and, being called directly, could finish the run meanwhile.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim["pid"], signal.SIGKILL)
+        self.removed = victim["node_id"]
 
 
 def lose_a_node(cluster: Cluster) -> dict:

@@ -89,6 +89,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
         "CODISTILL_STORAGE": str(storage),
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store under CODISTILL_STORAGE is what is tested
     env.pop("RAY_AUTH_TOKEN", None)
     run = lambda *args, **kw: subprocess.run([ray_bin, *args], env=env, capture_output=True, text=True, **kw)
     try:

@@ -80,6 +80,7 @@ def test_tracking_none_creates_no_store(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # 20 s: MLflow retries against a store that is broken on purpose
 def test_a_broken_store_never_stops_training_and_nothing_is_lost(tmp_path):
     """The SQLite store is locked by another process mid-run: one warning line, the run goes on, and
     what could not be logged is logged at the end (summary.json is the record throughout)."""
@@ -121,3 +122,22 @@ def test_a_broken_store_never_stops_training_and_nothing_is_lost(tmp_path):
     history = client.get_metric_history(summary["mlflow_run_id"], "ensemble_accuracy")
     assert sorted(m.step for m in history) == [10, 20, 30, 40, 50]
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_a_run_leaves_the_programs_mlflow_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """`codistill.train` in a notebook must not repoint the user's MLflow (nor a next run's default store,
+    which follows MLFLOW_TRACKING_URI) at the store of the run that just ended."""
+    import os
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # as in a fresh process
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_job(small_job("tracking.backend=mlflow", f"tracking.uri={uri}", steps=10), str(tmp_path / "run"))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking_utils._tracking_uri is None
+    mine = f"sqlite:///{tmp_path}/mine.db"
+    mlflow.set_tracking_uri(mine)
+    run_job(small_job("tracking.backend=mlflow", f"tracking.uri={uri}", steps=10), str(tmp_path / "run2"))
+    assert mlflow.get_tracking_uri() == mine and os.environ["MLFLOW_TRACKING_URI"] == mine
