@@ -155,7 +155,7 @@ class Tracker(NullTracker):
     def _restore_tracking_uri(self) -> None:
         import mlflow
 
-        mlflow.set_tracking_uri(self._program_uri)  # None unsets it (and MLFLOW_TRACKING_URI)
+        mlflow.set_tracking_uri(self._program_uri)  # type: ignore[arg-type]  # None unsets it (typed str only)
 
     def state(self) -> dict:
         """What a resumed driver needs to continue these runs (kept in the run directory)."""
