@@ -3,7 +3,7 @@
     python bench/startup.py                                   # Fashion-MNIST from ../shared/datasets, Ray engine
     python bench/startup.py --repo /path/to/other/checkout    # the same job on another checkout (before/after)
 
-Two peers on the Ray engine; the time includes Python start, Ray start, data loading and the first
+`--peers` peers (default 2) on the Ray engine; the time includes Python start, Ray start, data loading and the first
 `eval_every` steps (kept small). Writes bench/results/startup.json.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def first_round_s(repo: Path, data: Path, steps: int) -> dict:
+def first_round_s(repo: Path, data: Path, steps: int, num_peers: int) -> dict:
     out = tempfile.mkdtemp(prefix="bench-startup-")
     sets = [
         "data.name=parquet",
@@ -31,9 +31,8 @@ def first_round_s(repo: Path, data: Path, steps: int) -> dict:
         f"eval_every={steps}",
         "tracking=none",
         "engine=ray",
-        "resources.num_cpus=1",
-        "peers.0.model=mlp",
-        "peers.1.model=mlp",
+        f"resources.num_cpus={min(1.0, 2 / num_peers):g}",  # every peer starts at once on a 2-core machine
+        f"peers=[{', '.join(['{model: mlp}'] * num_peers)}]",
     ]
     env = {**os.environ, "PYTHONPATH": str(repo), "RAY_ADDRESS": "local"}
     args = [sys.executable, "-m", "codistill.run", "--output", os.path.join(out, "run")]
@@ -50,6 +49,7 @@ def first_round_s(repo: Path, data: Path, steps: int) -> dict:
     proc.wait()
     return {
         "repo": str(repo),
+        "num_peers": num_peers,
         "first_round_s": first,
         "total_s": time.perf_counter() - t0,
         "rc": proc.returncode,
@@ -62,10 +62,12 @@ def main() -> None:
     ap.add_argument("--repo", default=str(ROOT))
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "fashion_mnist"))
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--peers", type=int, default=2, help="peers of the job, all on this machine")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "startup.json"))
     args = ap.parse_args()
-    row = first_round_s(Path(args.repo), Path(args.data), args.steps)
-    print(f"{row['repo']}: first round after {row['first_round_s']}s, whole run {row['total_s']:.1f}s (rc {row['rc']})")
+    row = first_round_s(Path(args.repo), Path(args.data), args.steps, args.peers)
+    first, total = row["first_round_s"], row["total_s"]
+    print(f"{row['repo']}, {args.peers} peers: first round after {first}s, whole run {total:.1f}s (rc {row['rc']})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2))
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from codistill.errors import ConfigError
 
-__all__ = ["storage_root", "in_job_package", "new_run_id", "resolve_run_dir", "resolve_tracking_uri"]
+__all__ = [
+    "storage_root",
+    "in_job_package",
+    "new_run_id",
+    "resolve_run_dir",
+    "resolve_tracking_uri",
+    "artifact_location",
+]
 
 
 def storage_root() -> Path:
@@ -68,3 +75,17 @@ def resolve_tracking_uri(uri: str | None) -> str:
         _refuse_relative_in_package("tracking.uri", uri, "the MLflow store")
         return os.path.abspath(uri)
     return uri
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where an experiment this project creates keeps its artifacts (summaries, weights, logged models).
+
+    For a SQLite store MLflow's default is `./mlruns` in the working directory: inside Ray's job package
+    under `ray job submit --working-dir` (deleted with the job), and a different place for each directory a
+    user starts from. Keep them beside the database instead, in `mlartifacts/` (the folder `mlflow server`
+    uses). Other stores choose for themselves: None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (db.parent / "mlartifacts" / safe).as_uri()

@@ -36,18 +36,25 @@ def trial_title(config: dict) -> str:
 
 
 class TuneReporter(Reporter):
-    """Reports every round to Tune (its iteration), with the run's state as a checkpoint."""
+    """Reports every round to Tune (its iteration), with the run's state as a checkpoint, except the last
+    round's: a finished run has nothing left to continue, and PBT exploits a trial's *latest* checkpoint,
+    so a weak trial that copied a finished one would train no further with its mutated settings (which
+    is what happens whenever the trials do not all fit at once and run one after another)."""
 
     def __init__(self, run_dir: str, trial_id: str, checkpoints: bool):
         self.storage = Storage(run_dir)
         self.trial_id = trial_id
         self.checkpoints = checkpoints
+        self.total_steps = 0
+
+    def on_start(self, cfg: Any, total_steps: int) -> None:
+        self.total_steps = total_steps
 
     def on_round(self, result: RoundResult) -> None:
         from ray import tune
 
         metrics = {**result.metrics, "step": result.step, "round": result.round}
-        if not self.checkpoints:
+        if not self.checkpoints or result.step >= self.total_steps:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="codistill-trial-") as tmp:

@@ -22,7 +22,7 @@ from typing import Any
 
 from codistill.config import RunConfig, flatten, to_dict
 from codistill.engine.report import Reporter, RoundResult, round_record
-from codistill.locations import resolve_tracking_uri
+from codistill.locations import artifact_location, resolve_tracking_uri
 from codistill.storage import Storage
 from codistill.tracking.plots import plot_curves
 from codistill.tracking.safe import SafeClient
@@ -101,7 +101,11 @@ class Tracker(NullTracker):
         self.client = self.mlflow.client
         name = cfg.tracking.experiment or cfg.name
         exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.experiment_id = (
+            exp.experiment_id
+            if exp
+            else self.client.create_experiment(name, artifact_location=artifact_location(self.uri, name))
+        )
         self.peer_runs: dict[str, str] = {}
         self._monitors: list[Any] = []
         if resume:  # a resumed driver keeps logging into the runs the first one created

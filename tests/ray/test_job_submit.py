@@ -178,6 +178,10 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
         runs = mlflow.search_runs(experiment_names=["quickstart"])
         assert len(runs) == 3 and (runs["status"] == "FINISHED").all()
         assert uri.group(2) in set(runs["run_id"]) and summary["mlflow_run_id"] == uri.group(2)
+        # artifacts (the summary, weights, logged models) too are in the storage root, after the job is gone
+        assert all(a.startswith((storage / "mlartifacts").as_uri()) for a in runs["artifact_uri"])
+        job_run = runs[runs["run_id"] == uri.group(2)].iloc[0]
+        assert (Path(job_run["artifact_uri"].removeprefix("file://")) / "summary.json").exists()
         # a relative --output inside the job package is refused in one line
         refused = run(
             "job",

@@ -37,6 +37,10 @@ def test_run_logs_parent_and_nested_peer_runs_with_metrics_and_artifacts(tmp_pat
     assert parent["params.loss.alpha"] == "0.5" and parent["params.peers.1.model"] == "cnn"
     assert parent["params.exchange.mode"] == "logits"
     client = MlflowClient(uri)
+    # artifacts beside the store, not in ./mlruns of whatever directory the run started in (under
+    # `ray job submit --working-dir` that is Ray's job package, deleted with the job)
+    assert parent["artifact_uri"].startswith((tmp_path / "mlartifacts").as_uri())
+    assert not (Path.cwd() / "mlruns").exists()
     hist = client.get_metric_history(parent["run_id"], "ensemble_accuracy")
     assert [m.step for m in hist] == [10, 20, 30]
     assert hist[-1].value == pytest.approx(summary["ensemble"]["test_accuracy"])
