@@ -115,6 +115,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 if str(a) == value:
                     return a
         raise _bad(path, value, tp)
+    if origin is dict:  # free-form keyword arguments (model_args): YAML scalars, lists and mappings as given
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(path, value, "a mapping of names to values")
+        return dict(value)
     if origin is tuple:
         (item_tp, *_rest) = typing.get_args(tp)
         if isinstance(value, str):
@@ -286,6 +292,8 @@ def to_dict(cfg: Any) -> Any:
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
 
 

@@ -96,9 +96,32 @@ class DataConfig(_Section):
     synthetic_shape: tuple[int, ...] = (1, 8, 8)
     """synthetic only: image shape (C, H, W)."""
     synthetic_classes: int = 10
+    tokenizer: str = "byte"
+    """text only: `byte` (256 symbols, no files), `bpe` (trained on the training split with the `tokenizers`
+    library, `vocab_size` symbols) or `hf:<name or path>` (a Hugging Face tokenizer you have)."""
+    vocab_size: int = 8192
+    """text, bpe only: the size of the trained vocabulary."""
+    block_size: int = 128
+    """text only: tokens per training sequence (the model sees `block_size` tokens and predicts the next)."""
+    text_column: str = "text"
+    """text only: the column of a Parquet/Arrow file that holds the text."""
+    val_fraction: float = 0.1
+    """text only: the share of the corpus (its end) held out for validation and test."""
+    max_chars: int | None = 3_000_000
+    """text only: use the first N characters of the corpus (null: all of it)."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.data", "DATASETS", self.name, "name")
+        self._registered("codistill.data", "TOKENIZERS", self.tokenizer, "tokenizer")
+        self._check(2 <= self.vocab_size <= 1_000_000, "vocab_size", self.vocab_size, "an integer in [2, 1000000]")
+        self._check(1 <= self.block_size <= 1_000_000, "block_size", self.block_size, "an integer in [1, 1000000]")
+        self._check(
+            _finite(self.val_fraction) and 0 < self.val_fraction < 1,
+            "val_fraction",
+            self.val_fraction,
+            "a number in (0, 1)",
+        )
+        self._check(self.max_chars is None or self.max_chars >= 1, "max_chars", self.max_chars, "null or >= 1")
         self._check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         self._check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         for key in ("limit_train", "limit_test"):
@@ -170,6 +193,11 @@ class PeerConfig(_Section):
     optim: OptimConfig | None = None
     """This peer's optimiser; None = the job's `optim`. In a job file, the job's `optim` keys merged
     with this peer's own."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the model's builder: `gpt` sizes (`n_layer`, `n_head`, `n_embd`, `dropout`), or
+    for `hf` the Hugging Face config (`model_type: llama`, `hidden_size`, ...)."""
+    pretrained: bool = False
+    """`hf:<id or path>` only: load the pretrained weights (else the architecture, freshly initialised)."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.models", "MODELS", self.model, "model")
@@ -234,6 +262,12 @@ class ExchangeConfig(_Section):
     timeout_s: float = 300.0
     """How long a peer waits for a teacher's shard or checkpoint before the step fails."""
     inline_max_bytes: int = 32768
+    logits: Literal["full", "topk"] = "full"
+    """logits mode: `full` shards carry every class's logit; `topk` shards carry each position's `topk` largest
+    (ids and values) plus the log-sum-exp at the job's temperature, exact for those k classes and one bucket
+    for the rest (for language models: a fraction of the bytes)."""
+    topk: int = 32
+    """topk shards: classes kept per position."""
     """Ray, logits: a shard up to this size travels by value through the board (one RPC per pull, as
     Ray itself inlines small objects); larger ones are `ray.put` and only their reference is passed.
     0 = always by reference."""
@@ -241,6 +275,7 @@ class ExchangeConfig(_Section):
     def __post_init__(self) -> None:
         self._registered("codistill.exchange", "EXCHANGES", self.mode, "mode")
         self._registered("codistill.exchange", "TOPOLOGIES", self.topology, "topology")
+        self._check(1 <= self.topk <= 1_000_000, "topk", self.topk, "an integer in [1, 1000000]")
         self._check(0 <= self.staleness <= MAX_STEPS, "staleness", self.staleness, "an integer >= 0")
         self._check(
             0 <= self.inline_max_bytes <= 1 << 20,

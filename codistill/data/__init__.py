@@ -14,9 +14,19 @@ from codistill.config import DataConfig
 from codistill.data import vision
 from codistill.data.dataset import Dataset, channel_stats, mix_seed
 from codistill.data.order import PeerData, random_crop_flip
+from codistill.data.tokenizers import TOKENIZERS
 from codistill.registry import Registry
 
-__all__ = ["DATASETS", "Dataset", "PeerData", "channel_stats", "load_dataset", "mix_seed", "random_crop_flip"]
+__all__ = [
+    "DATASETS",
+    "TOKENIZERS",
+    "Dataset",
+    "PeerData",
+    "channel_stats",
+    "load_dataset",
+    "mix_seed",
+    "random_crop_flip",
+]
 
 DATASETS: Registry[Callable[[DataConfig], Dataset]] = Registry(
     "dataset",

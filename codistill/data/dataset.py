@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,13 @@ __all__ = ["Dataset", "as_tensor", "channel_stats", "mix_seed"]
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images are (N, C, H, W); uint8 images are scaled by `scale` before normalisation."""
+    """Images are (N, C, H, W); uint8 images are scaled by `scale` before normalisation.
+
+    `task` names how batches become inputs and targets (codistill.tasks.TASKS). For `causal_lm`, `train_x`
+    and `test_x` are int64 token windows (N, block_size + 1) (a model reads [:, :-1] and predicts [:, 1:]),
+    `train_y`/`test_y` are zeros (N,), `num_classes` is the vocabulary size, and `meta` says what the text
+    and the tokenizer were (`tokenizer`, `vocab_size`, `corpus_sha256`, `tokenizer_json`, ...).
+    """
 
     name: str
     train_x: torch.Tensor
@@ -26,6 +32,8 @@ class Dataset:
     std: tuple[float, ...]
     scale: float = 1.0 / 255  # raw value -> [0, 1]
     augment: bool = False  # default training augmentation (random crop 4 + flip)
+    task: str = "classification"
+    meta: dict = field(default_factory=dict)  # plain values only (it travels with the arrays)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,6 +68,8 @@ class Dataset:
             self.std,
             self.scale,
             self.augment,
+            self.task,
+            self.meta,
         )
 
 
