@@ -125,17 +125,30 @@ def train(
 
 
 def _model_example(cfg: RunConfig, dataset: Any) -> ModelExample:
-    from codistill.data.order import normalize
     from codistill.models import build_model
+    from codistill.tasks import task_of
+
+    task = task_of(dataset)
 
     def build_peer(i: int) -> Any:
-        return build_model(cfg.peers[i].model, dataset.input_shape, dataset.num_classes)
+        pc = cfg.peers[i]
+        return build_model(pc.model, task.input_shape(dataset), dataset.num_classes, model_args=pc.model_args)
 
-    example = normalize(dataset, dataset.test_x[:2])
+    example = task.example_input(dataset)
     # MLflow resolves a dataset source from a path or URI: the Parquet file, else the data root
     source = cfg.data.train or cfg.data.root
     source = source if "://" in source else str(Path(source).expanduser().absolute())
     return ModelExample(build_peer, example, dataset, source)
+
+
+def _describe_text(meta: dict) -> str:
+    if not meta:
+        return ""
+    return (
+        f" ({meta.get('source')}, {meta.get('num_train_tokens', 0):,} + {meta.get('num_test_tokens', 0):,} tokens, "
+        f"tokenizer {meta.get('tokenizer')} with {meta.get('vocab_size')} ids, "
+        f"sha256 {str(meta.get('corpus_sha256'))[:12]})"
+    )
 
 
 def _run_log(storage: Storage) -> logging.Handler | None:
@@ -200,11 +213,14 @@ def run_job(
             dataset = check_job(cfg)
             reporter.on_event(
                 f"data: {dataset.name}, {len(dataset.train_y)} train / {len(dataset.test_y)} test "
-                f"examples, loaded and checked in {time.perf_counter() - t_load:.1f}s"
+                f"{'sequences' if dataset.meta else 'examples'}, loaded and checked in "
+                f"{time.perf_counter() - t_load:.1f}s" + _describe_text(dataset.meta)
             )
             if not resume:
                 storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
                 storage.write("run.json", json.dumps({"run_id": run_id}).encode())
+                if dataset.meta.get("tokenizer_json"):  # what reloads the trained tokenizer exactly
+                    storage.write("tokenizer.json", dataset.meta["tokenizer_json"].encode())
             previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
             tracker = make_tracker(cfg, run_id, parent_run_id, resume=previous, warn=reporter.on_event)
             if tracker.state() is not None:
@@ -219,6 +235,8 @@ def run_job(
                 raise
             summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds, engine.final)
             summary.update(run_id=run_id, run_dir=out_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+            if dataset.meta:  # what text, which tokenizer: two runs can tell they trained on the same
+                summary["data"] = {k: v for k, v in dataset.meta.items() if k != "tokenizer_json"}
             storage.write("summary.json", json.dumps(summary, indent=2).encode())
             tracker.finish(summary, out_dir, _model_example(cfg, dataset) if tracker.run_id else None)
             return summary

@@ -1,18 +1,41 @@
-"""Evaluation metrics over the peers' test-set logits: accuracy, ensemble accuracy, churn, pairwise KL.
+"""Evaluation metrics: a round's ensemble-level numbers from the peers' streamed evaluations
+(`eval_round_metrics`, what the engines use), and the same quantities over whole logit tensors (the
+reference the streamed ones are tested against).
 
-Churn (Anil et al., ICLR 2018, sec. 4): the fraction of examples on which two models' top-1
-predictions differ. This module imports neither ray nor mlflow.
+Definitions (docs/design.md, "Evaluation"), per valid position (example or token) of the evaluation set:
+- peer loss: mean -log p(true); perplexity exp(loss); accuracy: top-1 == true.
+- ensemble loss: mean -log((1/N) sum_i p_i(true)): exact from each peer's probability of the true target.
+- ensemble accuracy (classification): top-1 of the mean probabilities, from each peer's top-10
+  probabilities (exact for up to 10 classes; a class outside a peer's top-10 counts as 0 for it).
+- churn (Anil et al., ICLR 2018, sec. 4): the share of positions where two peers' top-1 differ, averaged
+  over pairs.
+- pairwise KL: mean over ordered pairs (i, j) of KL(p_i || p_j), on a fixed, evenly spaced subset of
+  positions (`codistill.tasks.kl_subset_size`).
+This module imports neither ray nor mlflow.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import combinations, permutations
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["accuracy", "churn", "ensemble_accuracy", "mean_pairwise_churn", "mean_pairwise_kl", "round_metrics"]
+if TYPE_CHECKING:
+    from codistill.tasks import EvalResult
+
+__all__ = [
+    "accuracy",
+    "churn",
+    "ensemble_accuracy",
+    "eval_round_metrics",
+    "mean_pairwise_churn",
+    "mean_pairwise_kl",
+]
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -43,11 +66,31 @@ def mean_pairwise_kl(all_logits: Sequence[torch.Tensor]) -> float:
     return sum((logp[i].exp() * (logp[i] - logp[j])).sum(-1).mean().item() for i, j in pairs) / len(pairs)
 
 
-def round_metrics(all_logits: Sequence[torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
-    """The ensemble-level numbers reported after each round."""
-    return {
-        "ensemble_accuracy": ensemble_accuracy(all_logits, labels),
-        "churn": mean_pairwise_churn(all_logits),
-        "mean_pairwise_kl": mean_pairwise_kl(all_logits),
-        "mean_peer_accuracy": sum(accuracy(x, labels) for x in all_logits) / len(all_logits),
+def eval_round_metrics(
+    evals: Sequence[EvalResult], num_classes: int, labels: torch.Tensor | None = None
+) -> dict[str, float]:
+    """A round's ensemble-level numbers from streamed evaluations (module docstring); `labels` (the
+    evaluation set's targets, classification only) give the ensemble's accuracy."""
+    n = len(evals)
+    p_true = np.mean([e.p_true.astype(np.float64) for e in evals], axis=0)
+    out = {
+        "ensemble_loss": float(-np.log(np.maximum(p_true, 1e-30)).mean()) if len(p_true) else math.nan,
+        "mean_peer_loss": sum(e.loss for e in evals) / n,
+        "mean_peer_accuracy": sum(e.accuracy for e in evals) / n,
     }
+    pairs = list(combinations(range(n), 2))
+    out["churn"] = sum(float((evals[i].top1 != evals[j].top1).mean()) for i, j in pairs) / len(pairs) if pairs else 0.0
+    ordered = list(permutations(range(n), 2))
+    logp = [torch.from_numpy(e.subset_log_probs) for e in evals]
+    out["mean_pairwise_kl"] = (
+        sum((logp[i].exp() * (logp[i] - logp[j])).sum(-1).mean().item() for i, j in ordered) / len(ordered)
+        if ordered and len(logp[0])
+        else 0.0
+    )
+    if labels is not None and all(e.topk_ids is not None and e.topk_probs is not None for e in evals):
+        mean_probs = torch.zeros(len(labels), num_classes, dtype=torch.float64)
+        for e in evals:
+            assert e.topk_ids is not None and e.topk_probs is not None
+            mean_probs.scatter_add_(1, torch.from_numpy(e.topk_ids).long(), torch.from_numpy(e.topk_probs).double())
+        out["ensemble_accuracy"] = accuracy(mean_probs, labels.cpu())
+    return out

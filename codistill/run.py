@@ -12,6 +12,7 @@ DIR/summary.json (DIR defaults to runs/<name>-<timestamp>; the path is printed a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from codistill.errors import CodistillError, ConfigError
 from codistill.exchange import EXCHANGES
 from codistill.locations import new_run_id, resolve_run_dir
 from codistill.table import text_table
+from codistill.tasks import TASKS
 
 __all__ = ["ConsoleReporter", "format_table", "main"]
 
@@ -70,15 +72,13 @@ class ConsoleReporter(Reporter):
     def on_round(self, r: RoundResult) -> None:
         if self.bar is not None:
             self.bar.update(r.step - self.bar.n)
-        m = r.metrics
+        task = TASKS[r.task]
         self._print(
-            f"round {r.round:3d} step {r.step:6d} [{time.perf_counter() - self.t0:6.1f}s] "
-            f"ensemble acc {m['ensemble_accuracy']:.4f}  churn {m['churn']:.4f}  "
-            f"pairwise KL {m['mean_pairwise_kl']:.4f}"
+            f"round {r.round:3d} step {r.step:6d} [{time.perf_counter() - self.t0:6.1f}s] {task.headline(r.metrics)}"
         )
         for p in r.peers:
             self._print(
-                f"    {p.name:<24} step {p.step:6d}  loss {p.train_loss:.4f}  test acc {p.eval.accuracy:.4f}  "
+                f"    {p.name:<24} step {p.step:6d}  loss {p.train_loss:.4f}  {task.peer_line(p.eval)}  "
                 f"{p.steps_per_s:7.1f} steps/s" + (f"  restarts {p.restarts}" if p.restarts else "")
             )
 
@@ -91,7 +91,9 @@ class ConsoleReporter(Reporter):
 
 
 def format_table(summary: dict) -> str:
-    rows = [("peer", "model", "test acc", "test loss", "steps", "steps/s", "restarts")]
+    """Per-peer results and the ensemble (mean of the peers' probabilities). Losses are nats per example, or
+    per token for language models (whose accuracy is next-token accuracy)."""
+    rows = [("peer", "model", "test acc", "test loss", "ppl", "steps", "steps/s", "restarts")]
     for p in summary["peers"]:
         rows.append(
             (
@@ -99,12 +101,17 @@ def format_table(summary: dict) -> str:
                 p["model"],
                 f"{p['test_accuracy']:.4f}",
                 f"{p['test_loss']:.4f}",
+                f"{p.get('perplexity', math.exp(min(p['test_loss'], 700))):.2f}",
                 str(p["steps"]),
                 f"{p['steps_per_s']:.1f}",
                 str(p["restarts"]),
             )
         )
-    ensemble = [("ensemble", "mean probs", f"{summary['ensemble']['test_accuracy']:.4f}", "", "", "", "")]
+    ens = summary["ensemble"]
+    ens_acc = "" if ens.get("test_accuracy") is None else f"{ens['test_accuracy']:.4f}"
+    ens_loss = "" if ens.get("test_loss") is None else f"{ens['test_loss']:.4f}"
+    ens_ppl = "" if ens.get("test_loss") is None else f"{math.exp(min(ens['test_loss'], 700)):.2f}"
+    ensemble = [("ensemble", "mean probs", ens_acc, ens_loss, ens_ppl, "", "", "")]
     out = [text_table(rows[0], rows[1:], ensemble)]
     st = summary["staleness"]
     out.append(

@@ -13,7 +13,7 @@ A sweep file is a job plus two sections:
     tune:
       num_samples: 4
       max_concurrent_trials: 2
-      metric: ensemble_accuracy              # or mean_peer_accuracy, churn, mean_pairwise_kl
+      metric: ensemble_accuracy              # or ensemble_loss, mean_peer_accuracy, mean_peer_loss, churn, ...
       mode: max
       scheduler: none                        # or asha (stops weak trials early on per-round reports)
       trial_cpus: 0.1                        # the trial's own bundle (its driver); one more bundle per peer
@@ -50,7 +50,10 @@ class SweepConfig:
     num_samples: int = 4
     """Trials to sample (each grid point is repeated num_samples times, as in Ray Tune)."""
     max_concurrent_trials: int = 2
-    metric: Literal["ensemble_accuracy", "mean_peer_accuracy", "churn", "mean_pairwise_kl"] = "ensemble_accuracy"
+    metric: Literal[
+        "ensemble_accuracy", "ensemble_loss", "mean_peer_accuracy", "mean_peer_loss", "churn", "mean_pairwise_kl"
+    ] = "ensemble_accuracy"
+    """ensemble_accuracy: classification only; language models: ensemble_loss or mean_peer_loss (mode: min)."""
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha", "pbt"] = "none"
     """asha: stop weak trials early; pbt: population-based training (weak trials take a strong trial's state

@@ -108,10 +108,16 @@ def trainable(config: dict, base_raw: dict, parent_run_id: str | None) -> None:
     summary = run_job(cfg, run_dir, reporter, resume=resume, parent_run_id=parent_run_id, run_name=run_name)
     tune.report(
         {
-            "ensemble_accuracy": summary["ensemble"]["test_accuracy"],
+            **(
+                {}
+                if summary["ensemble"]["test_accuracy"] is None
+                else {"ensemble_accuracy": summary["ensemble"]["test_accuracy"]}
+            ),
+            "ensemble_loss": summary["ensemble"]["test_loss"],
             "churn": summary["churn"],
             "mean_pairwise_kl": summary["mean_pairwise_kl"],
             "mean_peer_accuracy": summary["mean_peer_test_accuracy"],
+            "mean_peer_loss": summary["mean_peer_test_loss"],
             "step": summary["rounds"][-1]["step"],
             "final": True,
         }

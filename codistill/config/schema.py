@@ -424,6 +424,13 @@ class RunConfig(_Section):
                 f"`same` with exchange.mode={self.exchange.mode} (every peer must see the batch its teachers "
                 f"saw); `disjoint` needs an exchange where each peer has its own order, e.g. checkpoint",
             )
+        if self.exchange.logits == "topk" and shared_order and self.loss.teacher_reduce != "each":
+            raise ConfigError(
+                "loss.teacher_reduce",
+                self.loss.teacher_reduce,
+                "'each' with exchange.logits=topk (top-k shards of different teachers cover different classes: "
+                "there is no full distribution to average; use exchange.logits=full)",
+            )
 
     @property
     def num_peers(self) -> int:

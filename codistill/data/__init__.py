@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from codistill.config import DataConfig
-from codistill.data import vision
+from codistill.data import text, vision
 from codistill.data.dataset import Dataset, channel_stats, mix_seed
 from codistill.data.order import PeerData, random_crop_flip
 from codistill.data.tokenizers import TOKENIZERS
@@ -48,6 +48,7 @@ DATASETS: Registry[Callable[[DataConfig], Dataset]] = Registry(
             "cifar100", "CIFAR100", "cifar-100-python", ["train"], ["test"], "fine_labels", 100
         ),
         "parquet": vision.parquet,
+        "text": text.text,
     },
 )
 

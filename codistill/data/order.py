@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from codistill.config import DataConfig
 from codistill.data.dataset import Dataset, mix_seed
 from codistill.errors import ConfigError
+from codistill.tasks import task_of
 
 __all__ = ["PeerData", "random_crop_flip", "shard_sample_ids", "normalize"]
 
@@ -90,8 +91,8 @@ class PeerData:
         self.train_y = ds.train_y[self.sample_ids].to(self.device)
         self.test_x = ds.test_x.to(self.device)
         self.test_y = ds.test_y.to(self.device)
-        self._mean = torch.tensor(ds.mean, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(ds.std, device=self.device).view(1, -1, 1, 1)
+        self.task = task_of(ds)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # images: per-channel mean, std on the device
         self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
 
     @property
@@ -114,17 +115,30 @@ class PeerData:
         return self.sample_ids[self.positions(step)]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * self.ds.scale - self._mean) / self._std  # as normalize(ds, x), with cached tensors
+        if self._stats is None:
+            self._stats = (
+                torch.tensor(self.ds.mean, device=self.device).view(1, -1, 1, 1),
+                torch.tensor(self.ds.std, device=self.device).view(1, -1, 1, 1),
+            )
+        mean, std = self._stats
+        return (x.float() * self.ds.scale - mean) / std  # as normalize(ds, x), with cached tensors
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sample_ids, x, y) for `step`; x normalised and augmented with the peer's own randomness."""
+        """(sample_ids, inputs, targets) for `step`, as the dataset's task makes them (images: normalised
+        and augmented with the peer's own randomness; text: a window and the same window shifted by one)."""
         pos = self.positions(step)
         pos_dev = pos.to(self.device)
-        x = self.normalize(self.train_x[pos_dev])
-        if self.augment:
-            x = random_crop_flip(x, torch.Generator().manual_seed(mix_seed(self.aug_seed, step)))
-        return self.sample_ids[pos], x, self.train_y[pos_dev]
+        x, y = self.task.prepare(self, self.train_x[pos_dev], self.train_y[pos_dev], step)
+        return self.sample_ids[pos], x, y
+
+    @property
+    def num_test_positions(self) -> int:
+        """Target positions in the evaluation set (examples, or tokens for language models)."""
+        return len(self.test_y) * self.task.positions_per_row(self.ds)
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.test_y), self.eval_batch_size):
-            yield self.normalize(self.test_x[i : i + self.eval_batch_size]), self.test_y[i : i + self.eval_batch_size]
+            x, y = self.task.prepare(
+                self, self.test_x[i : i + self.eval_batch_size], self.test_y[i : i + self.eval_batch_size], None
+            )
+            yield x, y

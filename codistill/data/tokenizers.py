@@ -1,18 +1,57 @@
 """Tokenizers of the `text` dataset (`data.tokenizer`): registry TOKENIZERS.
 
-`byte` needs no files: a text's UTF-8 bytes are its tokens (256 symbols). No ray, no mlflow.
+An entry is a factory `make(train_text: str, cfg: DataConfig) -> Tokenizer` (`TokenizerFactory`): it
+gets the training split's text (what a trained tokenizer may learn from; never the held-out text) and
+the data section (`vocab_size`, `root` for caches). Entries:
+
+- `byte`: a text's UTF-8 bytes are its tokens (256 symbols, no files).
+- `bpe`: a byte-level BPE (GPT-2 style, `tokenizers` library) of `data.vocab_size` symbols trained on
+  the training text, cached as `<data.root>/tokenizers/bpe-<vocab>-<sha256 of the text, 16 hex>.json`.
+- `hf:<name or local path>`: a Hugging Face tokenizer (`transformers.AutoTokenizer`), encoded without
+  special tokens; its vocabulary is `len(tokenizer)`.
+
+`tokenizer_from_meta(meta)` rebuilds the tokenizer a text Dataset was made with. No ray, no mlflow;
+`tokenizers` and `transformers` are imported when a tokenizer that needs them is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from codistill.errors import ConfigError
 from codistill.registry import Registry
 
-__all__ = ["TOKENIZERS", "Tokenizer", "ByteTokenizer"]
+if TYPE_CHECKING:
+    from codistill.config import DataConfig
+
+__all__ = [
+    "TOKENIZERS",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "TokenizerFactory",
+    "bpe_cache_path",
+    "chunks",
+    "tokenizer_from_meta",
+]
+
+log = logging.getLogger("codistill")
+
+BYTE_ALPHABET = 256
+CHUNK_CHARS = 1 << 15
+"""Texts are encoded in chunks of about this many characters (in parallel by `encode_batch`)."""
 
 
 @dataclass
@@ -23,6 +62,7 @@ class Tokenizer:
     vocab_size: int
 
     def encode(self, text: str) -> np.ndarray:
+        """int64 ids of `text` (no special tokens)."""
         raise NotImplementedError
 
     def decode(self, ids: np.ndarray) -> str:
@@ -33,15 +73,216 @@ class Tokenizer:
         return None
 
 
+TokenizerFactory = Callable[[str, "DataConfig"], Tokenizer]
+"""A TOKENIZERS entry: `make(train_text, cfg)` with the training split's text and the data section."""
+
+
 class ByteTokenizer(Tokenizer):
     def __init__(self) -> None:
-        super().__init__("byte", 256)
+        super().__init__("byte", BYTE_ALPHABET)
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids: np.ndarray) -> str:
-        return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+        return np.asarray(ids).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
-TOKENIZERS: Registry[Callable[..., Tokenizer]] = Registry("tokenizer", {"byte": lambda *a, **k: ByteTokenizer()})
+_BOUNDARY = re.compile(r"\n(?=\S)")
+
+
+def chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """`text` in pieces of about `size` characters that join back to it, cut only before a newline that
+    non-whitespace follows: the GPT-2 pre-tokenizer makes such a newline a word of its own, so encoding
+    the pieces gives the ids of the whole text. (A text without such a newline is one piece.)"""
+    start = 0
+    while start < len(text):
+        if len(text) - start <= size:
+            yield text[start:]
+            return
+        m = _BOUNDARY.search(text, start + size)
+        if m is None:
+            yield text[start:]
+            return
+        yield text[start : m.start()]
+        start = m.start()
+
+
+def _concat(id_lists: list[list[int]]) -> np.ndarray:
+    if not id_lists:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.asarray(ids, dtype=np.int64) for ids in id_lists])
+
+
+def _need(package: str, tokenizer: str) -> None:
+    try:
+        __import__(package)
+    except ImportError:
+        raise ConfigError(
+            "data.tokenizer", message=f"{tokenizer} needs the `{package}` package (pip install {package})"
+        ) from None
+
+
+def check_bpe_vocab(vocab_size: int) -> None:
+    if vocab_size < BYTE_ALPHABET + 1:
+        raise ConfigError(
+            "data.vocab_size",
+            vocab_size,
+            f"an integer >= {BYTE_ALPHABET + 1} for data.tokenizer=bpe (the byte-level alphabet alone has "
+            f"{BYTE_ALPHABET} symbols)",
+        )
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (the GPT-2 pre-tokenizer and byte alphabet, no special tokens): any text encodes,
+    and decoding gives it back exactly."""
+
+    def __init__(self, tokenizer: Any) -> None:  # a tokenizers.Tokenizer
+        super().__init__("bpe", tokenizer.get_vocab_size(with_added_tokens=True))
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        """Learn `vocab_size` symbols (256 bytes + merges; fewer when the text has no more pairs) from `text`."""
+        check_bpe_vocab(vocab_size)
+        _need("tokenizers", "bpe")
+        from tokenizers import Tokenizer as HFBackend
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFBackend(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
+        pieces = list(chunks(text))
+        tok.train_from_iterator(pieces, trainer=trainer, length=len(pieces))
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFBackend
+
+        return cls(HFBackend.from_str(text))
+
+    def encode(self, text: str) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch_fast(list(chunks(text)), add_special_tokens=False)
+        return _concat([e.ids for e in encodings])
+
+    def decode(self, ids: np.ndarray) -> str:
+        return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+
+def bpe_cache_path(cache_dir: Path, vocab_size: int, text: str) -> Path:
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return cache_dir / "tokenizers" / f"bpe-{vocab_size}-{digest}.json"
+
+
+def _write_atomic(path: Path, content: str) -> None:
+    """Write via a temporary file in the same folder, so a concurrent reader sees all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def bpe(train_text: str, cfg: DataConfig) -> BPETokenizer:
+    """The BPE of `cfg.vocab_size` trained on `train_text`, from the cache under `cfg.root` when there."""
+    check_bpe_vocab(cfg.vocab_size)
+    path = bpe_cache_path(Path(cfg.root).expanduser(), cfg.vocab_size, train_text)
+    if path.is_file():
+        try:
+            tok = BPETokenizer.from_json(path.read_text(encoding="utf-8"))
+            log.info("tokenizer bpe: %d symbols, loaded from cache %s", tok.vocab_size, path)
+            return tok
+        except Exception as e:  # a damaged cache file: train again and overwrite it
+            log.warning("tokenizer bpe: cache %s is unreadable (%s); training again", path, e)
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train(train_text, cfg.vocab_size)
+    log.info(
+        "tokenizer bpe: trained %d symbols on %d characters in %.1f s",
+        tok.vocab_size,
+        len(train_text),
+        time.perf_counter() - t0,
+    )
+    try:
+        _write_atomic(path, tok.to_json())
+        log.info("tokenizer bpe: cached as %s", path)
+    except OSError as e:
+        log.warning("tokenizer bpe: could not cache it as %s (%s)", path, e)
+    return tok
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer (fast or slow), used without special tokens."""
+
+    def __init__(self, name: str, tokenizer: Any) -> None:  # a transformers PreTrainedTokenizerBase
+        super().__init__(f"hf:{name}", len(tokenizer))
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, name: str) -> HFTokenizer:
+        _need("transformers", f"hf:{name}")
+        import transformers
+
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                "data.tokenizer",
+                message=f"hf:{name}: no Hugging Face tokenizer could be loaded ({first}). Give a local folder "
+                f"with tokenizer files or a model id in the Hugging Face cache (or reachable online).",
+            ) from None
+        return cls(name, tok)
+
+    def encode(self, text: str) -> np.ndarray:
+        out = self.tokenizer(list(chunks(text)), add_special_tokens=False, verbose=False)
+        return _concat(out["input_ids"])
+
+    def decode(self, ids: np.ndarray) -> str:
+        return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+
+def _hf(name: str) -> TokenizerFactory:
+    return lambda train_text, cfg: HFTokenizer.load(name)
+
+
+def _check_hf(name: str) -> None:
+    """Offline: only that a name is there (whether it loads shows when the dataset is loaded)."""
+    if not name.strip():
+        raise ValueError("hf:<model id or local folder>, e.g. hf:gpt2")
+
+
+TOKENIZERS: Registry[TokenizerFactory] = Registry(
+    "tokenizer",
+    {
+        "byte": lambda train_text, cfg: ByteTokenizer(),
+        "bpe": bpe,
+    },
+)
+TOKENIZERS.family("hf", _hf, _check_hf)
+
+
+def tokenizer_from_meta(meta: dict) -> Tokenizer:
+    """The tokenizer a text Dataset was built with, from its `meta` (`tokenizer`, `tokenizer_json`):
+    `byte` and `bpe` exactly, `hf:<name>` by loading the name again."""
+    name = meta["tokenizer"]
+    if name == "byte":
+        return ByteTokenizer()
+    if meta.get("tokenizer_json"):
+        return BPETokenizer.from_json(meta["tokenizer_json"])
+    if name.startswith("hf:"):
+        return HFTokenizer.load(name[3:])
+    raise ValueError(f"cannot rebuild tokenizer {name!r} without its tokenizer_json")

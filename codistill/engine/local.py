@@ -93,7 +93,16 @@ class LocalEngine:
                 events = staleness_warnings(cfg, reports, warned)
                 for e in events:
                     self.reporter.on_event(e)
-                history.append(evaluate_round(len(history), reports, dataset.test_y, events))
+                history.append(
+                    evaluate_round(
+                        len(history),
+                        reports,
+                        dataset.test_y,
+                        events,
+                        task=dataset.task,
+                        num_classes=dataset.num_classes,
+                    )
+                )
                 self.reporter.on_round(history[-1])
                 round_losses = [[] for _ in peers]
         self.peers = peers

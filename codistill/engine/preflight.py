@@ -1,6 +1,8 @@
 """What the driver checks before any Ray actor starts (each failure one line naming the field): the
-dataset loads and is sound (the loaders check files, images and labels), and every peer's shard
-holds at least one batch. Returns the dataset, so it is decoded once, here, and shared."""
+dataset loads and is sound (the loaders check files, images and labels), every peer's shard holds at
+least one batch, and every peer's model builds for this data (sizes, model_args, a Hugging Face model's
+vocabulary against the job's tokenizer), on PyTorch's meta device: no memory, no weights read. Returns the
+dataset, so it is decoded once, here, and shared."""
 
 from __future__ import annotations
 
@@ -29,4 +31,20 @@ def check_job(cfg: RunConfig) -> Dataset:
         )
     if len(dataset.test_y) == 0:
         raise ConfigError("data.limit_test", cfg.data.limit_test, "at least 1 test example")
+    check_models(cfg, dataset)
     return dataset
+
+
+def check_models(cfg: RunConfig, dataset: Dataset) -> None:
+    import torch
+
+    from codistill.models import build_model
+    from codistill.tasks import task_of
+
+    shape = task_of(dataset).input_shape(dataset)
+    for i, pc in enumerate(cfg.peers):
+        try:
+            with torch.device("meta"):  # shapes only; pretrained weights are the peer's to load
+                build_model(pc.model, shape, dataset.num_classes, model_args=pc.model_args)
+        except ValueError as e:
+            raise ConfigError(f"peers.{i}.model", pc.model, f"a model for this data: {e}") from None

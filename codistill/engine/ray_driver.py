@@ -183,6 +183,7 @@ class RayEngine:
         storage = Storage(out_dir)
         names = [cfg.peer_name(i) for i in range(cfg.num_peers)]
         dataset = dataset if dataset is not None else check_job(cfg)  # before Ray: bad input costs nothing
+        self._task: dict[str, Any] = {"task": dataset.task, "num_classes": dataset.num_classes}
         point = ResumePoint(None, [])
         if self.resume:
             point = plan_resume(cfg, storage)
@@ -297,7 +298,7 @@ class RayEngine:
             submit(i)
         if not pending:  # resumed after the last round: the peers report it again (no training) for the summary
             refs = [a.run_round.remote(ends[i][-1], len(ends[i]) - 1, 0) for i, a in enumerate(actors)]
-            self.final = evaluate_round(len(self.prior_rounds) - 1, ray.get(refs), labels)
+            self.final = evaluate_round(len(self.prior_rounds) - 1, ray.get(refs), labels, **self._task)
             return []
         history: list[RoundResult] = []
         restarts = [info["restarts"] for info in self.peer_info]
@@ -352,7 +353,7 @@ class RayEngine:
                 for warning in staleness_warnings(cfg, reports, warned):
                     events.append(warning)
                     self.reporter.on_event(warning)
-                history.append(evaluate_round(round_index, reports, labels, events))
+                history.append(evaluate_round(round_index, reports, labels, events, **self._task))
                 assembled_steps.append([p.step for p in reports])
                 events = []
                 records = [*self.prior_rounds, *(round_record(h) for h in history)]

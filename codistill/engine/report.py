@@ -11,8 +11,7 @@ import torch
 
 from codistill.config import RunConfig, to_dict
 from codistill.exchange import EXCHANGES, ExchangeStats
-from codistill.metrics import round_metrics
-from codistill.peer import EvalResult
+from codistill.tasks import TASKS, EvalResult
 
 __all__ = [
     "PeerReport",
@@ -57,8 +56,9 @@ class RoundResult:
     round: int
     step: int  # the slowest peer's completed steps
     peers: list[PeerReport]
-    metrics: dict[str, float]  # ensemble-level (codistill.metrics.round_metrics)
+    metrics: dict[str, float]  # ensemble-level (codistill.metrics.eval_round_metrics)
     events: list[str] = field(default_factory=list)  # restarts, warnings and other notable things
+    task: str = "classification"  # the dataset's (codistill.tasks.TASKS): what the numbers mean
 
 
 class Reporter:
@@ -117,11 +117,19 @@ def staleness_warnings(cfg: RunConfig, reports: Sequence[PeerReport], warned: se
 
 
 def evaluate_round(
-    round_index: int, reports: Sequence[PeerReport], labels: torch.Tensor, events: list[str] | None = None
+    round_index: int,
+    reports: Sequence[PeerReport],
+    labels: torch.Tensor,
+    events: list[str] | None = None,
+    *,
+    task: str = "classification",
+    num_classes: int,
 ) -> RoundResult:
+    """A round from the peers' reports; `labels` are the evaluation set's (classification: the ensemble's
+    accuracy), `num_classes` the dataset's (its vocabulary for language models)."""
     reports = sorted(reports, key=lambda r: r.index)
-    metrics = round_metrics([r.eval.logits for r in reports], labels)
-    return RoundResult(round_index, min(r.step for r in reports), list(reports), metrics, events or [])
+    metrics = TASKS[task].round_metrics([r.eval for r in reports], num_classes, labels)
+    return RoundResult(round_index, min(r.step for r in reports), list(reports), metrics, events or [], task)
 
 
 def round_record(h: RoundResult) -> dict[str, Any]:
@@ -131,6 +139,7 @@ def round_record(h: RoundResult) -> dict[str, Any]:
             "step": p.step,
             "test_accuracy": p.eval.accuracy,
             "test_loss": p.eval.loss,
+            "perplexity": p.eval.perplexity,
             "train_loss": p.train_loss,
             "steps_per_s": p.steps_per_s,
             "lr": p.lr,
@@ -168,6 +177,7 @@ def build_summary(
             "model": r.model,
             "test_accuracy": r.eval.accuracy,
             "test_loss": r.eval.loss,
+            "perplexity": r.eval.perplexity,
             "steps": r.step,
             "steps_per_s": r.steps_per_s,
             "restarts": r.restarts,
@@ -183,9 +193,14 @@ def build_summary(
     ]
     return {
         "name": cfg.name,
+        "task": final.task,
         "peers": peers,
-        "ensemble": {"test_accuracy": final.metrics["ensemble_accuracy"]},
+        "ensemble": {
+            "test_accuracy": final.metrics.get("ensemble_accuracy"),  # classification only
+            "test_loss": final.metrics["ensemble_loss"],
+        },
         "mean_peer_test_accuracy": final.metrics["mean_peer_accuracy"],
+        "mean_peer_test_loss": final.metrics["mean_peer_loss"],
         "churn": final.metrics["churn"],
         "mean_pairwise_kl": final.metrics["mean_pairwise_kl"],
         "staleness": total.staleness(),

@@ -12,14 +12,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.board import Board
 from codistill.exchange.stats import ExchangeStats
 from codistill.exchange.topology import consumers_of, teachers_of
 
 if TYPE_CHECKING:
+    from codistill.losses.distill import TeacherSignal
     from codistill.peer import Peer
 
 __all__ = ["Exchange"]
@@ -60,7 +59,7 @@ class Exchange(ABC):
         """The peer's forward pass for `step`, and whatever others need from it now."""
 
     @abstractmethod
-    def teacher_logits(self, peer: Peer, step: int) -> list[torch.Tensor] | None:
+    def teacher_logits(self, peer: Peer, step: int) -> list[TeacherSignal] | None:
         """The teachers' logits on the peer's batch of `step` (None: no distillation this step)."""
 
     def end_step(self, peer: Peer, step: int) -> None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import torch
-
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.base import Exchange
 from codistill.exchange.board import Board
 from codistill.exchange.wire import decode_weights, encode_weights
 
 if TYPE_CHECKING:
+    from codistill.losses.distill import TeacherSignal
     from codistill.peer import Peer
 
 __all__ = ["CheckpointExchange", "ceil_to"]
@@ -91,7 +90,7 @@ class CheckpointExchange(Exchange):
             self.stats.teacher_updates += 1
         self.stats.exchange_s += time.perf_counter() - t0
 
-    def teacher_logits(self, peer: Peer, step: int) -> list[torch.Tensor] | None:
+    def teacher_logits(self, peer: Peer, step: int) -> list[TeacherSignal] | None:
         # Pull here, not in start_step: every peer has published what step k needs by the time any
         # peer asks (LocalEngine runs all start_steps first; on Ray it does not matter).
         if not self.teachers or self.cfg.loss.alpha == 0:
@@ -102,7 +101,7 @@ class CheckpointExchange(Exchange):
         for version in peer.teacher_versions().values():
             self.stats.see_staleness(step - version)
         t0 = time.perf_counter()
-        logits = peer.local_teacher_logits()
+        logits: list[TeacherSignal] = list(peer.local_teacher_logits())
         self.stats.teacher_forward_s += time.perf_counter() - t0
         return logits
 

@@ -19,16 +19,33 @@ import torch
 from codistill.config import ExchangeConfig
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
-from codistill.exchange.wire import LogitShard, decode_array, encode_tensor
+from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype
+from codistill.losses.distill import TeacherSignal
+from codistill.losses.divergences import zscore
+from codistill.losses.topk import TopKLogits, topk_logits
 
 if TYPE_CHECKING:
     from codistill.peer import Peer
 
-__all__ = ["LogitExchange", "TeacherMismatch"]
+__all__ = ["LogitExchange", "TeacherMismatch", "decode_shard"]
 
 
 class TeacherMismatch(CodistillError, RuntimeError):
     """A teacher's shard covers other samples than the student's batch: the jobs of the peers differ."""
+
+
+def decode_shard(shard: LogitShard, device: torch.device | str) -> TeacherSignal:
+    """A shard as the loss takes it: full logits, or TopKLogits."""
+    values = decode_array(shard.logits, shard.dtype, device)
+    if shard.topk_ids is None or shard.lse is None or shard.lse_rest is None:
+        return values
+    return TopKLogits(
+        torch.from_numpy(shard.topk_ids.astype(np.int64)).to(device),
+        values,
+        torch.from_numpy(np.asarray(shard.lse)).to(device),
+        torch.from_numpy(np.asarray(shard.lse_rest)).to(device),
+        shard.num_classes,
+    )
 
 
 class LogitExchange(Exchange):
@@ -62,23 +79,35 @@ class LogitExchange(Exchange):
         if batch_step < self.cfg.loss.burn_in:
             return
         t0 = time.perf_counter()
-        shard = LogitShard(
-            batch_step,
-            produced_step,
-            ids.numpy().astype(np.int64, copy=False),
-            encode_tensor(logits, self.cfg.exchange.dtype),
-            self.cfg.exchange.dtype,
-        )
+        sample_ids = ids.numpy().astype(np.int64, copy=False)
+        dtype = self.cfg.exchange.dtype
+        if self.cfg.exchange.logits == "topk":
+            # standardised first when the loss is (its mean and std need every class: the student cannot)
+            z = zscore(logits.float()) if self.cfg.loss.zscore else logits
+            top = topk_logits(z, self.cfg.exchange.topk, self.cfg.loss.temperature)
+            shard = LogitShard(
+                batch_step,
+                produced_step,
+                sample_ids,
+                encode_tensor(top.values, dtype),
+                dtype,
+                top.ids.cpu().numpy().astype(id_dtype(top.num_classes)),
+                top.lse.cpu().numpy(),
+                top.lse_rest.cpu().numpy(),
+                top.num_classes,
+            )
+        else:
+            shard = LogitShard(batch_step, produced_step, sample_ids, encode_tensor(logits, dtype), dtype)
         self.board.publish_logits(self.index, shard)
         self.stats.bytes_published += shard.nbytes
         self.stats.exchange_s += time.perf_counter() - t0
 
-    def teacher_logits(self, peer: Peer, step: int) -> list[torch.Tensor] | None:
+    def teacher_logits(self, peer: Peer, step: int) -> list[TeacherSignal] | None:
         if not self.distills_at(step):
             return None
         t0 = time.perf_counter()
         expected_ids = peer.data.batch_ids(step).numpy()
-        out = []
+        out: list[TeacherSignal] = []
         shards = self.board.fetch_logits(self.teachers, step, self.index, self.cfg.exchange.timeout_s)
         for j, shard in zip(self.teachers, shards):
             if not np.array_equal(shard.sample_ids, expected_ids):  # a shard is keyed by the samples it covers
@@ -86,7 +115,7 @@ class LogitExchange(Exchange):
                     f"peer {self.index}: logits of peer {j} for step {step} cover other samples; "
                     f"the peers' batch orders disagree (job seed or data config differ)"
                 )
-            out.append(decode_array(shard.logits, shard.dtype, peer.device))
+            out.append(decode_shard(shard, peer.device))
             self.stats.bytes_pulled += shard.nbytes
             self.stats.see_staleness(step - shard.produced_step)
         self.stats.exchange_s += time.perf_counter() - t0

@@ -11,7 +11,15 @@ import torch
 
 from codistill.data.dataset import as_tensor
 
-__all__ = ["LogitShard", "WireWeights", "decode_array", "decode_weights", "encode_tensor", "encode_weights"]
+__all__ = [
+    "LogitShard",
+    "WireWeights",
+    "decode_array",
+    "decode_weights",
+    "encode_tensor",
+    "encode_weights",
+    "id_dtype",
+]
 
 
 def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -29,38 +37,67 @@ def decode_array(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") 
     return t.to(device=device, dtype=torch.float32)
 
 
+def id_dtype(num_classes: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds ids in [0, num_classes)."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
 @dataclass
 class LogitShard:
-    """One peer's logits for one batch, keyed by the sample ids they cover."""
+    """One peer's logits for one batch, keyed by the sample ids they cover: full, (B, C) or (B, T, V),
+    or top-k (`topk_ids` set; codistill.losses.topk): per position the k largest logits in `logits`
+    (N, k), their ids, and the log-sum-exps over all classes and over the rest at the job's temperature."""
 
     batch_step: int  # the step whose batch these logits are for
     produced_step: int  # the publisher's step (weights) when it computed them
     sample_ids: np.ndarray  # int64 (B,)
-    logits: np.ndarray  # (B, C) in the wire dtype
+    logits: np.ndarray  # full: (B, C) or (B, T, V); top-k: (N, k); in the wire dtype
     dtype: str
+    topk_ids: np.ndarray | None = None  # (N, k) in id_dtype(num_classes)
+    lse: np.ndarray | None = None  # (N,) float32
+    lse_rest: np.ndarray | None = None  # (N,) float32
+    num_classes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return int(self.logits.nbytes + self.sample_ids.nbytes)
+        extra = (self.topk_ids, self.lse, self.lse_rest)
+        return int(self.logits.nbytes + self.sample_ids.nbytes + sum(a.nbytes for a in extra if a is not None))
 
     def state_dict(self) -> dict:
         """Tensors and numbers only (a training checkpoint loads with torch.load(weights_only=True))."""
-        return {
+        out = {
             "batch_step": self.batch_step,
             "produced_step": self.produced_step,
             "dtype": self.dtype,
             "sample_ids": torch.from_numpy(self.sample_ids.copy()),
             "logits": torch.from_numpy(self.logits.copy()),
         }
+        if self.topk_ids is not None and self.lse is not None and self.lse_rest is not None:
+            out |= {
+                "topk_ids": torch.from_numpy(self.topk_ids.astype(np.int64)),
+                "lse": torch.from_numpy(self.lse.copy()),
+                "lse_rest": torch.from_numpy(self.lse_rest.copy()),
+                "num_classes": self.num_classes,
+            }
+        return out
 
     @classmethod
     def from_state_dict(cls, state: dict) -> LogitShard:
+        topk = state.get("topk_ids")
+        num_classes = int(state.get("num_classes", 0))
         return cls(
             int(state["batch_step"]),
             int(state["produced_step"]),
             state["sample_ids"].numpy(),
             state["logits"].numpy(),
             str(state["dtype"]),
+            None if topk is None else topk.numpy().astype(id_dtype(num_classes)),
+            None if topk is None else state["lse"].numpy(),
+            None if topk is None else state["lse_rest"].numpy(),
+            num_classes,
         )
 
 

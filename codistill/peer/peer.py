@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from codistill.config import RunConfig
 from codistill.data import Dataset, PeerData, mix_seed
 from codistill.errors import CodistillError, ConfigError
 from codistill.losses import total_loss
+from codistill.losses.distill import TeacherSignal
 from codistill.models import build_model
 from codistill.peer.optim import make_optimizer, make_scheduler
 from codistill.registry import lookup
+from codistill.tasks import EvalResult, task_of
 
 __all__ = ["EvalResult", "NonFiniteLossError", "Peer", "StepStats", "resolve_device", "total_steps"]
 
@@ -43,14 +44,6 @@ class StepStats:
     alpha: float
     lr: float
     num_teachers: int
-
-
-@dataclass
-class EvalResult:
-    step: int
-    logits: torch.Tensor  # CPU float32 (num_test, num_classes)
-    loss: float
-    accuracy: float
 
 
 @dataclass
@@ -91,6 +84,7 @@ class Peer:
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.dataset = dataset
+        self.task = task_of(dataset)
         # An exchange that moves per-batch signals (logits) needs one batch order from the job seed;
         # otherwise each peer has its own order (and, with shard: disjoint, its own part of the data).
         shared_order = lookup("codistill.exchange", "EXCHANGES")[cfg.exchange.mode].shared_batch_order
@@ -119,7 +113,14 @@ class Peer:
     def _build(self, index: int, seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # initialise from the peer's seed without touching global RNG
             torch.manual_seed(seed)
-            model = build_model(self.cfg.peers[index].model, self.dataset.input_shape, self.dataset.num_classes)
+            pc = self.cfg.peers[index]
+            model = build_model(
+                pc.model,
+                self.task.input_shape(self.dataset),
+                self.dataset.num_classes,
+                model_args=pc.model_args,
+                pretrained=pc.pretrained,
+            )
         model = model.to(self.device)
         if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
             model = model.to(memory_format=torch.channels_last)
@@ -192,13 +193,13 @@ class Peer:
         return out
 
     def train_step(
-        self, teacher_logits: list[torch.Tensor] | None, sample_weights: torch.Tensor | None = None
+        self, teacher_logits: Sequence[TeacherSignal] | None, sample_weights: torch.Tensor | None = None
     ) -> StepStats:
         """Loss on the pending forward pass given the teachers' logits, backward, optimiser and LR step."""
         assert self._pending is not None, "call forward() first"
         step, _x, y, logits = self._pending
         self._pending = None
-        parts = total_loss(logits, y, teacher_logits, self.cfg.loss, step, sample_weights)
+        parts = total_loss(logits, y, teacher_logits, self.cfg.loss, step, sample_weights, self.task.valid(y))
         if not torch.isfinite(parts.total):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
@@ -244,17 +245,13 @@ class Peer:
     # -- evaluation and training checkpoints ---------------------------------------------------
 
     def evaluate(self) -> EvalResult:
+        """Streamed over the evaluation set: only what the round's metrics need leaves this peer
+        (codistill.tasks.Task.evaluate)."""
         self.model.eval()
-        chunks, loss_sum, n = [], 0.0, 0
         with torch.no_grad(), self._autocast():
-            for x, y in self.data.test_batches():
-                logits = self.model(self._input(x)).float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                n += len(y)
-                chunks.append(logits.cpu())
-        logits = torch.cat(chunks)
-        acc = (logits.argmax(-1) == self.data.test_y.cpu()).float().mean().item()
-        return EvalResult(self.step, logits, loss_sum / n, acc)
+            return self.task.evaluate(
+                lambda x: self.model(self._input(x)), self.data.test_batches(), self.data.num_test_positions, self.step
+            )
 
     def training_state(self) -> dict[str, Any]:
         """Everything needed to resume this peer exactly (loadable with torch.load(weights_only=True))."""

@@ -29,12 +29,20 @@ from codistill.tracking.safe import SafeClient
 
 __all__ = ["NullTracker", "Tracker", "ROUND_METRICS", "PEER_METRICS", "ModelExample"]
 
-ROUND_METRICS = ("ensemble_accuracy", "churn", "mean_pairwise_kl", "mean_peer_accuracy")
+ROUND_METRICS = (  # those a round has (ensemble_accuracy: classification only)
+    "churn",
+    "mean_pairwise_kl",
+    "mean_peer_accuracy",
+    "mean_peer_loss",
+    "ensemble_loss",
+    "ensemble_accuracy",
+)
 """Logged to the job's run per round (the first one is how a resumed driver finds what is logged)."""
 PEER_METRICS = (
     "train_loss",
     "test_loss",
     "test_accuracy",
+    "perplexity",
     "steps_per_s",
     "staleness_mean",
     "staleness_max",
@@ -189,7 +197,7 @@ class Tracker(NullTracker):
     def log_round(self, record: dict) -> None:
         """One round (a summary.json record) as metrics of the job's run and of each peer's run."""
         step = record["step"]
-        self._metrics(self.job_run, [(k, record[k], step) for k in ROUND_METRICS])
+        self._metrics(self.job_run, [(k, record[k], step) for k in ROUND_METRICS if record.get(k) is not None])
         for name, p in record["peers"].items():
             self._metrics(self.peer_runs[name], [(k, p.get(k), p["step"]) for k in PEER_METRICS])
 
@@ -215,7 +223,10 @@ class Tracker(NullTracker):
             if job is not None:
                 (t / "job.yaml").write_bytes(job)
             plot_curves(summary, t / "curves.png")
-            for name in ("summary.json", "job.yaml", "curves.png"):
+            tokenizer = storage.read("tokenizer.json")
+            if tokenizer is not None:
+                (t / "tokenizer.json").write_bytes(tokenizer)
+            for name in ("summary.json", "job.yaml", "curves.png", "tokenizer.json"):
                 if (t / name).exists():
                     self.mlflow.call("log_artifact", self.job_run, str(t / name))
             (t / "peers").mkdir()
@@ -228,7 +239,11 @@ class Tracker(NullTracker):
             step = summary["rounds"][-1]["step"] if summary["rounds"] else 0
             final = [("test_accuracy_" + p["name"], p["test_accuracy"], step) for p in summary["peers"]]
             final += [
-                ("final_ensemble_accuracy", summary["ensemble"]["test_accuracy"], step),
+                *[
+                    (f"final_ensemble_{k.removeprefix('test_')}", v, step)  # final_ensemble_accuracy, _loss
+                    for k, v in summary["ensemble"].items()
+                    if v is not None
+                ],
                 ("final_churn", summary["churn"], step),
                 ("restarts", summary["restarts"], step),
                 ("bytes_exchanged", summary["bytes_exchanged"], step),

@@ -18,11 +18,17 @@ def plot_curves(summary: dict, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = [r["step"] for r in rounds]
+    # classification: accuracies; language models (no ensemble accuracy): losses in nats per token
+    peer_key, ensemble_key, label = (
+        ("test_accuracy", "ensemble_accuracy", "test accuracy")
+        if rounds[-1].get("ensemble_accuracy") is not None
+        else ("test_loss", "ensemble_loss", "validation loss (nats/token)")
+    )
     for name in rounds[-1]["peers"]:
-        ax.plot(steps, [r["peers"].get(name, {}).get("test_accuracy") for r in rounds], marker=".", label=name)
-    ax.plot(steps, [r["ensemble_accuracy"] for r in rounds], "k--", marker="o", label="ensemble")
+        ax.plot(steps, [r["peers"].get(name, {}).get(peer_key) for r in rounds], marker=".", label=name)
+    ax.plot(steps, [r.get(ensemble_key) for r in rounds], "k--", marker="o", label="ensemble")
     ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(label)
     ax.set_title(f"{summary['name']}: exchange={summary['exchange']['mode']}")
     ax.grid(alpha=0.3)
     ax.legend()

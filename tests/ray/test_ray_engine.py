@@ -8,7 +8,7 @@ import torch
 
 from codistill.api import run_job
 from codistill.engine import LocalEngine, RayEngine
-from tests.helpers import ROOT, small_job
+from tests.helpers import ROOT, lm_job, small_job
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,23 @@ def test_ray_matches_local_engine(ray_session, tmp_path, mode):
         for k in wl:
             assert torch.allclose(wl[k].float(), wr[k].float(), rtol=1e-4, atol=1e-5), k
     assert ray_engine_losses  # the CLI path wrote its rounds too
+
+
+@pytest.mark.parametrize("shards", [(), ("exchange.logits=topk", "exchange.topk=8")])
+def test_ray_matches_local_engine_for_language_models(ray_session, tmp_path, shards):
+    """Seeded lockstep GPT peers on text: the same per-step losses and final weights on Ray as locally,
+    with full and with top-k logit shards."""
+    torch.set_num_threads(1)
+    local = LocalEngine(lm_job(tmp_path, *shards, steps=12))
+    local.run(tmp_path / "local")
+    cfg = lm_job(tmp_path, "engine=ray", "resources.num_cpus=1", "resources.threads_per_peer=1", *shards, steps=12)
+    remote = RayEngine(cfg)
+    remote.run(tmp_path / "ray")
+    for i in range(2):
+        assert remote.step_losses[i] == pytest.approx(local.step_losses[i], rel=1e-5, abs=1e-6)
+    for wl, wr in zip(final_weights(tmp_path / "local", cfg), final_weights(tmp_path / "ray", cfg)):
+        for k in wl:
+            assert torch.allclose(wl[k].float(), wr[k].float(), rtol=1e-4, atol=1e-5), k
 
 
 def test_placement_that_cannot_fit_fails_with_a_clear_error(ray_session, tmp_path, monkeypatch):

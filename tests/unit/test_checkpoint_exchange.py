@@ -4,6 +4,7 @@ warning when the bound is broken anyway."""
 
 import threading
 
+import numpy as np
 import pytest
 
 from codistill.config import ExchangeConfig
@@ -130,7 +131,10 @@ def test_a_staleness_beyond_the_job_is_one_warning_line_per_peer():
     cfg = small_job("exchange.mode=checkpoint", "exchange.period=10")
     stats = ExchangeStats()
     stats.see_staleness(35)
-    report = PeerReport(0, "peer0-mlp", "mlp", 50, [1.0], EvalResult(50, None, 0.0, 0.0), 1.0, stats)  # type: ignore[arg-type]
+    nothing = np.zeros(0)
+    report = PeerReport(
+        0, "peer0-mlp", "mlp", 50, [1.0], EvalResult(50, 0.0, 0.0, 0, nothing, nothing, nothing), 1.0, stats
+    )
     warned: set[str] = set()
     lines = staleness_warnings(cfg, [report], warned)
     assert lines == [
