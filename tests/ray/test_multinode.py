@@ -26,7 +26,7 @@ def test_spread_peers_run_on_different_nodes_and_exchange():
     assert line, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(line[len("RESULT ") :])
     assert len(out["nodes"]) == 3
-    for mode in ("logits", "logits_by_reference", "checkpoint"):
+    for mode in ("logits_by_reference", "checkpoint"):
         res = out[mode]
         assert len(set(res["node_ids"])) == 3, res  # one peer per node
         assert set(res["node_ids"]) <= set(out["nodes"])
@@ -38,5 +38,5 @@ def test_spread_peers_run_on_different_nodes_and_exchange():
     assert lost["removed"] in lost["start_nodes"]
     moved = lost["start_nodes"].index(lost["removed"])
     assert lost["end_nodes"][moved] != lost["removed"] and lost["restarts"][moved] >= 1
-    assert lost["steps"] == [[s, s] for s in range(10, 61, 10)]
+    assert lost["steps"] == [[s, s] for s in range(10, 41, 10)]
     assert any("restarted" in e for e in lost["events"])

@@ -36,23 +36,20 @@ def test_ray_matches_local_engine(ray_session, tmp_path, mode):
     cfg = ray_job(*mode)
     local = LocalEngine(small_job(*mode, steps=20))
     local.run(tmp_path / "local")
-    summary = run_job(cfg, str(tmp_path / "ray"))
-    ray_engine_losses = [r["peers"] for r in summary["rounds"]]
-    assert summary["peers"][0]["steps"] == 20 and summary["bytes_exchanged"] > 0
     remote = RayEngine(cfg)
-    remote.run(tmp_path / "ray2")
+    history = remote.run(tmp_path / "ray2")
     for i in range(2):
         assert remote.step_losses[i] == pytest.approx(local.step_losses[i], rel=1e-5, abs=1e-6)
     for wl, wr in zip(final_weights(tmp_path / "local", cfg), final_weights(tmp_path / "ray2", cfg)):
         for k in wl:
             assert torch.allclose(wl[k].float(), wr[k].float(), rtol=1e-4, atol=1e-5), k
-    assert ray_engine_losses  # the CLI path wrote its rounds too
+    assert all(p.exchange.bytes_pulled > 0 for p in history[-1].peers)  # the teachers' signals crossed actors
 
 
-@pytest.mark.parametrize("shards", [(), ("exchange.logits=topk", "exchange.topk=8")])
+@pytest.mark.parametrize("shards", [("exchange.logits=topk", "exchange.topk=8")])
 def test_ray_matches_local_engine_for_language_models(ray_session, tmp_path, shards):
     """Seeded lockstep GPT peers on text: the same per-step losses and final weights on Ray as locally,
-    with full and with top-k logit shards."""
+    with top-k logit shards (full shards take the path the image tests above take)."""
     torch.set_num_threads(1)
     local = LocalEngine(lm_job(tmp_path, *shards, steps=12))
     local.run(tmp_path / "local")

@@ -88,7 +88,26 @@ def test_a_model_whose_vocabulary_differs_from_the_tokenizer_is_refused_before_a
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("job", ["lm_quickstart"])
+@pytest.mark.parametrize("job", ["lm_quickstart", "lm_dml_bpe", "lm_codistill", "lm_hf"])
 def test_bundled_lm_jobs_validate(job):
     cfg = load_job(str(ROOT / "jobs" / f"{job}.yaml"))
     assert cfg.data.name == "text" and cfg.num_peers == 2
+
+
+def test_hugging_face_peers_of_two_architectures_train_together(tmp_path):
+    """lm_hf's two architectures (Llama-type, GPT-2-type, from configs, offline), made tiny: a few lockstep
+    steps on the LocalEngine."""
+    job = load_job(str(ROOT / "jobs" / "lm_hf.yaml"))
+    peers = [dict(p.model_args) for p in job.peers]
+    cfg = lm_job(
+        tmp_path,
+        "peers.0.model=hf",
+        "peers.1.model=hf",
+        "peers.0.model_args=" + json.dumps(peers[0]),
+        "peers.1.model_args=" + json.dumps(peers[1]),
+        steps=6,
+    )
+    engine = LocalEngine(cfg)
+    history = engine.run()
+    assert [p.model for p in history[-1].peers] == ["hf", "hf"]
+    assert all(len(losses) == 6 and losses[-1] < losses[0] for losses in engine.step_losses)
