@@ -79,7 +79,9 @@ class ConsoleReporter(Reporter):
         for p in r.peers:
             self._print(
                 f"    {p.name:<24} step {p.step:6d}  loss {p.train_loss:.4f}  {task.peer_line(p.eval)}  "
-                f"{p.steps_per_s:7.1f} steps/s" + (f"  restarts {p.restarts}" if p.restarts else "")
+                f"{p.steps_per_s:7.1f} steps/s"
+                + (f"  {p.exchange.bytes_published / p.step:,.0f} B/step out" if p.exchange.bytes_published else "")
+                + (f"  restarts {p.restarts}" if p.restarts else "")
             )
 
     def on_event(self, message: str) -> None:
