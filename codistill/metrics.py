@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from codistill.data.dataset import as_tensor
+
 if TYPE_CHECKING:
     from codistill.tasks import EvalResult
 
@@ -81,7 +83,7 @@ def eval_round_metrics(
     pairs = list(combinations(range(n), 2))
     out["churn"] = sum(float((evals[i].top1 != evals[j].top1).mean()) for i, j in pairs) / len(pairs) if pairs else 0.0
     ordered = list(permutations(range(n), 2))
-    logp = [torch.from_numpy(e.subset_log_probs) for e in evals]
+    logp = [as_tensor(e.subset_log_probs) for e in evals]  # read-only arrays out of Ray's object store
     out["mean_pairwise_kl"] = (
         sum((logp[i].exp() * (logp[i] - logp[j])).sum(-1).mean().item() for i, j in ordered) / len(ordered)
         if ordered and len(logp[0])
@@ -91,6 +93,6 @@ def eval_round_metrics(
         mean_probs = torch.zeros(len(labels), num_classes, dtype=torch.float64)
         for e in evals:
             assert e.topk_ids is not None and e.topk_probs is not None
-            mean_probs.scatter_add_(1, torch.from_numpy(e.topk_ids).long(), torch.from_numpy(e.topk_probs).double())
+            mean_probs.scatter_add_(1, as_tensor(e.topk_ids).long(), as_tensor(e.topk_probs).double())
         out["ensemble_accuracy"] = accuracy(mean_probs, labels.cpu())
     return out

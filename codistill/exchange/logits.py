@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from codistill.config import ExchangeConfig
+from codistill.data.dataset import as_tensor
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
 from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype
@@ -42,8 +43,8 @@ def decode_shard(shard: LogitShard, device: torch.device | str) -> TeacherSignal
     return TopKLogits(
         torch.from_numpy(shard.topk_ids.astype(np.int64)).to(device),
         values,
-        torch.from_numpy(np.asarray(shard.lse)).to(device),
-        torch.from_numpy(np.asarray(shard.lse_rest)).to(device),
+        as_tensor(np.asarray(shard.lse)).to(device),
+        as_tensor(np.asarray(shard.lse_rest)).to(device),
         shard.num_classes,
     )
 
