@@ -200,11 +200,15 @@ class Peer:
         step, _x, y, logits = self._pending
         self._pending = None
         parts = total_loss(logits, y, teacher_logits, self.cfg.loss, step, sample_weights, self.task.valid(y))
-        if not torch.isfinite(parts.total):
+        # One device-to-host read per step (all three numbers at once): the finiteness guard needs it before
+        # the update, and the step's loss is reported from it.
+        terms = [parts.total, parts.ce] + ([] if parts.distill is None else [parts.distill])
+        values = torch.stack([t.detach().float() for t in terms]).tolist()
+        total, ce, distill = values[0], values[1], (values[2] if parts.distill is not None else None)
+        if not math.isfinite(total):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"peer {self.name}: non-finite loss {parts.total.item()} at step {step} "
-                f"(ce={parts.ce.item()}, distill={None if parts.distill is None else parts.distill.item()}); "
+                f"peer {self.name}: non-finite loss {total} at step {step} (ce={ce}, distill={distill}); "
                 f"the step was not applied. Lower optim.lr or loss.temperature, or check the data."
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -213,15 +217,7 @@ class Peer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step = step + 1
-        return StepStats(
-            step,
-            parts.total.item(),
-            parts.ce.item(),
-            None if parts.distill is None else parts.distill.item(),
-            parts.alpha,
-            lr,
-            len(teacher_logits or ()),
-        )
+        return StepStats(step, total, ce, distill, parts.alpha, lr, len(teacher_logits or ()))
 
     # -- teachers (checkpoint mode) ------------------------------------------------------------
 
