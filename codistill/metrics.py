@@ -82,13 +82,9 @@ def eval_round_metrics(
     }
     pairs = list(combinations(range(n), 2))
     out["churn"] = sum(float((evals[i].top1 != evals[j].top1).mean()) for i, j in pairs) / len(pairs) if pairs else 0.0
-    ordered = list(permutations(range(n), 2))
-    logp = [as_tensor(e.subset_log_probs) for e in evals]  # read-only arrays out of Ray's object store
-    out["mean_pairwise_kl"] = (
-        sum((logp[i].exp() * (logp[i] - logp[j])).sum(-1).mean().item() for i, j in ordered) / len(ordered)
-        if ordered and len(logp[0])
-        else 0.0
-    )
+    subsets = [as_tensor(e.subset_log_probs) for e in evals]  # read-only arrays out of Ray's object store
+    # log-probabilities are their own normalised logits: the whole-tensor definition applies as it is
+    out["mean_pairwise_kl"] = mean_pairwise_kl(subsets) if len(subsets[0]) else 0.0
     if labels is not None and all(e.topk_ids is not None and e.topk_probs is not None for e in evals):
         mean_probs = torch.zeros(len(labels), num_classes, dtype=torch.float64)
         for e in evals:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import numpy as np
 
 from codistill.errors import ConfigError
 from codistill.registry import Registry
+from codistill.storage import Storage
 
 if TYPE_CHECKING:
     from codistill.config import DataConfig
@@ -184,19 +183,6 @@ def bpe_cache_path(cache_dir: Path, vocab_size: int, text: str) -> Path:
     return cache_dir / "tokenizers" / f"bpe-{vocab_size}-{digest}.json"
 
 
-def _write_atomic(path: Path, content: str) -> None:
-    """Write via a temporary file in the same folder, so a concurrent reader sees all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def bpe(train_text: str, cfg: DataConfig) -> BPETokenizer:
     """The BPE of `cfg.vocab_size` trained on `train_text`, from the cache under `cfg.root` when there."""
     check_bpe_vocab(cfg.vocab_size)
@@ -217,7 +203,7 @@ def bpe(train_text: str, cfg: DataConfig) -> BPETokenizer:
         time.perf_counter() - t0,
     )
     try:
-        _write_atomic(path, tok.to_json())
+        Storage(str(path.parent)).write(path.name, tok.to_json().encode("utf-8"))  # write, then move
         log.info("tokenizer bpe: cached as %s", path)
     except OSError as e:
         log.warning("tokenizer bpe: could not cache it as %s (%s)", path, e)

@@ -11,7 +11,8 @@ import torch
 
 from codistill.config import RunConfig, to_dict
 from codistill.exchange import EXCHANGES, ExchangeStats
-from codistill.tasks import TASKS, EvalResult
+from codistill.metrics import eval_round_metrics
+from codistill.tasks import EvalResult
 
 __all__ = [
     "PeerReport",
@@ -128,7 +129,7 @@ def evaluate_round(
     """A round from the peers' reports; `labels` are the evaluation set's (classification: the ensemble's
     accuracy), `num_classes` the dataset's (its vocabulary for language models)."""
     reports = sorted(reports, key=lambda r: r.index)
-    metrics = TASKS[task].round_metrics([r.eval for r in reports], num_classes, labels)
+    metrics = eval_round_metrics([r.eval for r in reports], num_classes, labels)
     return RoundResult(round_index, min(r.step for r in reports), list(reports), metrics, events or [], task)
 
 

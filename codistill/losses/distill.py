@@ -23,7 +23,8 @@ from codistill.losses.topk import TopKLogits
 
 __all__ = ["IGNORE_INDEX", "LossParts", "TeacherSignal", "distillation_loss", "total_loss"]
 
-IGNORE_INDEX = -100  # as codistill.tasks.IGNORE_INDEX (losses sit below tasks)
+IGNORE_INDEX = -100
+"""A target with this id is padding: no loss, no metric (PyTorch's cross-entropy convention)."""
 
 TeacherSignal = torch.Tensor | TopKLogits
 

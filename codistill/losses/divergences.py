@@ -25,8 +25,8 @@ LogProbDivergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (log
 
 
 def _weighted_log_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum over the last dim of a * (log a - log b), with 0 * anything = 0 (empty top-k rest buckets)."""
-    return torch.where(log_a == -torch.inf, 0.0, log_a.exp() * (log_a - log_b)).sum(-1)
+    """sum over the last dim of a * (log a - log b) (log-probabilities: finite, log_softmax never gives -inf)."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
 def _kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:

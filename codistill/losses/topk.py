@@ -5,7 +5,7 @@ values, after z-scoring when `loss.zscore` is on) and two log-sum-exps at the jo
 all classes (`lse`) and over the classes outside the top k (`lse_rest`). The teacher's distribution at T
 is then known exactly on k + 1 buckets (the k classes, and the rest as one), and the student's full
 distribution is folded into the same buckets; divergences are computed between the two bucket
-distributions. With k equal to the vocabulary the rest bucket is empty and the loss equals the full one.
+distributions. With k equal to the vocabulary there is no rest bucket and the loss equals the full one.
 No ray, no mlflow.
 """
 
@@ -56,11 +56,13 @@ def topk_logits(logits: torch.Tensor, k: int, temperature: float) -> TopKLogits:
 def bucket_log_probs(
     student_logits: torch.Tensor, teacher: TopKLogits, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student, teacher) log-probabilities at T over the teacher's k + 1 buckets, (N, k + 1) each; the
-    last bucket is "every other class" (log-probability -inf for both when k = V)."""
+    """(student, teacher) log-probabilities at T over the teacher's buckets, (N, k + 1) each; the last bucket
+    is "every other class". With k = V there is no other class and no last bucket: (N, V), the full ones."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
     q_top = log_q.gather(1, teacher.ids)  # (N, k)
-    q_rest = torch.logsumexp(log_q.scatter(1, teacher.ids, -torch.inf), dim=-1)  # (N,)
     p_top = teacher.values / temperature - teacher.lse[:, None]
+    if teacher.ids.shape[1] == teacher.num_classes:
+        return q_top, p_top
+    q_rest = torch.logsumexp(log_q.scatter(1, teacher.ids, -torch.inf), dim=-1)  # (N,)
     p_rest = teacher.lse_rest - teacher.lse
     return torch.cat([q_top, q_rest[:, None]], 1), torch.cat([p_top, p_rest[:, None]], 1)

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from codistill.data import Dataset, PeerData
 
-__all__ = ["IGNORE_INDEX", "EvalResult", "Task", "flatten_positions", "kl_subset_size"]
+from codistill.losses.distill import IGNORE_INDEX  # padding: no loss, no metric
 
-IGNORE_INDEX = -100
-"""A target position with this id is padding: no loss, no metric (PyTorch's cross-entropy convention)."""
+__all__ = ["IGNORE_INDEX", "EvalResult", "Task", "kl_subset_size"]
 
 KL_SUBSET_FLOATS = 1 << 18
 """Budget of the pairwise-KL subset, in floats per peer (1 MiB of float32)."""
@@ -35,11 +34,6 @@ def kl_subset_size(num_positions: int, num_classes: int) -> int:
     """Positions on which peers send full log-probabilities (pairwise KL): at most 256, at least 16,
     within KL_SUBSET_FLOATS at this vocabulary."""
     return min(num_positions, max(16, min(256, KL_SUBSET_FLOATS // num_classes)))
-
-
-def flatten_positions(t: torch.Tensor, num_leading: int) -> torch.Tensor:
-    """(B, T, ..., V) -> (B*T*..., V) for logits (num_leading = t.ndim - 1) or (B, T) -> (B*T,) for targets."""
-    return t.reshape(-1, *t.shape[num_leading:]) if num_leading < t.ndim else t.reshape(-1)
 
 
 @dataclass
@@ -109,8 +103,8 @@ class Task:
         for x, y in batches:
             logits = forward(x).float()
             v = logits.shape[-1]
-            flat_logits = flatten_positions(logits, logits.ndim - 1)  # (N, V)
-            flat_y = flatten_positions(y, y.ndim)  # (N,)
+            flat_logits = logits.reshape(-1, v)  # (N, V): every example or token is a position
+            flat_y = y.reshape(-1)  # (N,)
             if wanted is None:
                 m = kl_subset_size(num_positions, v)
                 wanted = torch.linspace(0, num_positions - 1, m).round().long()
@@ -147,15 +141,6 @@ class Task:
             cat(topk_ids) if topk_ids else None,
             cat(topk_probs) if topk_probs else None,
         )
-
-    def round_metrics(
-        self, evals: list[EvalResult], num_classes: int, labels: torch.Tensor | None = None
-    ) -> dict[str, float]:
-        """The ensemble-level numbers of a round (codistill.metrics); `labels`: the evaluation set's targets
-        where the driver has them (classification: the ensemble's accuracy)."""
-        from codistill.metrics import eval_round_metrics
-
-        return eval_round_metrics(evals, num_classes, labels)
 
     def headline(self, metrics: dict[str, Any]) -> str:
         """The round's progress line: what matters most for this task."""
