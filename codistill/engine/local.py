@@ -64,11 +64,8 @@ class LocalEngine:
                 busy[i] += time.perf_counter() - t0
             for i in active:
                 t0 = time.perf_counter()
-                stats = peers[i].train_step(exchanges[i].teacher_logits(peers[i], step))
+                lr[i] = peers[i].train_step(exchanges[i].teacher_logits(peers[i], step)).lr
                 busy[i] += time.perf_counter() - t0
-                round_losses[i].append(stats.loss)
-                self.step_losses[i].append(stats.loss)
-                lr[i] = stats.lr
             for i in active:
                 t0 = time.perf_counter()
                 exchanges[i].end_step(peers[i], step)
@@ -76,6 +73,9 @@ class LocalEngine:
                     exchanges[i].finish(peers[i])
                 busy[i] += time.perf_counter() - t0
             if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+                for i, p in enumerate(peers):  # the round's losses, read from the device at once
+                    round_losses[i] = [s.loss for s in p.take_losses()]
+                    self.step_losses[i].extend(round_losses[i])
                 reports = [
                     PeerReport(
                         i,
@@ -104,7 +104,6 @@ class LocalEngine:
                     )
                 )
                 self.reporter.on_round(history[-1])
-                round_losses = [[] for _ in peers]
         self.peers = peers
         if out_dir is not None:
             storage = Storage(out_dir)

@@ -152,6 +152,7 @@ class PeerActor:
     def _save(self, keep_from: int) -> None:
         """Write a checkpoint at the current step; keep round-end checkpoints from `keep_from` on (the
         driver's resume points) and the newest one; delete the rest."""
+        self.round_losses.extend(s.loss for s in self.peer.take_losses())
         state = self.peer.training_state()
         state.update(
             busy_s=self.busy_s,
@@ -193,10 +194,8 @@ class PeerActor:
         while peer.step < until_step:
             step = peer.step
             ex.start_step(peer, step)
-            stats = peer.train_step(ex.teacher_logits(peer, step))
+            self.lr = peer.train_step(ex.teacher_logits(peer, step)).lr
             ex.end_step(peer, step)
-            self.round_losses.append(stats.loss)
-            self.lr = stats.lr
             if every and peer.step % every == 0 and peer.step < until_step:
                 self.busy_s += time.perf_counter() - t0
                 self._save(keep_from)

@@ -28,22 +28,29 @@ from codistill.peer.optim import make_optimizer, make_scheduler
 from codistill.registry import lookup
 from codistill.tasks import EvalResult, task_of
 
-__all__ = ["EvalResult", "NonFiniteLossError", "Peer", "StepStats", "resolve_device", "total_steps"]
+__all__ = ["EvalResult", "NonFiniteLossError", "Peer", "StepLoss", "StepStats", "resolve_device", "total_steps"]
 
 
 class NonFiniteLossError(CodistillError, RuntimeError):
-    """A peer's loss became NaN or inf: its step is not applied."""
+    """A peer's loss became NaN or inf: nothing trained from that step on is saved, published or evaluated."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepStats:
+    """What a step knows without reading the device (its losses come later, from `Peer.take_losses`)."""
+
+    step: int
+    alpha: float
+    lr: float
+    num_teachers: int
+
+
+@dataclass(frozen=True)
+class StepLoss:
     step: int
     loss: float
     ce: float
     distill: float | None
-    alpha: float
-    lr: float
-    num_teachers: int
 
 
 @dataclass
@@ -107,6 +114,11 @@ class Peer:
         self.step = 0  # completed training steps
         self.teachers: dict[int, _Teacher] = {}
         self._pending: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # step, x, y, logits
+        # Losses stay on the device until something reads the peer anyway (GPU steps never wait for the host):
+        # per step (step, (3,) [total, ce, distill] tensor, has_distill), then floats in _read_losses.
+        self._device_losses: list[tuple[int, torch.Tensor, bool]] = []
+        self._read_losses: list[StepLoss] = []
+        self._non_finite: str | None = None  # once set, every read raises it: the weights past it are not kept
 
     # -- construction ------------------------------------------------------------------------
 
@@ -200,24 +212,45 @@ class Peer:
         step, _x, y, logits = self._pending
         self._pending = None
         parts = total_loss(logits, y, teacher_logits, self.cfg.loss, step, sample_weights, self.task.valid(y))
-        # One device-to-host read per step (all three numbers at once): the finiteness guard needs it before
-        # the update, and the step's loss is reported from it.
-        terms = [parts.total, parts.ce] + ([] if parts.distill is None else [parts.distill])
-        values = torch.stack([t.detach().float() for t in terms]).tolist()
-        total, ce, distill = values[0], values[1], (values[2] if parts.distill is not None else None)
-        if not math.isfinite(total):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"peer {self.name}: non-finite loss {total} at step {step} (ce={ce}, distill={distill}); "
-                f"the step was not applied. Lower optim.lr or loss.temperature, or check the data."
-            )
+        distill = parts.distill if parts.distill is not None else torch.zeros_like(parts.total)
+        terms = torch.stack([parts.total, parts.ce, distill]).detach().float()  # (3,), stays on the device
+        self._device_losses.append((step, terms, parts.distill is not None))
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step = step + 1
-        return StepStats(step, total, ce, distill, parts.alpha, lr, len(teacher_logits or ()))
+        return StepStats(step, parts.alpha, lr, len(teacher_logits or ()))
+
+    # -- losses, read once per round ----------------------------------------------------------
+
+    def check_losses(self) -> None:
+        """Read the losses of the steps since the last read from the device, at once, and stop at a non-finite one.
+
+        Called wherever the peer's state leaves the device anyway (evaluation, weights published or saved), so a
+        model trained past a NaN is never evaluated, published or written, yet no step waits for the host."""
+        if self._non_finite is not None:
+            raise NonFiniteLossError(self._non_finite)
+        if not self._device_losses:
+            return
+        rows = torch.stack([t for _, t, _ in self._device_losses]).tolist()  # (S, 3): the one device-to-host read
+        pending, self._device_losses = self._device_losses, []
+        for (step, _, has_distill), (total, ce, distill) in zip(pending, rows):
+            if not math.isfinite(total):
+                shown = distill if has_distill else None
+                self._non_finite = (
+                    f"peer {self.name}: non-finite loss {total} at step {step} (ce={ce}, distill={shown}); "
+                    f"nothing trained from it on is kept. Lower optim.lr or loss.temperature, or check the data."
+                )
+                raise NonFiniteLossError(self._non_finite)
+            self._read_losses.append(StepLoss(step, total, ce, distill if has_distill else None))
+
+    def take_losses(self) -> list[StepLoss]:
+        """The losses of the steps since the last call, oldest first (raises NonFiniteLossError on a NaN or inf)."""
+        self.check_losses()
+        out, self._read_losses = self._read_losses, []
+        return out
 
     # -- teachers (checkpoint mode) ------------------------------------------------------------
 
@@ -236,6 +269,7 @@ class Peer:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's weights on the CPU (what a checkpoint exchange publishes)."""
+        self.check_losses()
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     # -- evaluation and training checkpoints ---------------------------------------------------
@@ -243,6 +277,7 @@ class Peer:
     def evaluate(self) -> EvalResult:
         """Streamed over the evaluation set: only what the round's metrics need leaves this peer
         (codistill.tasks.Task.evaluate)."""
+        self.check_losses()
         self.model.eval()
         with torch.no_grad(), self._autocast():
             return self.task.evaluate(
@@ -264,3 +299,4 @@ class Peer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self._pending = None
+        self._device_losses, self._read_losses, self._non_finite = [], [], None
