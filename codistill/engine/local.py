@@ -41,13 +41,14 @@ class LocalEngine:
         self.prior_rounds: list[dict] = []
         self.final: RoundResult | None = None
         self.peers: list[Peer] = []
+        self.board = in_memory_board(cfg)
 
     def run(self, out_dir: str | Path | None = None, dataset: Dataset | None = None) -> list[RoundResult]:
         """Train all peers; write each peer's final weights to out_dir/peers/<name>.pt."""
         cfg = self.cfg
         dataset = dataset if dataset is not None else check_job(cfg)
         peers = [Peer(cfg, i, dataset, self.device) for i in range(cfg.num_peers)]
-        board = in_memory_board(cfg)
+        board = self.board = in_memory_board(cfg)
         exchanges = [make_exchange(cfg, i, board) for i in range(cfg.num_peers)]
         total = max(p.total_steps for p in peers)
         self.reporter.on_start(cfg, total)
@@ -69,6 +70,7 @@ class LocalEngine:
             for i in active:
                 t0 = time.perf_counter()
                 exchanges[i].end_step(peers[i], step)
+                board.mark_durable(i, peers[i].step)  # nothing sends a local peer back: taken shards can go
                 if peers[i].step == peers[i].total_steps:
                     exchanges[i].finish(peers[i])
                 busy[i] += time.perf_counter() - t0

@@ -31,8 +31,10 @@ from codistill.engine.report import (
 )
 from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
 from codistill.errors import CodistillError, ResourcesError
+from codistill.exchange import held_bytes_warning
 from codistill.registry import all_extras
 from codistill.storage import Storage
+from codistill.tasks import task_of
 
 __all__ = ["RayEngine", "RoundAssembler", "round_ends"]
 
@@ -184,6 +186,9 @@ class RayEngine:
         names = [cfg.peer_name(i) for i in range(cfg.num_peers)]
         dataset = dataset if dataset is not None else check_job(cfg)  # before Ray: bad input costs nothing
         self._task: dict[str, Any] = {"task": dataset.task, "num_classes": dataset.num_classes}
+        positions = cfg.data.batch_size * task_of(dataset).positions_per_row(dataset)
+        if (held := held_bytes_warning(cfg, positions, dataset.num_classes)) is not None:
+            self.reporter.on_event(held)
         point = ResumePoint(None, [])
         if self.resume:
             point = plan_resume(cfg, storage)

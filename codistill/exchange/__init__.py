@@ -28,6 +28,7 @@ from codistill.exchange.wire import (
 from codistill.registry import Registry
 
 __all__ = [
+    "held_bytes_warning",
     "EXCHANGES",
     "TOPOLOGIES",
     "Board",
@@ -64,6 +65,21 @@ def new_board_state(cfg: RunConfig) -> BoardState:
     n, topology = cfg.num_peers, cfg.exchange.topology
     consumers = {j: consumers_of(j, n, topology) for j in range(n)}
     return BoardState(consumers, EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange))
+
+
+HELD_BYTES_WARNING = 2 << 30  # above this a board's shards spill out of a typical object store
+
+
+def held_bytes_warning(cfg: RunConfig, positions_per_batch: int, num_classes: int) -> str | None:
+    """One line when the board may hold more per-step signals than an object store keeps in memory."""
+    held = EXCHANGES[cfg.exchange.mode].held_bytes(cfg, positions_per_batch, num_classes)
+    if held <= HELD_BYTES_WARNING:
+        return None
+    return (
+        f"warning: the board may hold about {held / 1e9:.1f} GB of logit shards between training checkpoints "
+        f"({num_classes} classes x {positions_per_batch} positions per batch); Ray spills what its object store "
+        f"cannot hold to disk. Smaller: exchange.logits=topk, exchange.dtype=bfloat16 or output.checkpoint_every."
+    )
 
 
 def in_memory_board(cfg: RunConfig) -> InMemoryBoard:

@@ -43,6 +43,12 @@ class Exchange(ABC):
     def staleness_limit(cls, cfg: ExchangeConfig) -> int:
         """The most steps a teacher signal may lag its student under this job; more is a warning."""
 
+    @classmethod
+    def held_bytes(cls, cfg: RunConfig, positions_per_batch: int, num_classes: int) -> int:
+        """About how many bytes of per-step signals a board holds at most between two training checkpoints
+        (kept for exact replay after a restart); 0 for an exchange that keeps none."""
+        return 0
+
     def __init__(self, cfg: RunConfig, index: int, board: Board):
         self.cfg = cfg
         self.index = index

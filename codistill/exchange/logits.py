@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from codistill.config import ExchangeConfig
+from codistill.config import ExchangeConfig, RunConfig
 from codistill.data.dataset import as_tensor
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
+from codistill.exchange.topology import consumers_of
 from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype
 from codistill.losses.distill import TeacherSignal
 from codistill.losses.divergences import zscore
@@ -61,6 +62,20 @@ class LogitExchange(Exchange):
     @classmethod
     def staleness_limit(cls, cfg: ExchangeConfig) -> int:
         return cfg.staleness
+
+    @classmethod
+    def held_bytes(cls, cfg: RunConfig, positions_per_batch: int, num_classes: int) -> int:
+        # A shard stays until every consumer has a durable checkpoint past its step: a round's worth (or
+        # output.checkpoint_every steps) of every publisher's shards, plus the staleness window.
+        ex = cfg.exchange
+        value_bytes = 4 if ex.dtype == "float32" else 2
+        if ex.logits == "topk" and ex.topk < num_classes:
+            per_position = ex.topk * (value_bytes + np.dtype(id_dtype(num_classes)).itemsize) + 8  # + lse, lse_rest
+        else:
+            per_position = num_classes * value_bytes
+        between = min(cfg.output.checkpoint_every or cfg.eval_every, cfg.eval_every) + ex.staleness + 1
+        publishers = sum(1 for i in range(cfg.num_peers) if consumers_of(i, cfg.num_peers, ex.topology))
+        return 0 if cfg.loss.alpha == 0 else publishers * between * positions_per_batch * per_position
 
     def start_step(self, peer: Peer, step: int) -> None:
         ids, logits = peer.forward(step)

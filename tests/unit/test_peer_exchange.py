@@ -243,3 +243,28 @@ def test_fetching_several_teachers_waits_for_all_and_names_the_missing_one():
     board.publish_logits(2, shard(2))
     got = board.fetch_logits([2, 1], 4, 0, timeout_s=0.05)
     assert [float(s.logits[0, 0]) for s in got] == [2.0, 1.0]  # in the order asked
+
+
+def test_the_local_engine_board_lets_taken_shards_go():
+    """A LocalEngine peer is never sent back to an earlier step, so a shard every consumer took can go:
+    the board once kept every shard of the run (900 MB of byte-token shards in lm_quickstart)."""
+    engine = LocalEngine(small_job(steps=12))
+    engine.run()
+    assert len(engine.board.state.logits) <= engine.cfg.num_peers
+
+
+def test_held_bytes_estimate_for_full_and_topk_shards():
+    from codistill.exchange import EXCHANGES, held_bytes_warning
+
+    full = small_job("exchange.dtype=bfloat16", steps=100)
+    held_full = EXCHANGES["logits"].held_bytes(full, positions_per_batch=1024, num_classes=8192)
+    # 2 publishers x (eval_every + staleness + 1) steps x 1024 positions x 8192 classes x 2 bytes
+    assert held_full == 2 * (10 + 0 + 1) * 1024 * 8192 * 2
+    top = small_job("exchange.dtype=bfloat16", "exchange.logits=topk", "exchange.topk=32", steps=100)
+    # per position: 32 x (2-byte value + 2-byte id) + lse and lse_rest (8 bytes)
+    assert EXCHANGES["logits"].held_bytes(top, 1024, 8192) == held_full // (8192 * 2) * (32 * 4 + 8)
+    assert EXCHANGES["logits"].held_bytes(small_job("loss.alpha=0"), 1024, 8192) == 0
+    assert EXCHANGES["checkpoint"].held_bytes(full, 1024, 8192) == 0
+    assert held_bytes_warning(full, 1024, 8192) is None  # 0.37 GB
+    line = held_bytes_warning(full, 1024, 100_000)  # 4.5 GB: the RayEngine prints this before any actor starts
+    assert line is not None and "about 4.5 GB" in line and "exchange.logits=topk" in line
