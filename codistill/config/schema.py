@@ -181,6 +181,26 @@ _PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
+class WorkerResources(_Section):
+    SECTION: ClassVar[str] = "peer resources"
+
+    num_cpus: float | None = None
+    """CPUs per worker of this peer; None = the job's `resources.num_cpus`."""
+    num_gpus: float | None = None
+    """GPUs per worker of this peer; None = the job's `resources.num_gpus`."""
+
+    def __post_init__(self) -> None:
+        cpus, gpus = self.num_cpus, self.num_gpus
+        self._check(cpus is None or (_finite(cpus) and cpus >= 0), "num_cpus", cpus, "null or a finite number >= 0")
+        self._check(
+            gpus is None or (_finite(gpus) and gpus >= 0 and (gpus <= 1 or gpus == int(gpus))),
+            "num_gpus",
+            gpus,
+            "null, a fraction in [0, 1] or a whole number of GPUs",
+        )
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
 class PeerConfig(_Section):
     SECTION: ClassVar[str] = "peer"
 
@@ -198,9 +218,15 @@ class PeerConfig(_Section):
     for `hf` the Hugging Face config (`model_type: llama`, `hidden_size`, ...)."""
     pretrained: bool = False
     """`hf:<id or path>` only: load the pretrained weights (else the architecture, freshly initialised)."""
+    workers: int = 1
+    """Data-parallel workers of this peer: 1 = one Ray actor; W > 1 = a Ray Train worker group running DDP
+    (gloo on CPU, NCCL on GPU), the global batch `data.batch_size` split evenly across its ranks."""
+    resources: WorkerResources | None = None
+    """Per worker of this peer, overriding the job's `resources` (num_cpus, num_gpus)."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.models", "MODELS", self.model, "model")
+        self._check(1 <= self.workers <= 1024, "workers", self.workers, "an integer in [1, 1024]")
         if self.name is not None:
             self._check(
                 bool(_PEER_NAME.match(self.name)) and self.name not in (".", ".."),
@@ -424,6 +450,25 @@ class RunConfig(_Section):
                 f"`same` with exchange.mode={self.exchange.mode} (every peer must see the batch its teachers "
                 f"saw); `disjoint` needs an exchange where each peer has its own order, e.g. checkpoint",
             )
+        for i, pc in enumerate(self.peers):
+            if pc.workers == 1:
+                continue
+            self._check(
+                self.engine == "ray", f"peers.{i}.workers", pc.workers, "1 with engine=local (worker groups need Ray)"
+            )
+            self._check(
+                self.data.batch_size % pc.workers == 0,
+                f"peers.{i}.workers",
+                pc.workers,
+                f"a divisor of data.batch_size={self.data.batch_size} (the global batch is split evenly across ranks)",
+            )
+            gpus = self.peer_resources(i)[1]
+            self._check(
+                gpus == 0 or gpus >= 1,
+                f"peers.{i}.resources.num_gpus",
+                gpus,
+                "0 or whole GPUs per worker for a data-parallel peer (NCCL cannot put two ranks on one GPU)",
+            )
         if self.exchange.logits == "topk" and shared_order and self.loss.teacher_reduce != "each":
             raise ConfigError(
                 "loss.teacher_reduce",
@@ -443,6 +488,13 @@ class RunConfig(_Section):
     def peer_seed(self, index: int) -> int:
         p = self.peers[index]
         return p.seed if p.seed is not None else self.seed + 1000 * (index + 1)
+
+    def peer_resources(self, index: int) -> tuple[float, float]:
+        """(num_cpus, num_gpus) per worker of peer `index`: its own `resources`, else the job's."""
+        own = self.peers[index].resources
+        cpus = own.num_cpus if own is not None and own.num_cpus is not None else self.resources.num_cpus
+        gpus = own.num_gpus if own is not None and own.num_gpus is not None else self.resources.num_gpus
+        return cpus, gpus
 
     def peer_optim(self, index: int) -> OptimConfig:
         return self.peers[index].optim or self.optim

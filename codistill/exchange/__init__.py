@@ -16,7 +16,7 @@ from codistill.exchange.board import Board, BoardState, InMemoryBoard, TeacherUn
 from codistill.exchange.checkpoint import CheckpointExchange
 from codistill.exchange.logits import LogitExchange, TeacherMismatch
 from codistill.exchange.stats import ExchangeStats
-from codistill.exchange.topology import TOPOLOGIES, consumers_of, teachers_of
+from codistill.exchange.topology import TOPOLOGIES, consumers_of, shard_consumers, teachers_of
 from codistill.exchange.wire import (
     LogitShard,
     WireWeights,
@@ -56,14 +56,16 @@ __all__ = [
 EXCHANGES: Registry[type[Exchange]] = Registry("exchange", {"logits": LogitExchange, "checkpoint": CheckpointExchange})
 
 
-def make_exchange(cfg: RunConfig, index: int, board: Board) -> Exchange:
-    return EXCHANGES[cfg.exchange.mode](cfg, index, board)
+def make_exchange(cfg: RunConfig, index: int, board: Board, rank: int = 0) -> Exchange:
+    return EXCHANGES[cfg.exchange.mode](cfg, index, board, rank)
 
 
 def new_board_state(cfg: RunConfig) -> BoardState:
     """An empty board's bookkeeping for this job (who consumes whom, how many versions are kept)."""
-    n, topology = cfg.num_peers, cfg.exchange.topology
-    consumers = {j: consumers_of(j, n, topology) for j in range(n)}
+    # Addressed by rank slot (codistill.exchange.topology.rank_slot): slot i is peer i's rank 0, so with
+    # one worker per peer a slot is a peer. Weights are published by rank 0 slots only.
+    workers = [pc.workers for pc in cfg.peers]
+    consumers = shard_consumers(workers, cfg.data.batch_size, cfg.exchange.topology)
     return BoardState(consumers, EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange))
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.board import Board
 from codistill.exchange.stats import ExchangeStats
-from codistill.exchange.topology import consumers_of, teachers_of
+from codistill.exchange.topology import consumers_of, rank_slot, teachers_of
 
 if TYPE_CHECKING:
     from codistill.losses.distill import TeacherSignal
@@ -49,9 +49,12 @@ class Exchange(ABC):
         (kept for exact replay after a restart); 0 for an exchange that keeps none."""
         return 0
 
-    def __init__(self, cfg: RunConfig, index: int, board: Board):
+    def __init__(self, cfg: RunConfig, index: int, board: Board, rank: int = 0):
         self.cfg = cfg
         self.index = index
+        self.rank = rank  # of a data-parallel peer's ranks; its board address is `slot`
+        self.workers = [pc.workers for pc in cfg.peers]
+        self.slot = rank_slot(self.workers, index, rank)
         self.board = board
         self.teachers = teachers_of(index, cfg.num_peers, cfg.exchange.topology)
         self.publishes = bool(consumers_of(index, cfg.num_peers, cfg.exchange.topology)) and cfg.loss.alpha > 0
@@ -73,4 +76,4 @@ class Exchange(ABC):
 
     def finish(self, peer: Peer) -> None:
         """After the peer's last step: nobody waits for what it will not publish."""
-        self.board.mark_finished(self.index)
+        self.board.mark_finished(self.slot)

@@ -54,8 +54,8 @@ class CheckpointExchange(Exchange):
     def staleness_limit(cls, cfg: ExchangeConfig) -> int:
         return cfg.period - 1 if cfg.sync else cfg.staleness_bound
 
-    def __init__(self, cfg: RunConfig, index: int, board: Board):
-        super().__init__(cfg, index, board)
+    def __init__(self, cfg: RunConfig, index: int, board: Board, rank: int = 0):
+        super().__init__(cfg, index, board, rank)
         self.period = cfg.exchange.period
         self.first_usable = ceil_to(max(cfg.loss.burn_in, 1), self.period)
 
@@ -84,7 +84,7 @@ class CheckpointExchange(Exchange):
             need = {j: v for j, v in need.items() if held.get(j, -1) < v}
         known = {j: max(held.get(j, -1), self.first_usable - 1) for j in self.teachers}
         t0 = time.perf_counter()
-        for j, w in self.board.pull_weights(self.index, known, need, sync, self.cfg.exchange.timeout_s).items():
+        for j, w in self.board.pull_weights(self.slot, known, need, sync, self.cfg.exchange.timeout_s).items():
             peer.set_teacher(j, w.version, decode_weights(w))
             self.stats.bytes_pulled += w.nbytes
             self.stats.teacher_updates += 1
@@ -107,9 +107,11 @@ class CheckpointExchange(Exchange):
 
     def end_step(self, peer: Peer, step: int) -> None:
         version = step + 1
-        if self.publishes and version % self.period == 0 and version >= self.first_usable:
+        # Rank 0 alone publishes a data-parallel peer's weights: they are the same on every rank.
+        if self.publishes and peer.rank == 0 and version % self.period == 0 and version >= self.first_usable:
             t0 = time.perf_counter()
-            w = encode_weights(peer.model.state_dict(), version, self.cfg.exchange.dtype)
+            peer.check_losses()  # weights trained past a NaN are never published
+            w = encode_weights(peer.module.state_dict(), version, self.cfg.exchange.dtype)
             self.board.publish_weights(self.index, w)
             self.stats.bytes_published += w.nbytes
             self.stats.exchange_s += time.perf_counter() - t0

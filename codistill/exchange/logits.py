@@ -20,8 +20,8 @@ from codistill.config import ExchangeConfig, RunConfig
 from codistill.data.dataset import as_tensor
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
-from codistill.exchange.topology import consumers_of
-from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype
+from codistill.exchange.topology import consumers_of, overlapping_ranks, part_bounds, rank_slot
+from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype, join_shards
 from codistill.losses.distill import TeacherSignal
 from codistill.losses.divergences import zscore
 from codistill.losses.topk import TopKLogits, topk_logits
@@ -114,7 +114,7 @@ class LogitExchange(Exchange):
             )
         else:
             shard = LogitShard(batch_step, produced_step, sample_ids, encode_tensor(logits, dtype), dtype)
-        self.board.publish_logits(self.index, shard)
+        self.board.publish_logits(self.slot, shard)  # this rank's part of the batch
         self.stats.bytes_published += shard.nbytes
         self.stats.exchange_s += time.perf_counter() - t0
 
@@ -122,17 +122,25 @@ class LogitExchange(Exchange):
         if not self.distills_at(step):
             return None
         t0 = time.perf_counter()
-        expected_ids = peer.data.batch_ids(step).numpy()
+        expected_ids = peer.batch_ids(step).numpy()
         out: list[TeacherSignal] = []
-        shards = self.board.fetch_logits(self.teachers, step, self.index, self.cfg.exchange.timeout_s)
-        for j, shard in zip(self.teachers, shards):
+        # Each teacher's ranks whose parts overlap this rank's examples, fetched in one request for all teachers.
+        lo, hi = part_bounds(self.cfg.data.batch_size, peer.world_size, peer.rank)
+        batch = self.cfg.data.batch_size
+        ranks = {j: overlapping_ranks(batch, self.workers[j], lo, hi) for j in self.teachers}
+        slots = [rank_slot(self.workers, j, q) for j in self.teachers for q in ranks[j]]
+        got = dict(zip(slots, self.board.fetch_logits(slots, step, self.slot, self.cfg.exchange.timeout_s)))
+        for j in self.teachers:
+            parts = [got[rank_slot(self.workers, j, q)] for q in ranks[j]]
+            first = part_bounds(batch, self.workers[j], ranks[j][0])[0]
+            shard = join_shards(parts, lo - first, hi - first)
             if not np.array_equal(shard.sample_ids, expected_ids):  # a shard is keyed by the samples it covers
                 raise TeacherMismatch(
                     f"peer {self.index}: logits of peer {j} for step {step} cover other samples; "
                     f"the peers' batch orders disagree (job seed or data config differ)"
                 )
             out.append(decode_shard(shard, peer.device))
-            self.stats.bytes_pulled += shard.nbytes
+            self.stats.bytes_pulled += sum(p.nbytes for p in parts)
             self.stats.see_staleness(step - shard.produced_step)
         self.stats.exchange_s += time.perf_counter() - t0
         return out

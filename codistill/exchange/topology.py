@@ -1,12 +1,21 @@
-"""Who learns from whom (`exchange.topology`): registry TOPOLOGIES of `(index, num_peers) -> teachers`."""
+"""Who learns from whom (`exchange.topology`): registry TOPOLOGIES of `(index, num_peers) -> teachers`; and,
+for data-parallel peers, the board address (*slot*) of each rank and which ranks' logit shards a rank needs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from codistill.registry import Registry
 
-__all__ = ["TOPOLOGIES", "consumers_of", "teachers_of"]
+__all__ = [
+    "TOPOLOGIES",
+    "consumers_of",
+    "overlapping_ranks",
+    "part_bounds",
+    "rank_slot",
+    "shard_consumers",
+    "teachers_of",
+]
 
 
 def _all_others(index: int, num_peers: int) -> list[int]:
@@ -34,3 +43,46 @@ def teachers_of(index: int, num_peers: int, topology: str) -> list[int]:
 def consumers_of(index: int, num_peers: int, topology: str) -> list[int]:
     """Who learns from peer `index`."""
     return [i for i in range(num_peers) if index in teachers_of(i, num_peers, topology)]
+
+
+# -- data-parallel peers: one board slot per rank ---------------------------------------------------
+
+
+def rank_slot(workers: Sequence[int], peer: int, rank: int) -> int:
+    """The board address of rank `rank` of peer `peer` (`workers[i]`: peer i's ranks). Rank 0 of peer i is i,
+    so a job of one-worker peers addresses peers as before; further ranks are numbered after all peers."""
+    if not 0 <= rank < workers[peer]:
+        raise ValueError(f"peer {peer} has {workers[peer]} worker(s); no rank {rank}")
+    return peer if rank == 0 else len(workers) + sum(w - 1 for w in workers[:peer]) + rank - 1
+
+
+def part_bounds(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi): the examples of the global batch that rank `rank` of `world_size` trains on (contiguous)."""
+    part = batch_size // world_size
+    return rank * part, (rank + 1) * part
+
+
+def overlapping_ranks(batch_size: int, teacher_workers: int, lo: int, hi: int) -> list[int]:
+    """The teacher's ranks whose parts of the batch cover some of the examples [lo, hi)."""
+    return [q for q in range(teacher_workers) if _overlap(part_bounds(batch_size, teacher_workers, q), (lo, hi))]
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def shard_consumers(workers: Sequence[int], batch_size: int, topology: str) -> dict[int, list[int]]:
+    """For every rank slot, the rank slots that read its logit shards: each rank of each consumer peer
+    reads the publisher's ranks whose parts overlap its own (shard by shard, never through rank 0)."""
+    n = len(workers)
+    out: dict[int, list[int]] = {}
+    for j in range(n):
+        for q in range(workers[j]):
+            mine = part_bounds(batch_size, workers[j], q)
+            out[rank_slot(workers, j, q)] = [
+                rank_slot(workers, i, r)
+                for i in consumers_of(j, n, topology)
+                for r in range(workers[i])
+                if _overlap(mine, part_bounds(batch_size, workers[i], r))
+            ]
+    return out

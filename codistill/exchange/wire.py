@@ -15,6 +15,7 @@ __all__ = [
     "LogitShard",
     "WireWeights",
     "decode_array",
+    "join_shards",
     "decode_weights",
     "encode_tensor",
     "encode_weights",
@@ -146,3 +147,36 @@ def encode_weights(state: Mapping[str, torch.Tensor], version: int, dtype: str) 
 
 def decode_weights(w: WireWeights) -> dict[str, torch.Tensor]:
     return {k: decode_array(a, w.dtype) if k in w.float_keys else as_tensor(a) for k, a in w.arrays.items()}
+
+
+def join_shards(shards: list[LogitShard], lo: int, hi: int) -> LogitShard:
+    """Examples [lo, hi) of consecutive shards of one batch (a data-parallel teacher's ranks' parts, in rank
+    order), as one shard; lo and hi count from the first shard's first example. Every array leads with
+    examples (full logits) or positions (top-k: examples x tokens), so each is cut at the same examples."""
+    if len(shards) == 1 and lo == 0 and hi == len(shards[0].sample_ids):
+        return shards[0]
+    first = shards[0]
+    examples = sum(len(s.sample_ids) for s in shards)
+
+    def cut(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        present = [a for a in arrays if a is not None]
+        if not present:
+            return None
+        joined = np.concatenate(present) if len(present) > 1 else present[0]
+        per = len(joined) // examples  # rows per example: 1, or tokens per example for top-k positions
+        return joined[lo * per : hi * per]
+
+    sample_ids = cut([s.sample_ids for s in shards])
+    logits = cut([s.logits for s in shards])
+    assert sample_ids is not None and logits is not None
+    return LogitShard(
+        first.batch_step,
+        min(s.produced_step for s in shards),
+        sample_ids,
+        logits,
+        first.dtype,
+        cut([s.topk_ids for s in shards]),
+        cut([s.lse for s in shards]),
+        cut([s.lse_rest for s in shards]),
+        first.num_classes,
+    )

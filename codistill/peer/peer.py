@@ -83,8 +83,15 @@ class Peer:
         device: torch.device | str | None = None,
         *,
         shard_index: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.cfg = cfg
+        # A data-parallel peer (Ray Train worker group): this process is rank `rank` of `world_size`; it trains
+        # on its contiguous part of the global batch and DDP averages the gradients (docs/design.md).
+        self.rank, self.world_size = rank, world_size
+        part = cfg.data.batch_size // world_size
+        self.part = slice(rank * part, (rank + 1) * part)
         self.index = index
         self.name = cfg.peer_name(index)
         self.seed = cfg.peer_seed(index)
@@ -107,9 +114,15 @@ class Peer:
             device=self.device,
         )
         self.total_steps = total_steps(cfg, self.data.steps_per_epoch)
-        self.model = self._build(index, seed=self.seed)
+        self.module = self._build(index, seed=self.seed)  # the model itself: weights, evaluation, checkpoints
+        self.model: nn.Module = self.module  # what the training step calls: DDP around the module when W > 1
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
         oc = cfg.peer_optim(index)
-        self.optimizer = make_optimizer(list(self.model.parameters()), oc)
+        self.optimizer = make_optimizer(list(self.module.parameters()), oc)
         self.scheduler = make_scheduler(self.optimizer, oc, self.total_steps)
         self.step = 0  # completed training steps
         self.teachers: dict[int, _Teacher] = {}
@@ -118,6 +131,7 @@ class Peer:
         # per step (step, (3,) [total, ce, distill] tensor, has_distill), then floats in _read_losses.
         self._device_losses: list[tuple[int, torch.Tensor, bool]] = []
         self._read_losses: list[StepLoss] = []
+        self._checked = 0  # how many of _device_losses check_losses has read
         self._non_finite: str | None = None  # once set, every read raises it: the weights past it are not kept
 
     # -- construction ------------------------------------------------------------------------
@@ -165,7 +179,7 @@ class Peer:
         step = self.step if step is None else step
         if step != self.step:
             raise ValueError(f"peer {self.name}: forward for step {step} but the next step is {self.step}")
-        ids, x, y = self.data.batch(step)
+        ids, x, y = self.batch(step)
         x = self._input(x)
         self.model.train()
         with self._step_rng(step, 0), self._autocast():
@@ -173,20 +187,33 @@ class Peer:
         self._pending = (step, x, y, logits)
         return ids, logits.detach()
 
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample_ids, inputs, targets) of this rank's part of the global batch of `step`. The whole batch is
+        made first, so augmentation draws exactly what one worker would (W workers = one, to float tolerance)."""
+        ids, x, y = self.data.batch(step)
+        if self.world_size == 1:
+            return ids, x, y
+        return ids[self.part], x[self.part], y[self.part]
+
+    def batch_ids(self, step: int) -> torch.Tensor:
+        """The sample ids this rank trains on at `step` (what its teachers' shards must cover)."""
+        ids = self.data.batch_ids(step)
+        return ids if self.world_size == 1 else ids[self.part]
+
     def lookahead_logits(self, batch_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the current weights on the batch of a later step (bounded-staleness DML publishes
         these): train mode like the training forward, but no grad and BatchNorm statistics untouched."""
-        ids, x, _ = self.data.batch(batch_step)
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        ids, x, _ = self.batch(batch_step)
+        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [
             (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms
         ]
-        self.model.train()
+        self.module.train()
         try:
             for m in norms:
                 m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
             with torch.no_grad(), self._step_rng(batch_step, 1), self._autocast():
-                logits = self.model(self._input(x)).float()
+                logits = self.module(self._input(x)).float()
         finally:
             for m, (momentum, tracked) in zip(norms, saved):
                 m.momentum = momentum
@@ -226,17 +253,41 @@ class Peer:
     # -- losses, read once per round ----------------------------------------------------------
 
     def check_losses(self) -> None:
-        """Read the losses of the steps since the last read from the device, at once, and stop at a non-finite one.
+        """Read this process's losses of the steps since the last read from the device, at once, and stop at a
+        non-finite one. No collective: rank 0 of a data-parallel peer calls it alone before publishing.
 
         Called wherever the peer's state leaves the device anyway (evaluation, weights published or saved), so a
         model trained past a NaN is never evaluated, published or written, yet no step waits for the host."""
         if self._non_finite is not None:
             raise NonFiniteLossError(self._non_finite)
-        if not self._device_losses:
+        unread = self._device_losses[self._checked :]
+        if not unread:
             return
-        rows = torch.stack([t for _, t, _ in self._device_losses]).tolist()  # (S, 3): the one device-to-host read
-        pending, self._device_losses = self._device_losses, []
-        for (step, _, has_distill), (total, ce, distill) in zip(pending, rows):
+        rows = torch.stack([t for _, t, _ in unread]).tolist()  # (S, 3): the one device-to-host read
+        self._checked = len(self._device_losses)
+        self._read_losses.extend(self._step_losses(unread, rows))
+
+    def take_losses(self) -> list[StepLoss]:
+        """The losses of the steps since the last call, oldest first (raises NonFiniteLossError on a NaN or inf).
+        A data-parallel peer's are the means over its ranks (equal parts of the batch): every rank calls this."""
+        if self.world_size == 1:
+            self.check_losses()
+            out = self._read_losses
+        else:
+            import torch.distributed as dist
+
+            if self._non_finite is not None:
+                raise NonFiniteLossError(self._non_finite)
+            stacked = torch.stack([t for _, t, _ in self._device_losses]) if self._device_losses else None
+            stacked = stacked if stacked is not None else torch.zeros(0, 3, device=self.device)
+            dist.all_reduce(stacked)  # every rank holds the same steps: their losses are summed in one call
+            out = self._step_losses(self._device_losses, (stacked / self.world_size).tolist())
+        self._device_losses, self._read_losses, self._checked = [], [], 0
+        return out
+
+    def _step_losses(self, steps: list[tuple[int, torch.Tensor, bool]], rows: list[list[float]]) -> list[StepLoss]:
+        out = []
+        for (step, _, has_distill), (total, ce, distill) in zip(steps, rows):
             if not math.isfinite(total):
                 shown = distill if has_distill else None
                 self._non_finite = (
@@ -244,12 +295,7 @@ class Peer:
                     f"nothing trained from it on is kept. Lower optim.lr or loss.temperature, or check the data."
                 )
                 raise NonFiniteLossError(self._non_finite)
-            self._read_losses.append(StepLoss(step, total, ce, distill if has_distill else None))
-
-    def take_losses(self) -> list[StepLoss]:
-        """The losses of the steps since the last call, oldest first (raises NonFiniteLossError on a NaN or inf)."""
-        self.check_losses()
-        out, self._read_losses = self._read_losses, []
+            out.append(StepLoss(step, total, ce, distill if has_distill else None))
         return out
 
     # -- teachers (checkpoint mode) ------------------------------------------------------------
@@ -270,7 +316,7 @@ class Peer:
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's weights on the CPU (what a checkpoint exchange publishes)."""
         self.check_losses()
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
     # -- evaluation and training checkpoints ---------------------------------------------------
 
@@ -278,10 +324,10 @@ class Peer:
         """Streamed over the evaluation set: only what the round's metrics need leaves this peer
         (codistill.tasks.Task.evaluate)."""
         self.check_losses()
-        self.model.eval()
+        self.module.eval()
         with torch.no_grad(), self._autocast():
             return self.task.evaluate(
-                lambda x: self.model(self._input(x)), self.data.test_batches(), self.data.num_test_positions, self.step
+                lambda x: self.module(self._input(x)), self.data.test_batches(), self.data.num_test_positions, self.step
             )
 
     def training_state(self) -> dict[str, Any]:
@@ -294,9 +340,9 @@ class Peer:
         }
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self._pending = None
-        self._device_losses, self._read_losses, self._non_finite = [], [], None
+        self._device_losses, self._read_losses, self._checked, self._non_finite = [], [], 0, None
