@@ -95,17 +95,18 @@ class ConsoleReporter(Reporter):
 def format_table(summary: dict) -> str:
     """Per-peer results and the ensemble (mean of the peers' probabilities). Losses are nats per example, or
     per token for language models (whose accuracy is next-token accuracy)."""
-    rows = [("peer", "model", "test acc", "test loss", "ppl", "steps", "steps/s", "restarts")]
+    rows = [("peer", "model", "workers", "test acc", "test loss", "ppl", "steps", "samples/s", "restarts")]
     for p in summary["peers"]:
         rows.append(
             (
                 p["name"],
                 p["model"],
+                str(p.get("workers", 1)),
                 f"{p['test_accuracy']:.4f}",
                 f"{p['test_loss']:.4f}",
                 f"{p.get('perplexity', math.exp(min(p['test_loss'], 700))):.2f}",
                 str(p["steps"]),
-                f"{p['steps_per_s']:.1f}",
+                f"{p.get('samples_per_s', 0.0):,.0f}",
                 str(p["restarts"]),
             )
         )
@@ -113,7 +114,7 @@ def format_table(summary: dict) -> str:
     ens_acc = "" if ens.get("test_accuracy") is None else f"{ens['test_accuracy']:.4f}"
     ens_loss = "" if ens.get("test_loss") is None else f"{ens['test_loss']:.4f}"
     ens_ppl = "" if ens.get("test_loss") is None else f"{math.exp(min(ens['test_loss'], 700)):.2f}"
-    ensemble = [("ensemble", "mean probs", ens_acc, ens_loss, ens_ppl, "", "", "")]
+    ensemble = [("ensemble", "mean probs", "", ens_acc, ens_loss, ens_ppl, "", "", "")]
     out = [text_table(rows[0], rows[1:], ensemble)]
     st = summary["staleness"]
     out.append(

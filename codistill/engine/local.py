@@ -89,6 +89,7 @@ class LocalEngine:
                         busy[i],
                         dataclasses.replace(exchanges[i].stats),
                         lr[i],
+                        batch_size=cfg.data.batch_size,
                     )
                     for i, p in enumerate(peers)
                 ]

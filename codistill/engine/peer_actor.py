@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -20,12 +21,13 @@ from codistill.data import Dataset
 from codistill.engine.report import PeerReport
 from codistill.exchange import EXCHANGES, make_exchange
 from codistill.exchange.ray_board import RayBoardClient
+from codistill.exchange.topology import rank_slot
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
 from codistill.registry import install_extras
 from codistill.storage import Storage, checkpoint_path
 
-__all__ = ["PeerActor", "PeerStartError"]
+__all__ = ["GroupRank", "PeerActor", "PeerStartError"]
 
 
 def _ray_restarts() -> int:
@@ -43,6 +45,24 @@ class PeerStartError(RuntimeError):
     """The peer could not be built; raised by its first call, so Ray does not restart it to fail again."""
 
 
+class GroupRank:
+    """This process's place in its peer: one actor is rank 0 of 1 (these defaults); a rank of a Ray Train worker
+    group overrides how the ranks' board states are gathered and what a saved checkpoint tells Train
+    (codistill.engine.train_group)."""
+
+    rank: int = 0
+    world_size: int = 1
+    restarts: int = 0  # how often the group was started again (a worker group; an actor asks Ray)
+    stash: Callable[[WireWeights], None] | None = None  # where rank 0's weight versions wait for the board
+
+    def gather(self, obj: dict) -> list[dict]:
+        """Every rank's `obj` on rank 0, in rank order (a collective in a group)."""
+        return [obj]
+
+    def saved(self, step: int, state: dict[str, Any] | None) -> None:
+        """Rank 0 wrote the training checkpoint of `step` (`state`; None on other ranks)."""
+
+
 class PeerActor:
     def __init__(
         self,
@@ -55,6 +75,7 @@ class PeerActor:
         resume_step: int | None,
         prior_restarts: int,
         extras: dict | None = None,
+        group: GroupRank | None = None,
     ):
         # A constructor that raises is restarted by Ray (max_restarts) only to fail the same way, with a
         # traceback per attempt: the error is kept and raised by the first call instead.
@@ -62,7 +83,7 @@ class PeerActor:
         self.peer_name = (cfg_dict.get("peers") or [{}])[index].get("name") or f"peer{index}"
         try:
             self._start(
-                cfg_dict, index, dataset, board_name, namespace, storage_uri, resume_step, prior_restarts, extras
+                cfg_dict, index, dataset, board_name, namespace, storage_uri, resume_step, prior_restarts, extras, group
             )
         except Exception as e:
             import traceback
@@ -84,30 +105,34 @@ class PeerActor:
         resume_step: int | None,
         prior_restarts: int,
         extras: dict | None,
+        group: GroupRank | None,
     ) -> None:
         install_extras(extras or {})  # models and losses the driver's program registered
         self.cfg = cfg = build(cfg_dict)
-        threads = cfg.resources.threads_per_peer or max(1, int(cfg.resources.num_cpus))
+        self.group = group or GroupRank()
+        threads = cfg.resources.threads_per_peer or max(1, int(cfg.peer_resources(index)[0]))
         torch.set_num_threads(threads)
         self.index = index
         self.storage = Storage(storage_uri)
         self.run_id = board_name.removeprefix("codistill-").removesuffix("-board")
-        self.peer = Peer(cfg, index, Dataset.from_arrays(dataset))
+        rank, world = self.group.rank, self.group.world_size
+        self.peer = Peer(cfg, index, Dataset.from_arrays(dataset), rank=rank, world_size=world)
         self.board = RayBoardClient(
             ray.get_actor(board_name, namespace=namespace),
-            index,
+            rank_slot([pc.workers for pc in cfg.peers], index, rank),
             inline_max_bytes=cfg.exchange.inline_max_bytes,
             versions_kept=EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange),
             kept_shard_steps=2 * cfg.exchange.staleness + 8,
+            stash=self.group.stash,
         )
-        self.exchange = make_exchange(cfg, index, self.board)
+        self.exchange = make_exchange(cfg, index, self.board, rank)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.busy_s = 0.0
         self.events: list[str] = []  # told to the driver with the next report
         self.round_index = -1
         self.round_losses: list[float] = []
         self.lr = 0.0
-        ray_restarts = _ray_restarts()
+        ray_restarts = _ray_restarts() if group is None else self.group.restarts
         self.restarts = prior_restarts + ray_restarts
         self.resumed_from: int | None = None
         if ray_restarts:
@@ -136,15 +161,21 @@ class PeerActor:
         state = self.storage.read_torch(checkpoint_path(self.peer.name, step))
         if state is None:
             raise FileNotFoundError(checkpoint_path(self.peer.name, step))
+        self.load_state(state)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Go on from a training checkpoint (this peer's file, or a worker group's Train checkpoint)."""
+        step = int(state["step"])
         self.peer.load_training_state(state)
-        self.board.restore(state["board"], step)  # a new board (resumed driver) needs what we had published
+        boards = state["board"] if isinstance(state["board"], list) else [state["board"]]
+        self.board.restore(boards[self.group.rank], step)  # a new board (resumed driver) needs what we published
         self.busy_s = float(state["busy_s"])
         self.exchange.stats.load_state_dict(state["exchange"])
         self.round_index = int(state["round_index"])
         self.round_losses = [float(x) for x in state["round_losses"]]
         self.lr = float(state["lr"])
         self.resumed_from = step
-        self.board.mark_durable(self.index, step)
+        self.board.mark_durable(self.exchange.slot, step)
 
     def _is_round_end(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0 or step == self.peer.total_steps
@@ -152,23 +183,27 @@ class PeerActor:
     def _save(self, keep_from: int) -> None:
         """Write a checkpoint at the current step; keep round-end checkpoints from `keep_from` on (the
         driver's resume points) and the newest one; delete the rest."""
-        self.round_losses.extend(s.loss for s in self.peer.take_losses())
-        state = self.peer.training_state()
-        state.update(
-            busy_s=self.busy_s,
-            restarts=self.restarts,
-            exchange=self.exchange.stats.state_dict(),
-            round_index=self.round_index,
-            round_losses=list(self.round_losses),
-            lr=self.lr,
-            board=self.board.durable_state(self.peer.step),
-        )
+        self.round_losses.extend(s.loss for s in self.peer.take_losses())  # every rank: the group's mean
         name, now = self.peer.name, self.peer.step
-        self.storage.write_torch(checkpoint_path(name, now), state)
-        for old in self.storage.checkpoint_steps(name):
-            if old != now and (old < keep_from or not self._is_round_end(old)):
-                self.storage.delete(checkpoint_path(name, old))
-        self.board.mark_durable(self.index, now)
+        boards = self.group.gather(self.board.durable_state(now))  # each rank's shards, in rank order
+        state: dict[str, Any] | None = None
+        if self.group.rank == 0:
+            state = self.peer.training_state()
+            state.update(
+                busy_s=self.busy_s,
+                restarts=self.restarts,
+                exchange=self.exchange.stats.state_dict(),
+                round_index=self.round_index,
+                round_losses=list(self.round_losses),
+                lr=self.lr,
+                board=boards[0] if len(boards) == 1 else boards,
+            )
+            self.storage.write_torch(checkpoint_path(name, now), state)
+            for old in self.storage.checkpoint_steps(name):
+                if old != now and (old < keep_from or not self._is_round_end(old)):
+                    self.storage.delete(checkpoint_path(name, old))
+        self.group.saved(now, state)  # a worker group: a Train checkpoint, and a barrier before what follows
+        self.board.mark_durable(self.exchange.slot, now)
 
     def info(self) -> dict[str, Any]:
         self._check_started()
@@ -183,7 +218,7 @@ class PeerActor:
             "pid": os.getpid(),
         }
 
-    def run_round(self, until_step: int, round_index: int, keep_from: int) -> PeerReport:
+    def run_round(self, until_step: int, round_index: int, keep_from: int) -> PeerReport | None:
         """Train round `round_index` until `until_step` (free-running: waits only where the exchange says),
         then evaluate. Re-run after a restart, it goes on from the checkpoint and reports the whole round."""
         self._check_started()
@@ -204,6 +239,8 @@ class PeerActor:
             ex.finish(peer)
         self.busy_s += time.perf_counter() - t0
         self._save(keep_from)  # every round ends durable: restarts and --resume start from here
+        if self.group.rank != 0:
+            return None  # rank 0 evaluates and reports for its group
         events, self.events = self.events, []
         return PeerReport(
             self.index,
@@ -218,6 +255,7 @@ class PeerActor:
             self.restarts,
             self.node_id,
             events,
+            self.cfg.data.batch_size,
         )
 
     def take_weights(self, version: int) -> WireWeights | None:

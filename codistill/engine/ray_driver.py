@@ -140,18 +140,24 @@ class RayEngine:
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group
 
+        actor_peers = [i for i, pc in enumerate(self.cfg.peers) if pc.workers == 1]  # worker groups: Train's own
         current = get_current_placement_group()
-        if current is not None and len(current.bundle_specs) >= self.cfg.num_peers:
-            return current, len(current.bundle_specs) - self.cfg.num_peers, False
+        if current is not None and len(current.bundle_specs) >= len(actor_peers):
+            return current, len(current.bundle_specs) - len(actor_peers), False
         res = self.cfg.resources
-        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+        bundles = []
+        for i in actor_peers:
+            cpus, gpus = self.cfg.peer_resources(i)
+            bundles.append({"CPU": cpus, **({"GPU": gpus} if gpus else {})})
         strategy = {"pack": "PACK", "spread": "SPREAD"}[res.placement]
-        pg = placement_group([dict(bundle) for _ in self.cfg.peers], strategy=strategy)
+        pg = placement_group(bundles or [{"CPU": 0.001}], strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("CODISTILL_PLACEMENT_TIMEOUT_S", 60)))
         if not ready:
             ray.util.remove_placement_group(pg)
+            alike = len({str(b) for b in bundles}) == 1
+            count = f"{len(bundles)} peers x {bundles[0]}" if alike else f"peers {bundles}"
             raise ResourcesError(
-                f"resources: cannot reserve {self.cfg.num_peers} peers x {bundle} (placement={res.placement}); "
+                f"resources: cannot reserve {count} (placement={res.placement}); "
                 f"the cluster has {ray.cluster_resources()} in all and {ray.available_resources()} free. "
                 f"Lower resources.num_cpus / resources.num_gpus or add nodes."
             )
@@ -213,14 +219,21 @@ class RayEngine:
         res = cfg.resources
         actors: list[Any] = []
         try:
+            bundle = first_bundle
             for i, name in enumerate(names):
-                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i)
+                resume_step = None if point.steps is None else point.steps[name]
+                if cfg.peers[i].workers > 1:  # a Ray Train worker group behind a host actor of the same name
+                    actors.append(self._start_group(i, data_ref, namespace, storage, resume_step, point, actor_names))
+                    continue
+                strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
+                bundle += 1
+                cpus, gpus = cfg.peer_resources(i)
                 actors.append(
                     remote_peer.options(
                         name=actor_names[i],
                         namespace=namespace,
-                        num_cpus=res.num_cpus,
-                        num_gpus=res.num_gpus,
+                        num_cpus=cpus,
+                        num_gpus=gpus,
                         max_restarts=res.max_restarts,
                         max_task_retries=-1,  # a round is re-run after a restart (it resumes from its checkpoint)
                         scheduling_strategy=strategy,
@@ -231,7 +244,7 @@ class RayEngine:
                         self.board_name,
                         namespace,
                         storage.uri,
-                        None if point.steps is None else point.steps[name],
+                        resume_step,
                         point.restarts.get(name, 0),
                         all_extras(),
                     )
@@ -243,11 +256,40 @@ class RayEngine:
                 storage.write_torch(f"peers/{name}.pt", w)
             return history
         finally:
+            groups = [a for i, a in enumerate(actors) if cfg.peers[i].workers > 1]
+            ray.wait([g.shutdown.remote() for g in groups], num_returns=len(groups), timeout=60)
             for a in actors:
                 ray.kill(a, no_restart=True)
             ray.kill(board, no_restart=True)
             if own_pg:
                 ray.util.remove_placement_group(pg)
+
+    def _start_group(
+        self, i: int, data_ref: Any, namespace: str, storage: Storage, resume_step: int | None, point: Any, names: list
+    ) -> Any:
+        """Peer i as a Ray Train worker group (codistill.engine.train_group); Train reserves its workers."""
+        import ray
+
+        from codistill.engine.train_group import TrainPeerHost, train_run_name
+
+        cfg, name = self.cfg, self.cfg.peer_name(i)
+        return (
+            ray.remote(concurrency_groups={"exchange": 1})(TrainPeerHost)  # type: ignore[call-overload]
+            .options(name=names[i], namespace=namespace, num_cpus=0, max_concurrency=64, max_restarts=0)
+            .remote(
+                to_dict(cfg),
+                i,
+                [data_ref],
+                self.board_name,
+                namespace,
+                storage.uri,
+                resume_step,
+                point.restarts.get(name, 0),
+                all_extras(),
+                names[i],
+                train_run_name(cfg.name, self.run_id, name),
+            )
+        )
 
     def _board_started(self, board: Any) -> None:
         """A board that cannot be built (Ray does not restart a constructor that raised) stops the run in

@@ -42,10 +42,17 @@ class PeerReport:
     restarts: int = 0
     node_id: str | None = None
     events: list[str] = field(default_factory=list)  # what the peer has to tell (e.g. a checkpoint it skipped)
+    batch_size: int = 0  # examples per step (the global batch of a data-parallel peer)
+    workers: int = 1  # ranks of a data-parallel peer (a Ray Train worker group)
+    node_ids: list[str] = field(default_factory=list)  # every rank's node (rank 0's is node_id)
 
     @property
     def steps_per_s(self) -> float:
         return self.step / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.steps_per_s * self.batch_size
 
     @property
     def train_loss(self) -> float:
@@ -143,6 +150,7 @@ def round_record(h: RoundResult) -> dict[str, Any]:
             "perplexity": p.eval.perplexity,
             "train_loss": p.train_loss,
             "steps_per_s": p.steps_per_s,
+            "samples_per_s": p.samples_per_s,
             "lr": p.lr,
             "restarts": p.restarts,
             "bytes_published": p.exchange.bytes_published,
@@ -181,8 +189,11 @@ def build_summary(
             "perplexity": r.eval.perplexity,
             "steps": r.step,
             "steps_per_s": r.steps_per_s,
+            "samples_per_s": r.samples_per_s,
             "restarts": r.restarts,
+            "workers": r.workers,
             "node_id": r.node_id,
+            "node_ids": r.node_ids or ([r.node_id] if r.node_id else []),
             "bytes_published": r.exchange.bytes_published,
             "bytes_pulled": r.exchange.bytes_pulled,
             "staleness": r.exchange.staleness(),

@@ -34,7 +34,7 @@ from codistill.exchange.board import Board, TeacherUnavailable
 from codistill.exchange.wire import LogitShard, WireWeights
 from codistill.registry import install_extras
 
-__all__ = ["RayBoardActor", "RayBoardClient", "WAIT_SLICE_S"]
+__all__ = ["RayBoardActor", "RayBoardClient", "WAIT_SLICE_S", "WeightOutbox"]
 
 WAIT_SLICE_S = 5.0
 """The longest one board call waits: a client checks the board's epoch at least this often."""
@@ -135,11 +135,48 @@ class RayBoardActor:
         return self.state.stats()
 
 
+class WeightOutbox:
+    """Weight versions announced to the board and not taken yet: the board takes them with the publisher's
+    `take_weights(version)`, so the board owns the object and it outlives the publisher. The training thread
+    puts, the actor's "exchange" thread takes."""
+
+    KEPT = 3  # untaken versions the board has not asked for yet
+
+    def __init__(self) -> None:
+        self._versions: dict[int, WireWeights] = {}
+        self._lock = threading.Lock()
+
+    def put(self, weights: WireWeights) -> None:
+        with self._lock:
+            self._versions[weights.version] = weights
+            for v in sorted(self._versions)[: -self.KEPT]:
+                del self._versions[v]
+
+    def take(self, version: int) -> WireWeights | None:
+        # The board takes versions in order (one caller, one thread): once it has taken this one, older
+        # ones are never asked for again. Dropping them now lets the allocator reuse their memory for
+        # the next snapshot (the returned object stays alive until Ray has serialized it).
+        with self._lock:
+            for v in [v for v in self._versions if v < version]:
+                del self._versions[v]
+            return self._versions.pop(version, None)
+
+
 class RayBoardClient(Board):
-    """The Board interface over a RayBoardActor, used inside a peer actor."""
+    """The Board interface over a RayBoardActor, used inside a peer actor (or a rank of a worker group).
+
+    `stash` puts a weight version where the board will take it from: by default this process's own outbox
+    (a peer actor's `take_weights`); rank 0 of a data-parallel peer stashes into its group's host actor,
+    which outlives the Train workers."""
 
     def __init__(
-        self, handle: Any, index: int, inline_max_bytes: int = 0, versions_kept: int = 1, kept_shard_steps: int = 16
+        self,
+        handle: Any,
+        index: int,
+        inline_max_bytes: int = 0,
+        versions_kept: int = 1,
+        kept_shard_steps: int = 16,
+        stash: Callable[[WireWeights], None] | None = None,
     ):
         self.handle = handle
         self.index = index
@@ -152,8 +189,8 @@ class RayBoardClient(Board):
         self.held: list[tuple[int, int, Any]] = []  # published this step, not sent yet
         self._last_news = 0.0
         self.sent_weights: dict[int, WireWeights] = {}  # our newest versions, even once the board took them
-        self.outbox: dict[int, WireWeights] = {}  # versions the board has not taken yet
-        self._outbox_lock = threading.Lock()  # the training thread adds, the "exchange" thread takes
+        self.outbox = WeightOutbox()
+        self._stash = stash or self.outbox.put
         self._versions_ref: Any = None
         self.durable_step = 0
         self.finished = False
@@ -190,9 +227,8 @@ class RayBoardClient(Board):
         self.flush()
         for (publisher, step), entry in sorted(self.sent_logits.items(), key=lambda kv: kv[0][1]):
             self.handle.publish_logits.remote(publisher, step, entry)
-        with self._outbox_lock:
-            self.outbox.update(self.sent_weights)
         for version in sorted(self.sent_weights):
+            self._stash(self.sent_weights[version])
             self.handle.offer_weights.remote(self.index, version)
         self.handle.mark_durable.remote(self.index, self.durable_step)
         self.handle.restore_progress.remote(self.index, self.progress_step)
@@ -252,25 +288,15 @@ class RayBoardClient(Board):
 
     # -- weights --
     def publish_weights(self, publisher: int, weights: WireWeights) -> None:
-        # Keep it in the outbox and announce it; the board takes it with peer.take_weights(version),
-        # so the board owns the object and it outlives this peer.
-        with self._outbox_lock:
-            self.outbox[weights.version] = weights
-            for v in sorted(self.outbox)[:-3]:  # untaken versions the board has not asked for yet
-                del self.outbox[v]
+        # Keep it where the board takes it from, then announce it (WeightOutbox).
+        self._stash(weights)
         self.sent_weights[weights.version] = weights
         for v in sorted(self.sent_weights)[: -self.versions_kept]:
             del self.sent_weights[v]
         self.handle.offer_weights.remote(publisher, weights.version)
 
     def take_weights(self, version: int) -> WireWeights | None:
-        # The board takes versions in order (one caller, one thread): once it has taken this one, older
-        # ones are never asked for again. Dropping them now lets the allocator reuse their memory for
-        # the next snapshot (the returned object stays alive until Ray has serialized it).
-        with self._outbox_lock:
-            for v in [v for v in self.outbox if v < version]:
-                del self.outbox[v]
-            return self.outbox.pop(version, None)
+        return self.outbox.take(version)
 
     NEWS_EVERY_S = 0.25
 

@@ -26,16 +26,16 @@ __all__ = [
 Shape = tuple[int, ...]  # (C, H, W)
 
 
-def mlp(input_shape: Shape, num_classes: int, hidden: int = 256) -> nn.Module:
+def mlp(input_shape: Shape, num_classes: int, hidden: int = 256, dropout: float = 0.1) -> nn.Module:
     c, h, w = input_shape
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(c * h * w, hidden),
         nn.ReLU(inplace=True),
-        nn.Dropout(0.1),
+        nn.Dropout(dropout),
         nn.Linear(hidden, hidden),
         nn.ReLU(inplace=True),
-        nn.Dropout(0.1),
+        nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
     )
 

@@ -120,6 +120,8 @@ class Peer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device] if self.device.type == "cuda" else None
+            if self.device.type == "cuda":  # batch statistics over the global batch (CUDA only in torch)
+                self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         oc = cfg.peer_optim(index)
         self.optimizer = make_optimizer(list(self.module.parameters()), oc)
@@ -166,7 +168,10 @@ class Peer:
         """Dropout and other random layers draw from (peer seed, step): identical in any process."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(mix_seed(self.seed, step, salt))
+            # Each rank of a data-parallel peer draws its own dropout masks (rank 0's are a one-worker peer's).
+            torch.manual_seed(
+                mix_seed(self.seed, step, salt) if self.rank == 0 else mix_seed(self.seed, step, salt, self.rank)
+            )
             yield
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:

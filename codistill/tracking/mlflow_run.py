@@ -44,6 +44,7 @@ PEER_METRICS = (
     "test_accuracy",
     "perplexity",
     "steps_per_s",
+    "samples_per_s",
     "staleness_mean",
     "staleness_max",
     "teacher_lead_max",

@@ -1,0 +1,272 @@
+"""A data-parallel peer: a Ray Train v2 `TorchTrainer` worker group (W ranks, DDP) behind one host actor.
+
+The driver talks to every peer through the same calls (`info`, `run_round`, `final_weights`,
+`take_weights`); for a one-worker peer they go to a `PeerActor`, for a worker group to its
+`TrainPeerHost`, a named threaded actor that runs `trainer.fit()` in a thread and passes commands to the
+ranks and rank 0's round reports back. Each rank runs the same `PeerActor` code as rank r of W
+(`TrainRank`): its part of the global batch, DDP gradients, its own board slot for logit shards (shard by
+shard, never gathered to rank 0). Per-step traffic never goes through `ray.train.report`; the ranks
+report a Train checkpoint (rank 0's training state) at every checkpoint the peer writes, and when a worker
+dies Ray Train restarts the whole group (`FailureConfig(max_failures)`) from it. Weight versions that rank
+0 publishes wait in the host (it outlives the workers) until the board takes them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from codistill.config import build
+from codistill.engine.peer_actor import GroupRank, PeerActor
+from codistill.exchange.ray_board import WeightOutbox
+from codistill.exchange.wire import WireWeights
+from codistill.storage import Storage
+
+__all__ = ["TrainPeerHost", "TrainRank", "train_run_name"]
+
+STATE_FILE = "peer.pt"
+
+
+def train_run_name(job: str, run_id: str, peer_name: str) -> str:
+    """The Train run's name (Ray dashboard, storage folder): the job, the run and the peer."""
+    return f"{job}-{run_id}-{peer_name}"
+
+
+class TrainRank(GroupRank):
+    """Rank r of a peer's worker group, inside a Ray Train worker."""
+
+    def __init__(self, host: Any, restarts: int):
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.host = host
+        self.restarts = restarts
+        self.stash = self._stash if self.rank == 0 else None
+
+    def _stash(self, weights: WireWeights) -> None:
+        ray.get(self.host.stash_weights.remote(weights))  # in the host before the board is told of it
+
+    def gather(self, obj: dict) -> list[dict]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def saved(self, step: int, state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report({"step": step})
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / STATE_FILE)
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _train_loop(config: dict) -> None:
+    """Every rank: build the peer (from the Train checkpoint after a restart), then run the host's commands."""
+    host: Any = ray.get_actor(config["host"], namespace=config["namespace"])
+    rank = ray.train.get_context().get_world_rank()
+    checkpoint = ray.train.get_checkpoint()
+    restarts: int = ray.get(host.group_started.remote(rank, ray.get_runtime_context().get_node_id()))
+    group = TrainRank(host, restarts)
+    dataset = ray.get(config["data"][0])
+    actor = PeerActor(
+        config["cfg"],
+        config["index"],
+        dataset,
+        config["board_name"],
+        config["namespace"],
+        config["storage_uri"],
+        None if checkpoint is not None else config["resume_step"],
+        config["prior_restarts"],
+        config["extras"],
+        group,
+    )
+    actor._check_started()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+        actor.load_state(state)
+    if rank == 0:
+        host.rank0_ready.remote(actor.info())
+    seen = -1
+    while True:
+        seen, command = ray.get(host.next_command.remote(seen))
+        if command is None:
+            return
+        kind, args = command
+        if kind == "round":
+            report = actor.run_round(*args)
+            if rank == 0:
+                ray.get(host.done.remote(seen, report))
+        elif kind == "final" and rank == 0:
+            ray.get(host.done.remote(seen, actor.final_weights()))
+
+
+class TrainPeerHost:
+    """One data-parallel peer as the driver and the board see it (see module docstring). Threaded: a
+    driver call waits in its own thread while the ranks ask for commands in others."""
+
+    def __init__(
+        self,
+        cfg_dict: dict,
+        index: int,
+        data: list,
+        board_name: str,
+        namespace: str,
+        storage_uri: str,
+        resume_step: int | None,
+        prior_restarts: int,
+        extras: dict | None,
+        host_name: str,
+        run_name: str,
+    ):
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        cfg = build(cfg_dict)
+        pc = cfg.peers[index]
+        self.name = cfg.peer_name(index)
+        self.workers = pc.workers
+        self.prior_restarts = prior_restarts
+        self.cond = threading.Condition()
+        self.seq = -1
+        self.command: tuple[str, tuple] | None = ("idle", ())
+        self.results: dict[int, Any] = {}
+        self.starts = 0
+        self.node_ids: dict[int, str] = {}
+        self.rank0_info: dict | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.outbox = WeightOutbox()
+        cpus, gpus = cfg.peer_resources(index)
+        storage = Storage(storage_uri)
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={
+                "cfg": cfg_dict,
+                "index": index,
+                "data": data,  # [ObjectRef]: in a list so Train passes the reference, not the arrays
+                "board_name": board_name,
+                "namespace": namespace,
+                "storage_uri": storage_uri,
+                "resume_step": resume_step,
+                "prior_restarts": prior_restarts,
+                "extras": extras,
+                "host": host_name,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=pc.workers,
+                use_gpu=gpus > 0,
+                resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
+                placement_strategy={"pack": "PACK", "spread": "SPREAD"}[cfg.resources.placement],
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=f"{storage.root.rstrip('/')}/train",
+                storage_filesystem=storage.fs,
+                failure_config=FailureConfig(max_failures=cfg.resources.max_restarts),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        self.thread = threading.Thread(target=self._fit, args=(trainer,), daemon=True, name=f"fit-{self.name}")
+        self.thread.start()
+
+    def _fit(self, trainer: Any) -> None:
+        try:
+            result = trainer.fit()
+            error = result.error
+        except BaseException as e:  # reported to the driver's next call
+            error = e
+        with self.cond:
+            self.error = error
+            self.finished = True
+            self.cond.notify_all()
+
+    def __repr__(self) -> str:  # what the Ray dashboard shows
+        return f"TrainPeerHost({self.name}, {self.workers} workers, starts {self.starts})"
+
+    # -- the ranks' side --
+    def group_started(self, rank: int, node_id: str) -> int:
+        """A rank started; returns how often the group was restarted (rank 0 counts the starts)."""
+        with self.cond:
+            if rank == 0:
+                self.starts += 1
+                self.rank0_info = None
+            self.node_ids[rank] = node_id
+            return max(self.starts - 1, 0)
+
+    def rank0_ready(self, info: dict) -> None:
+        with self.cond:
+            self.rank0_info = info
+            self.cond.notify_all()
+
+    def next_command(self, seen: int) -> tuple[int, tuple[str, tuple] | None]:
+        """The newest command once it is newer than `seen` (a rank that restarted asks with -1 and redoes it)."""
+        with self.cond:
+            while self.seq <= seen or (self.command is not None and self.command[0] == "idle"):
+                self.cond.wait()
+            return self.seq, self.command
+
+    def done(self, seq: int, result: Any) -> None:
+        with self.cond:
+            self.results[seq] = result
+            self.cond.notify_all()
+
+    def stash_weights(self, weights: WireWeights) -> None:
+        self.outbox.put(weights)
+
+    # -- the driver's and the board's side (PeerActor's calls) --
+    def _wait(self, predicate: Any) -> None:
+        while not predicate():
+            if self.finished:
+                why = f"{type(self.error).__name__}: {self.error}" if self.error else "the worker group stopped"
+                raise RuntimeError(f"peer {self.name}: its Ray Train worker group failed: {why}")
+            self.cond.wait(timeout=1.0)
+
+    def _ask(self, command: tuple[str, tuple] | None) -> Any:
+        with self.cond:
+            self.seq += 1
+            self.command, seq = command, self.seq
+            self.results.clear()
+            self.cond.notify_all()
+            self._wait(lambda: seq in self.results)
+            return self.results.pop(seq)
+
+    def info(self) -> dict[str, Any]:
+        with self.cond:
+            self._wait(lambda: self.rank0_info is not None)
+            assert self.rank0_info is not None
+            return self.rank0_info | {
+                "workers": self.workers,
+                "node_ids": [self.node_ids[r] for r in sorted(self.node_ids)],
+                "restarts": self.prior_restarts + max(self.starts - 1, 0),
+            }
+
+    def run_round(self, until_step: int, round_index: int, keep_from: int) -> Any:
+        report = self._ask(("round", (until_step, round_index, keep_from)))
+        with self.cond:  # rank 0 reports for the group; the host knows every rank's node
+            report.workers = self.workers
+            report.node_ids = [self.node_ids[r] for r in sorted(self.node_ids)]
+            report.restarts = self.prior_restarts + max(self.starts - 1, 0)
+        return report
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return self._ask(("final", ()))
+
+    def take_weights(self, version: int) -> WireWeights | None:
+        return self.outbox.take(version)
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Tell the ranks to return (the Train run finishes), then wait for it."""
+        with self.cond:
+            self.seq += 1
+            self.command = None
+            self.cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        self.thread.join(max(0.0, deadline - time.monotonic()))
