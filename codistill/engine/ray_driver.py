@@ -287,7 +287,10 @@ class RayEngine:
                 point.restarts.get(name, 0),
                 all_extras(),
                 names[i],
-                train_run_name(cfg.name, self.run_id, name),
+                # a resumed driver's groups get Train runs of their own: a restart must never pick up a
+                # checkpoint an earlier driver's group reported beyond the step this driver resumed from
+                train_run_name(cfg.name, self.run_id, name)
+                + (f"-resumed-{uuid.uuid4().hex[:6]}" if self.resume else ""),
             )
         )
 

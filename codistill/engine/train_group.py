@@ -13,6 +13,7 @@ dies Ray Train restarts the whole group (`FailureConfig(max_failures)`) from it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -71,8 +72,11 @@ def _train_loop(config: dict) -> None:
     """Every rank: build the peer (from the Train checkpoint after a restart), then run the host's commands."""
     host: Any = ray.get_actor(config["host"], namespace=config["namespace"])
     rank = ray.train.get_context().get_world_rank()
-    checkpoint = ray.train.get_checkpoint()
-    restarts: int = ray.get(host.group_started.remote(rank, ray.get_runtime_context().get_node_id()))
+    node_id, pid = ray.get_runtime_context().get_node_id(), os.getpid()
+    restarts: int = ray.get(host.group_started.remote(rank, node_id, pid))
+    # Train's checkpoint is where a group this driver started goes on after a failure; a group's first start
+    # follows the driver (fresh, or `--resume`'s step), even if an earlier driver's run left checkpoints.
+    checkpoint = ray.train.get_checkpoint() if restarts > 0 else None
     group = TrainRank(host, restarts)
     dataset = ray.get(config["data"][0])
     actor = PeerActor(
@@ -82,16 +86,27 @@ def _train_loop(config: dict) -> None:
         config["board_name"],
         config["namespace"],
         config["storage_uri"],
-        None if checkpoint is not None else config["resume_step"],
+        config["resume_step"],  # a restarted group loads its newest checkpoint instead
         config["prior_restarts"],
         config["extras"],
         group,
     )
     actor._check_started()
+    # After a restart PeerActor has loaded the peer's newest checkpoint file; Train's newest may be older (Train
+    # registers a reported checkpoint at its next poll of the workers, and a worker can die before it). The
+    # newer one wins, so no step is trained twice and none is lost.
+    source = "its checkpoint file"
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, weights_only=True)
-        actor.load_state(state)
+        if int(state["step"]) > actor.peer.step:
+            actor.load_state(state)
+            source = "its Ray Train checkpoint"
+    if restarts > 0 and rank == 0:
+        actor.events.append(
+            f"{actor.peer.name}: Ray Train restarted its {group.world_size} workers; they go on from step "
+            f"{actor.peer.step} ({source})"
+        )
     if rank == 0:
         host.rank0_ready.remote(actor.info())
     seen = -1
@@ -140,6 +155,7 @@ class TrainPeerHost:
         self.results: dict[int, Any] = {}
         self.starts = 0
         self.node_ids: dict[int, str] = {}
+        self.pids: dict[int, int] = {}  # of the current start's ranks
         self.rank0_info: dict | None = None
         self.error: BaseException | None = None
         self.finished = False
@@ -192,14 +208,14 @@ class TrainPeerHost:
         return f"TrainPeerHost({self.name}, {self.workers} workers, starts {self.starts})"
 
     # -- the ranks' side --
-    def group_started(self, rank: int, node_id: str) -> int:
-        """A rank started; returns how often the group was restarted (rank 0 counts the starts)."""
+    def group_started(self, rank: int, node_id: str, pid: int) -> int:
+        """A rank started; returns how often the group was restarted (the first rank of a start counts it)."""
         with self.cond:
-            if rank == 0:
+            if rank in self.pids or not self.pids:  # a rank seen before: a new start of the group
                 self.starts += 1
-                self.rank0_info = None
-            self.node_ids[rank] = node_id
-            return max(self.starts - 1, 0)
+                self.pids, self.rank0_info = {}, None
+            self.node_ids[rank], self.pids[rank] = node_id, pid
+            return self.starts - 1
 
     def rank0_ready(self, info: dict) -> None:
         with self.cond:
@@ -245,6 +261,7 @@ class TrainPeerHost:
             return self.rank0_info | {
                 "workers": self.workers,
                 "node_ids": [self.node_ids[r] for r in sorted(self.node_ids)],
+                "pids": [self.pids[r] for r in sorted(self.pids)],
                 "restarts": self.prior_restarts + max(self.starts - 1, 0),
             }
 

@@ -3,10 +3,13 @@ same board as one-actor peers. Each Train-backed peer costs ~20 s of start-up on
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
+from codistill.api import run_job
 from codistill.engine import LocalEngine, RayEngine
 from tests.helpers import small_job
 from tests.ray.test_ray_engine import final_weights
+from tests.ray.test_reliability import SigKill, check_every_round
 
 pytestmark = pytest.mark.slow
 
@@ -40,3 +43,35 @@ def test_a_two_worker_peer_gives_the_one_worker_answer(ray_session, tmp_path, mo
             assert torch.allclose(wl[k].float(), wr[k].float(), rtol=1e-3, atol=1e-4), k
     # the Train run (Ray dashboard, storage) is named after the job, the run and the peer
     assert [d.name for d in (tmp_path / "ray" / "train").iterdir()] == [f"test-{remote.run_id}-peer0-mlp"]
+
+
+def test_a_killed_worker_restarts_its_group_from_the_train_checkpoint(ray_session, tmp_path):
+    """SIGKILL of rank 1 of a 2-worker peer after round 0: Ray Train restarts the group, which goes on from
+    the Train checkpoint of round 0's end; the other peer waits for its shards; every round is the true one
+    in summary.json and MLflow, and the restart shows in both."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = small_job(
+        "engine=ray",
+        "peers.0.workers=2",
+        "resources.num_cpus=0.25",
+        "resources.threads_per_peer=1",
+        "eval_every=10",
+        "exchange.timeout_s=120",
+        "tracking.backend=mlflow",
+        f"tracking.uri={uri}",
+        steps=30,
+    )
+    killer = SigKill(ray_session, "peer0", after_round=0)
+    summary = run_job(cfg, tmp_path / "run", killer)
+    assert killer.killed_pid is not None
+    assert [p["steps"] for p in summary["peers"]] == [30, 30]
+    assert summary["peers"][0]["restarts"] >= 1 and summary["peers"][1]["restarts"] == 0
+    assert summary["peers"][0]["workers"] == 2 and len(summary["peers"][0]["node_ids"]) == 2
+    assert any("peer0-mlp restarted" in e for e in summary["events"])
+    assert any("Ray Train restarted its 2 workers; they go on from step 10" in e for e in summary["events"]), summary[
+        "events"
+    ]
+    assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
+    check_every_round(summary, uri, summary["mlflow_run_id"], 30, 10)
+    restarts = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "restarts")
+    assert restarts[-1].value >= 1

@@ -39,7 +39,11 @@ class SigKill(Reporter):
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if self.name_part in a["name"]]
         handle = ray.get_actor(names[-1], namespace=ray.get_runtime_context().namespace)
         method = handle.pid if "board" in self.name_part else None
-        self.killed_pid = ray.get(method.remote()) if method is not None else ray.get(handle.info.remote())["pid"]
+        if method is not None:
+            self.killed_pid = ray.get(method.remote())
+        else:  # a peer actor, or the last rank of a data-parallel peer's worker group
+            info = ray.get(handle.info.remote())
+            self.killed_pid = info.get("pids", [info["pid"]])[-1]
         os.kill(self.killed_pid, signal.SIGKILL)
 
 

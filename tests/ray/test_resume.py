@@ -38,7 +38,9 @@ def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str
 @pytest.mark.parametrize(
     "mode, corrupt",
     [
-        (["exchange.mode=logits"], False),
+        # peer0 is a data-parallel peer (a Ray Train worker group of 2): its group is started again at the
+        # resume point from the peer's checkpoint file, with the ranks' board slots given back
+        (["exchange.mode=logits", "peers.0.workers=2", "resources.num_cpus=0.5"], False),
         # free-running peers with mid-round checkpoints share no checkpoint step but the round ends;
         # the newest round's checkpoint of one peer is damaged after the kill
         (["exchange.mode=checkpoint", "exchange.period=10", "loss.burn_in=10", "output.checkpoint_every=7"], True),
