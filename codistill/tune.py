@@ -190,12 +190,18 @@ def make_scheduler(settings: SweepConfig, search: dict, seed: int) -> Any:
 
 
 def trial_resources(cfg: RunConfig, trial_cpus: float):
-    """One bundle for the trial's driver plus one per peer: RayEngine places peer i on bundle i + 1."""
+    """One bundle for the trial's driver plus one per one-worker peer: RayEngine places those peers on the
+    bundles after the first. A data-parallel peer's workers are reserved by its own Ray Train run (Train v2
+    places them outside the trial's group), so `tune.max_concurrent_trials` is what bounds them."""
     from ray import tune
 
-    peer = {"CPU": cfg.resources.num_cpus, **({"GPU": cfg.resources.num_gpus} if cfg.resources.num_gpus else {})}
+    bundles = [{"CPU": trial_cpus}]
+    for i, pc in enumerate(cfg.peers):
+        if pc.workers == 1:
+            cpus, gpus = cfg.peer_resources(i)
+            bundles.append({"CPU": cpus, **({"GPU": gpus} if gpus else {})})
     strategy = {"pack": "PACK", "spread": "SPREAD"}[cfg.resources.placement]
-    return tune.PlacementGroupFactory([{"CPU": trial_cpus}] + [dict(peer) for _ in cfg.peers], strategy=strategy)
+    return tune.PlacementGroupFactory(bundles, strategy=strategy)
 
 
 def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool = False) -> dict:

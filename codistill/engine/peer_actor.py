@@ -21,6 +21,7 @@ from codistill.data import Dataset
 from codistill.engine.report import PeerReport
 from codistill.exchange import EXCHANGES, make_exchange
 from codistill.exchange.ray_board import RayBoardClient
+from codistill.exchange.stats import ExchangeStats
 from codistill.exchange.topology import rank_slot
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
@@ -43,6 +44,20 @@ def _ray_restarts() -> int:
 
 class PeerStartError(RuntimeError):
     """The peer could not be built; raised by its first call, so Ray does not restart it to fail again."""
+
+
+def group_exchange_stats(ranks: list[dict]) -> ExchangeStats:
+    """A worker group's exchange as one peer's: every rank's bytes and counts added, times averaged (the ranks
+    publish and pull at the same time)."""
+    total = ExchangeStats()
+    for state in ranks:
+        one = ExchangeStats()
+        one.load_state_dict(state)
+        total.merge(one)
+    total.exchange_s /= len(ranks)
+    total.teacher_forward_s /= len(ranks)
+    total.teacher_updates //= len(ranks)  # every rank loads the same versions
+    return total
 
 
 class GroupRank:
@@ -131,6 +146,7 @@ class PeerActor:
         self.events: list[str] = []  # told to the driver with the next report
         self.round_index = -1
         self.round_losses: list[float] = []
+        self.group_stats: list[dict] = []  # every rank's exchange counters at the last checkpoint
         self.lr = 0.0
         ray_restarts = _ray_restarts() if group is None else self.group.restarts
         self.restarts = prior_restarts + ray_restarts
@@ -170,7 +186,8 @@ class PeerActor:
         boards = state["board"] if isinstance(state["board"], list) else [state["board"]]
         self.board.restore(boards[self.group.rank], step)  # a new board (resumed driver) needs what we published
         self.busy_s = float(state["busy_s"])
-        self.exchange.stats.load_state_dict(state["exchange"])
+        exchange = state["exchange"]
+        self.exchange.stats.load_state_dict(exchange[self.group.rank] if isinstance(exchange, list) else exchange)
         self.round_index = int(state["round_index"])
         self.round_losses = [float(x) for x in state["round_losses"]]
         self.lr = float(state["lr"])
@@ -185,18 +202,22 @@ class PeerActor:
         driver's resume points) and the newest one; delete the rest."""
         self.round_losses.extend(s.loss for s in self.peer.take_losses())  # every rank: the group's mean
         name, now = self.peer.name, self.peer.step
-        boards = self.group.gather(self.board.durable_state(now))  # each rank's shards, in rank order
+        # each rank's shards and exchange counters, in rank order (one collective)
+        ranks = self.group.gather(
+            {"board": self.board.durable_state(now), "exchange": self.exchange.stats.state_dict()}
+        )
+        self.group_stats = [r["exchange"] for r in ranks]
         state: dict[str, Any] | None = None
         if self.group.rank == 0:
             state = self.peer.training_state()
             state.update(
                 busy_s=self.busy_s,
                 restarts=self.restarts,
-                exchange=self.exchange.stats.state_dict(),
+                exchange=self.group_stats[0] if len(ranks) == 1 else self.group_stats,
                 round_index=self.round_index,
                 round_losses=list(self.round_losses),
                 lr=self.lr,
-                board=boards[0] if len(boards) == 1 else boards,
+                board=ranks[0]["board"] if len(ranks) == 1 else [r["board"] for r in ranks],
             )
             self.storage.write_torch(checkpoint_path(name, now), state)
             for old in self.storage.checkpoint_steps(name):
@@ -250,7 +271,7 @@ class PeerActor:
             list(self.round_losses),
             peer.evaluate(),
             self.busy_s,
-            ex.stats,
+            ex.stats if self.group.world_size == 1 else group_exchange_stats(self.group_stats),
             self.lr,
             self.restarts,
             self.node_id,

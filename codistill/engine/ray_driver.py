@@ -202,6 +202,7 @@ class RayEngine:
             self.prior_rounds = point.prior_rounds
             self.reporter.on_resume(self.prior_rounds)
         self.init_ray()
+        self._check_groups_fit()
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -263,6 +264,27 @@ class RayEngine:
             ray.kill(board, no_restart=True)
             if own_pg:
                 ray.util.remove_placement_group(pg)
+
+    def _check_groups_fit(self) -> None:
+        """A worker group the cluster can never hold fails now, naming the peer (Train would wait forever)."""
+        import ray
+
+        total = ray.cluster_resources()
+        largest = {
+            kind: max((n["Resources"].get(kind, 0.0) for n in ray.nodes() if n["Alive"]), default=0.0)
+            for kind in ("CPU", "GPU")
+        }
+        for i, pc in enumerate(self.cfg.peers):
+            if pc.workers == 1:
+                continue
+            for kind, per_worker in zip(("CPU", "GPU"), self.cfg.peer_resources(i)):
+                need = per_worker * pc.workers
+                if need > total.get(kind, 0.0) or per_worker > largest[kind]:
+                    raise ResourcesError(
+                        f"peers.{i}.workers: {pc.workers} workers x {per_worker:g} {kind} = {need:g} {kind}; the "
+                        f"cluster has {total.get(kind, 0.0):g} in all, at most {largest[kind]:g} on one node. "
+                        f"Use fewer workers or less per worker (peers.{i}.resources), or add nodes."
+                    )
 
     def _start_group(
         self, i: int, data_ref: Any, namespace: str, storage: Storage, resume_step: int | None, point: Any, names: list

@@ -18,7 +18,13 @@ from tests.helpers import small_job
 
 def main() -> None:
     node_args: dict = {"num_cpus": 1, "object_store_memory": 96 << 20}
-    cluster = Cluster(initialize_head=True, head_node_args={**node_args, "include_dashboard": False})
+    # A lost node is declared dead after 2 missed health checks 0.5 s apart (Ray's default: 5 x 3 s): the
+    # node-loss part of the test waits for that, not for anything of ours.
+    fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**node_args, "include_dashboard": False, "_system_config": fast_health},
+    )
     for _ in range(2):
         cluster.add_node(**node_args)
     ray.init(address=cluster.address)

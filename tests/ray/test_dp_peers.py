@@ -30,10 +30,13 @@ def test_a_two_worker_peer_gives_the_one_worker_answer(ray_session, tmp_path, mo
     common = (NO_DROPOUT, "peers.1.model_args={dropout: 0}" if models[1] == "mlp" else NO_DROPOUT)
     common += ("data.batch_size=32", "data.augment=false", "resources.threads_per_peer=1", *mode)
     local = LocalEngine(small_job(*common, steps=12, models=models))
-    local.run(tmp_path / "local")
+    local_history = local.run(tmp_path / "local")
     cfg = small_job("engine=ray", "peers.0.workers=2", "resources.num_cpus=0.25", *common, steps=12, models=models)
     remote = RayEngine(cfg)
-    remote.run(tmp_path / "ray")
+    history = remote.run(tmp_path / "ray")
+    # the group's report adds its ranks' exchange: its halves of each shard are the one worker's shard
+    published = [[p.exchange.bytes_published for p in h[-1].peers] for h in (local_history, history)]
+    assert published[0] == published[1] and all(published[0])
     assert remote.peer_info[0]["workers"] == 2 and len(remote.peer_info[0]["node_ids"]) == 2
     assert "workers" not in remote.peer_info[1]
     for i in range(2):
@@ -75,3 +78,10 @@ def test_a_killed_worker_restarts_its_group_from_the_train_checkpoint(ray_sessio
     check_every_round(summary, uri, summary["mlflow_run_id"], 30, 10)
     restarts = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "restarts")
     assert restarts[-1].value >= 1
+
+
+def test_a_worker_group_the_cluster_can_never_hold_fails_before_anything_starts(ray_session, tmp_path):
+    cfg = small_job("engine=ray", "peers.0.workers=4", "resources.num_cpus=1", "data.batch_size=32")
+    with pytest.raises(RuntimeError, match=r"peers.0.workers: 4 workers x 1 CPU = 4 CPU; the cluster has 2 in all"):
+        RayEngine(cfg).run(tmp_path)
+    assert not (tmp_path / "train").exists()

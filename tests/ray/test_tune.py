@@ -35,6 +35,9 @@ def test_sweep_runs_ranks_writes_best_job_and_resumes(ray_session, tmp_path, cap
         f"tracking.uri={uri}",
         "tune.num_samples=1",
         "search.loss.divergence={grid: [kl, js]}",
+        # each trial has a data-parallel peer: its 2 workers are its own Ray Train run, not in the trial's group
+        "peers.0.workers=2",
+        "peers.0.resources={num_cpus: 0.25}",
     ]
     argv = ["--config", str(ROOT / "jobs" / "tune_temperature.yaml")] + [a for s in sets for a in ("--set", s)]
     assert main(argv) == 0
@@ -59,7 +62,7 @@ def test_sweep_runs_ranks_writes_best_job_and_resumes(ray_session, tmp_path, cap
     assert len(trial_runs) == 2
     peer_runs = runs[runs["tags.mlflow.parentRunId"].isin(set(trial_runs["run_id"]))]
     assert len(peer_runs) == 4
-    # the best job runs
+    # the best job is runnable
     from codistill.run import main as run_main
 
     assert (
@@ -71,6 +74,10 @@ def test_sweep_runs_ranks_writes_best_job_and_resumes(ray_session, tmp_path, cap
                 "steps=20",
                 "--set",
                 "tracking=none",
+                "--set",  # the file as written, on one process (its workers key validated, not 20 s of Train)
+                "engine=local",
+                "--set",
+                "peers.0.workers=1",
                 "--output",
                 str(tmp_path / "best"),
             ]
