@@ -140,6 +140,9 @@ def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_p
         "tune.scheduler=pbt",
         "tune.perturbation_interval=1",
         "search.optim.lr={choice: [0.05, 0.00001]}",
+        # async PBT exploits only while both trials run: 2 x (0.1 + 2 x 0.4) CPUs leave room for what an
+        # earlier test's actors still hold for a moment, so the second trial never waits for the first
+        "resources.num_cpus=0.4",
     ]
     argv = ["--config", "tune_temperature"] + [a for s in sets for a in ("--set", s)]  # a bundled sweep by name
     assert main(argv) == 0
