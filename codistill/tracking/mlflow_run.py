@@ -217,6 +217,11 @@ class Tracker(NullTracker):
         self._stop_system_metrics()
         self.mlflow.retry()
         storage = Storage(out_dir)
+        for p in summary["peers"]:  # where each peer ran: its workers and their nodes (a worker group has several)
+            run_id = self.peer_runs.get(p["name"])
+            if run_id is not None:
+                self.mlflow.call("set_tag", run_id, "codistill.workers", str(p.get("workers", 1)))
+                self.mlflow.call("set_tag", run_id, "codistill.node_ids", ",".join(p.get("node_ids") or []))
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
             (t / "summary.json").write_text(json.dumps(summary, indent=2))

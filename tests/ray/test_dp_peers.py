@@ -20,8 +20,8 @@ def test_a_two_worker_peer_gives_the_one_worker_answer_in_checkpoint_mode(ray_se
     """Checkpoint exchange (sync schedule): rank 0 publishes into the host actor, every rank runs the teacher
     on its part. Lockstep logits with mixed workers are pinned by the killed-worker test below."""
     torch.set_num_threads(1)  # every rank and actor runs one thread: the same reduction order
-    common = (NO_DROPOUT, "peers.1.model_args={dropout: 0}", "data.batch_size=32", "data.augment=false")
-    common += ("resources.threads_per_peer=1", "exchange.mode=checkpoint", "exchange.period=4", "exchange.sync=true")
+    common = [NO_DROPOUT, "peers.1.model_args={dropout: 0}", "data.batch_size=32", "data.augment=false"]
+    common += ["resources.threads_per_peer=1", "exchange.mode=checkpoint", "exchange.period=4", "exchange.sync=true"]
     local = LocalEngine(small_job(*common, steps=12, models=("mlp", "mlp")))
     local_history = local.run(tmp_path / "local")
     cfg = small_job(
@@ -79,8 +79,15 @@ def test_a_killed_worker_restarts_its_group_and_the_answer_is_one_worker_s(ray_s
     assert restarted, summary["events"]
     assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
     check_every_round(summary, uri, summary["mlflow_run_id"], 30, 10)
-    restarts = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "restarts")
-    assert restarts[-1].value >= 1
+    client = MlflowClient(uri)
+    assert client.get_metric_history(summary["mlflow_run_id"], "restarts")[-1].value >= 1
+    experiment = client.get_run(summary["mlflow_run_id"]).info.experiment_id
+    peer_runs = {
+        r.data.tags["codistill.peer"]: r for r in client.search_runs([experiment], "tags.codistill.peer != ''")
+    }
+    assert peer_runs["peer0-mlp"].data.tags["codistill.workers"] == "2"
+    assert len(peer_runs["peer0-mlp"].data.tags["codistill.node_ids"].split(",")) == 2
+    assert "samples_per_s" in peer_runs["peer0-mlp"].data.metrics
     # the same answer as one worker, uninterrupted: per-round training loss and final weights
     for i, name in enumerate(cfg.peer_name(j) for j in range(2)):
         want = [sum(local.step_losses[i][r : r + 10]) / 10 for r in range(0, 30, 10)]
