@@ -135,12 +135,15 @@ class RayEngine:
             ray.init(include_dashboard=False)
 
     def _placement_group(self) -> tuple[Any, int, bool]:
-        """(placement group, index of peer 0's bundle, whether we own it). Inside a Tune trial the
-        peers go into the trial's own group (one bundle for the trial, then one per peer)."""
+        """(placement group, index of the first one-worker peer's bundle, whether we own it); None when every
+        peer is a worker group. Inside a Tune trial the peers go into the trial's own group (one bundle for
+        the trial, then one per one-worker peer)."""
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group
 
         actor_peers = [i for i, pc in enumerate(self.cfg.peers) if pc.workers == 1]  # worker groups: Train's own
+        if not actor_peers:  # every peer is a worker group: nothing to reserve here (not even a token bundle)
+            return None, 0, False
         current = get_current_placement_group()
         if current is not None and len(current.bundle_specs) >= len(actor_peers):
             return current, len(current.bundle_specs) - len(actor_peers), False
@@ -150,7 +153,7 @@ class RayEngine:
             cpus, gpus = self.cfg.peer_resources(i)
             bundles.append({"CPU": cpus, **({"GPU": gpus} if gpus else {})})
         strategy = {"pack": "PACK", "spread": "SPREAD"}[res.placement]
-        pg = placement_group(bundles or [{"CPU": 0.001}], strategy=strategy)
+        pg = placement_group(bundles, strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=float(os.environ.get("CODISTILL_PLACEMENT_TIMEOUT_S", 60)))
         if not ready:
             ray.util.remove_placement_group(pg)

@@ -17,28 +17,29 @@ NO_DROPOUT = "peers.0.model_args={dropout: 0}"  # dropout masks of half a batch 
 
 
 def test_a_two_worker_peer_gives_the_one_worker_answer_in_checkpoint_mode(ray_session, tmp_path):
-    """Checkpoint exchange (sync schedule): rank 0 publishes into the host actor, every rank runs the teacher
-    on its part. Lockstep logits with mixed workers are pinned by the killed-worker test below."""
+    """Checkpoint exchange (sync schedule) between two 2-worker peers: rank 0 publishes into its host actor,
+    every rank runs the teacher on its part. The groups fill the 2 CPUs exactly (the job reserves nothing
+    more: a token bundle once made the second group wait forever). Lockstep logits with mixed workers are
+    pinned by the killed-worker test below."""
     torch.set_num_threads(1)  # every rank and actor runs one thread: the same reduction order
     common = [NO_DROPOUT, "peers.1.model_args={dropout: 0}", "data.batch_size=32", "data.augment=false"]
     common += ["resources.threads_per_peer=1", "exchange.mode=checkpoint", "exchange.period=4", "exchange.sync=true"]
     local = LocalEngine(small_job(*common, steps=12, models=("mlp", "mlp")))
     local_history = local.run(tmp_path / "local")
-    cfg = small_job(
-        "engine=ray", "peers.0.workers=2", "resources.num_cpus=0.25", *common, steps=12, models=("mlp", "mlp")
-    )
+    groups = ("engine=ray", "peers.0.workers=2", "peers.1.workers=2", "resources.num_cpus=0.5")
+    cfg = small_job(*groups, *common, steps=12, models=("mlp", "mlp"))
     remote = RayEngine(cfg)
     history = remote.run(tmp_path / "ray")
-    assert remote.peer_info[0]["workers"] == 2 and len(remote.peer_info[0]["node_ids"]) == 2
-    assert "workers" not in remote.peer_info[1]
+    assert [info["workers"] for info in remote.peer_info] == [2, 2]
     for i in range(2):
         assert remote.step_losses[i] == pytest.approx(local.step_losses[i], rel=1e-4, abs=1e-5), i
     same_weights(tmp_path / "local", tmp_path / "ray", cfg)
     # the group's report adds its ranks' exchange; rank 0 alone publishes the weights
     published = [[p.exchange.bytes_published for p in h[-1].peers] for h in (local_history, history)]
     assert published[0] == published[1] and all(published[0])
-    # the Train run (Ray dashboard, storage) is named after the job, the run and the peer
-    assert [d.name for d in (tmp_path / "ray" / "train").iterdir()] == [f"test-{remote.run_id}-peer0-mlp"]
+    # each Train run (Ray dashboard, storage) is named after the job, the run and the peer
+    runs = sorted(d.name for d in (tmp_path / "ray" / "train").iterdir())
+    assert runs == [f"test-{remote.run_id}-peer0-mlp", f"test-{remote.run_id}-peer1-mlp"]
 
 
 def same_weights(local_dir, ray_dir, cfg) -> None:
