@@ -102,6 +102,12 @@ def _train_loop(config: dict) -> None:
         if int(state["step"]) > actor.peer.step:
             actor.load_state(state)
             source = "its Ray Train checkpoint"
+    steps = group.gather({"step": actor.peer.step})
+    if len({g["step"] for g in steps}) > 1:  # a rank that cannot see the run directory starts elsewhere
+        raise RuntimeError(
+            f"peer {actor.peer.name}: its ranks start from different steps {[g['step'] for g in steps]}; the run "
+            f"directory must be storage every node sees (a shared path or a pyarrow.fs URI such as s3://...)"
+        )
     if restarts > 0 and rank == 0:
         actor.events.append(
             f"{actor.peer.name}: Ray Train restarted its {group.world_size} workers; they go on from step "

@@ -17,29 +17,28 @@ NO_DROPOUT = "peers.0.model_args={dropout: 0}"  # dropout masks of half a batch 
 
 
 def test_a_two_worker_peer_gives_the_one_worker_answer_in_checkpoint_mode(ray_session, tmp_path):
-    """Checkpoint exchange (sync schedule) between two 2-worker peers: rank 0 publishes into its host actor,
-    every rank runs the teacher on its part. The groups fill the 2 CPUs exactly (the job reserves nothing
-    more: a token bundle once made the second group wait forever). Lockstep logits with mixed workers are
-    pinned by the killed-worker test below."""
+    """Checkpoint exchange (sync schedule): rank 0 publishes into the host actor, every rank runs the teacher
+    on its part. Lockstep logits with mixed workers are pinned by the killed-worker test below."""
     torch.set_num_threads(1)  # every rank and actor runs one thread: the same reduction order
     common = [NO_DROPOUT, "peers.1.model_args={dropout: 0}", "data.batch_size=32", "data.augment=false"]
     common += ["resources.threads_per_peer=1", "exchange.mode=checkpoint", "exchange.period=4", "exchange.sync=true"]
     local = LocalEngine(small_job(*common, steps=12, models=("mlp", "mlp")))
     local_history = local.run(tmp_path / "local")
-    groups = ("engine=ray", "peers.0.workers=2", "peers.1.workers=2", "resources.num_cpus=0.5")
-    cfg = small_job(*groups, *common, steps=12, models=("mlp", "mlp"))
+    cfg = small_job(
+        "engine=ray", "peers.0.workers=2", "resources.num_cpus=0.25", *common, steps=12, models=("mlp", "mlp")
+    )
     remote = RayEngine(cfg)
     history = remote.run(tmp_path / "ray")
-    assert [info["workers"] for info in remote.peer_info] == [2, 2]
+    assert remote.peer_info[0]["workers"] == 2 and len(remote.peer_info[0]["node_ids"]) == 2
+    assert "workers" not in remote.peer_info[1]
     for i in range(2):
         assert remote.step_losses[i] == pytest.approx(local.step_losses[i], rel=1e-4, abs=1e-5), i
     same_weights(tmp_path / "local", tmp_path / "ray", cfg)
     # the group's report adds its ranks' exchange; rank 0 alone publishes the weights
     published = [[p.exchange.bytes_published for p in h[-1].peers] for h in (local_history, history)]
     assert published[0] == published[1] and all(published[0])
-    # each Train run (Ray dashboard, storage) is named after the job, the run and the peer
-    runs = sorted(d.name for d in (tmp_path / "ray" / "train").iterdir())
-    assert runs == [f"test-{remote.run_id}-peer0-mlp", f"test-{remote.run_id}-peer1-mlp"]
+    # the Train run (Ray dashboard, storage) is named after the job, the run and the peer
+    assert [d.name for d in (tmp_path / "ray" / "train").iterdir()] == [f"test-{remote.run_id}-peer0-mlp"]
 
 
 def same_weights(local_dir, ray_dir, cfg) -> None:
@@ -95,6 +94,19 @@ def test_a_killed_worker_restarts_its_group_and_the_answer_is_one_worker_s(ray_s
         got = [r["peers"][name]["train_loss"] for r in summary["rounds"]]
         assert got == pytest.approx(want, rel=1e-4), name
     same_weights(tmp_path / "local", tmp_path / "run", cfg)
+
+
+def test_a_job_of_worker_groups_reserves_nothing_itself(ray_session):
+    """Every peer a worker group: the job makes no placement group (a 0.001-CPU token bundle once kept two
+    groups that exactly fill the cluster from both starting: Train waited for workers forever)."""
+    cfg = small_job("engine=ray", "peers.0.workers=2", "peers.1.workers=2", "resources.num_cpus=0.5")
+    assert RayEngine(cfg)._placement_group() == (None, 0, False)
+    one_actor = RayEngine(small_job("engine=ray", "peers.0.workers=2", "resources.num_cpus=0.5"))
+    pg, first, owned = one_actor._placement_group()
+    try:
+        assert first == 0 and owned and pg.bundle_specs == [{"CPU": 0.5}]  # the one-worker peer only
+    finally:
+        ray_session.util.remove_placement_group(pg)
 
 
 def test_a_worker_group_the_cluster_can_never_hold_fails_before_anything_starts(ray_session, tmp_path):
