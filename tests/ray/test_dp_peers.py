@@ -56,7 +56,7 @@ def test_a_killed_worker_restarts_its_group_and_the_answer_is_one_worker_s(ray_s
     torch.set_num_threads(1)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = (NO_DROPOUT, "data.batch_size=32", "data.augment=false", "resources.threads_per_peer=1", "eval_every=10")
-    local = LocalEngine(small_job(*common, steps=30))
+    local = LocalEngine(small_job(*common, steps=20))
     local.run(tmp_path / "local")
     cfg = small_job(
         *common,
@@ -66,19 +66,19 @@ def test_a_killed_worker_restarts_its_group_and_the_answer_is_one_worker_s(ray_s
         "exchange.timeout_s=120",
         "tracking.backend=mlflow",
         f"tracking.uri={uri}",
-        steps=30,
+        steps=20,
     )
     killer = SigKill(ray_session, "peer0", after_round=0)
     summary = run_job(cfg, tmp_path / "run", killer)
     assert killer.killed_pid is not None
-    assert [p["steps"] for p in summary["peers"]] == [30, 30]
+    assert [p["steps"] for p in summary["peers"]] == [20, 20]
     assert summary["peers"][0]["restarts"] >= 1 and summary["peers"][1]["restarts"] == 0
     assert summary["peers"][0]["workers"] == 2 and len(summary["peers"][0]["node_ids"]) == 2
     assert any("peer0-mlp restarted" in e for e in summary["events"])
     restarted = [e for e in summary["events"] if "Ray Train restarted its 2 workers; they go on from step 10" in e]
     assert restarted, summary["events"]
     assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
-    check_every_round(summary, uri, summary["mlflow_run_id"], 30, 10)
+    check_every_round(summary, uri, summary["mlflow_run_id"], 20, 10)
     client = MlflowClient(uri)
     assert client.get_metric_history(summary["mlflow_run_id"], "restarts")[-1].value >= 1
     experiment = client.get_run(summary["mlflow_run_id"]).info.experiment_id
@@ -90,7 +90,7 @@ def test_a_killed_worker_restarts_its_group_and_the_answer_is_one_worker_s(ray_s
     assert "samples_per_s" in peer_runs["peer0-mlp"].data.metrics
     # the same answer as one worker, uninterrupted: per-round training loss and final weights
     for i, name in enumerate(cfg.peer_name(j) for j in range(2)):
-        want = [sum(local.step_losses[i][r : r + 10]) / 10 for r in range(0, 30, 10)]
+        want = [sum(local.step_losses[i][r : r + 10]) / 10 for r in range(0, 20, 10)]
         got = [r["peers"][name]["train_loss"] for r in summary["rounds"]]
         assert got == pytest.approx(want, rel=1e-4), name
     same_weights(tmp_path / "local", tmp_path / "run", cfg)
