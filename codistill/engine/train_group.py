@@ -273,10 +273,9 @@ class TrainPeerHost:
 
     def run_round(self, until_step: int, round_index: int, keep_from: int) -> Any:
         report = self._ask(("round", (until_step, round_index, keep_from)))
-        with self.cond:  # rank 0 reports for the group; the host knows every rank's node
+        with self.cond:  # rank 0 reports for the group (its restarts too); the host knows every rank's node
             report.workers = self.workers
             report.node_ids = [self.node_ids[r] for r in sorted(self.node_ids)]
-            report.restarts = self.prior_restarts + max(self.starts - 1, 0)
         return report
 
     def final_weights(self) -> dict[str, torch.Tensor]:

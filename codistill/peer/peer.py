@@ -21,6 +21,7 @@ import torch.nn as nn
 from codistill.config import RunConfig
 from codistill.data import Dataset, PeerData, mix_seed
 from codistill.errors import CodistillError, ConfigError
+from codistill.exchange.topology import part_bounds
 from codistill.losses import total_loss
 from codistill.losses.distill import TeacherSignal
 from codistill.models import build_model
@@ -90,8 +91,7 @@ class Peer:
         # A data-parallel peer (Ray Train worker group): this process is rank `rank` of `world_size`; it trains
         # on its contiguous part of the global batch and DDP averages the gradients (docs/design.md).
         self.rank, self.world_size = rank, world_size
-        part = cfg.data.batch_size // world_size
-        self.part = slice(rank * part, (rank + 1) * part)
+        self.part = slice(*part_bounds(cfg.data.batch_size, world_size, rank))
         self.index = index
         self.name = cfg.peer_name(index)
         self.seed = cfg.peer_seed(index)
