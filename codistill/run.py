@@ -82,6 +82,7 @@ class ConsoleReporter(Reporter):
                 f"{p.steps_per_s:7.1f} steps/s"
                 + (f"  {p.exchange.bytes_published / p.step:,.0f} B/step out" if p.exchange.bytes_published else "")
                 + (f"  restarts {p.restarts}" if p.restarts else "")
+                + "".join(f"  {k.removeprefix('term.')} {v:.4g}" for k, v in p.terms.items())
             )
 
     def on_event(self, message: str) -> None:
@@ -90,6 +91,10 @@ class ConsoleReporter(Reporter):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _number(v: float | None) -> str:
+    return "" if v is None else f"{v:.4g}"
 
 
 def format_table(summary: dict) -> str:
@@ -116,6 +121,11 @@ def format_table(summary: dict) -> str:
     ens_ppl = "" if ens.get("test_loss") is None else f"{math.exp(min(ens['test_loss'], 700)):.2f}"
     ensemble = [("ensemble", "mean probs", "", ens_acc, ens_loss, ens_ppl, "", "", "")]
     out = [text_table(rows[0], rows[1:], ensemble)]
+    names = list(dict.fromkeys(k for p in summary["peers"] for k in p.get("terms", {})))
+    if names:  # the last round's mean of each loss term (before its weight) and of the influence weights
+        header = ("peer", *(n.removeprefix("term.") for n in names))
+        cells = [(p["name"], *(_number(p.get("terms", {}).get(n)) for n in names)) for p in summary["peers"]]
+        out.append(text_table(header, cells))
     st = summary["staleness"]
     out.append(
         f"churn {summary['churn']:.4f}   mean pairwise KL {summary['mean_pairwise_kl']:.4f}   "

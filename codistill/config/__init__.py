@@ -26,6 +26,7 @@ from codistill.config.schema import (
     PeerConfig,
     ResourcesConfig,
     RunConfig,
+    TermConfig,
     TrackingConfig,
     check,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "PeerConfig",
     "ResourcesConfig",
     "RunConfig",
+    "TermConfig",
     "TrackingConfig",
     "apply_overrides",
     "build",

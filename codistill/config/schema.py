@@ -30,6 +30,7 @@ __all__ = [
     "PeerConfig",
     "ResourcesConfig",
     "RunConfig",
+    "TermConfig",
     "TrackingConfig",
     "check",
 ]
@@ -109,6 +110,9 @@ class DataConfig(_Section):
     """text only: the share of the corpus (its end) held out for validation and test."""
     max_chars: int | None = 3_000_000
     """text only: use the first N characters of the corpus (null: all of it)."""
+    validation_fraction: float = 0.0
+    """The share of the training data held out as a validation split (never the test set), for
+    `loss.weighting: influence`; every peer holds out the same examples and never trains on them."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.data", "DATASETS", self.name, "name")
@@ -122,6 +126,12 @@ class DataConfig(_Section):
             "a number in (0, 1)",
         )
         self._check(self.max_chars is None or self.max_chars >= 1, "max_chars", self.max_chars, "null or >= 1")
+        self._check(
+            _finite(self.validation_fraction) and 0 <= self.validation_fraction < 1,
+            "validation_fraction",
+            self.validation_fraction,
+            "a number in [0, 1)",
+        )
         self._check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         self._check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         for key in ("limit_train", "limit_test"):
@@ -236,6 +246,64 @@ class PeerConfig(_Section):
             )
 
 
+TERM_LAYERS = ("uniform", "last")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class TermConfig(_Section):
+    SECTION: ClassVar[str] = "term"
+
+    name: str = "logits"
+    """Loss term registry key (codistill.losses.LOSS_TERMS): logits (the divergence of `loss.divergence`),
+    hidden_mse (TinyBERT/FitNets), attention_kl (MiniLM, relation heads as MiniLMv2), attention_mse (TinyBERT)."""
+    weight: float = 1.0
+    """This term's weight inside the distillation part: loss = (1 - alpha) CE + alpha * sum_k weight_k term_k."""
+    layers: Literal["uniform", "last"] | tuple[tuple[int, ...], ...] | None = None
+    """Which student layer learns from which teacher layer: `uniform` (TinyBERT's map g(m) = m N / M, first to
+    first, last to last), `last` (MiniLM: the last layer only) or a list of [student, teacher] index pairs
+    into the models' layers (negative from the end). None: the term's default (hidden_mse and attention_mse
+    uniform, attention_kl last)."""
+    relation_heads: int | None = None
+    """attention terms: heads the queries, keys and values are split into before relations are formed
+    (MiniLMv2), so peers with different head counts and widths compare; None: the smaller head count of the
+    pair (it must divide both widths)."""
+    relations: tuple[str, ...] = ("qk", "vv")
+    """attention_kl: which self-attention relations to match: qk (the attention distributions, MiniLM), qq, kk,
+    vv (MiniLM's value relation; MiniLMv2 uses qq, kk, vv)."""
+
+    def __post_init__(self) -> None:
+        self._registered("codistill.losses", "LOSS_TERMS", self.name, "name")
+        self._check(_finite(self.weight) and self.weight >= 0, "weight", self.weight, "a finite number >= 0")
+        term = lookup("codistill.losses", "LOSS_TERMS")[self.name]
+        for option, unset in (("layers", None), ("relation_heads", None), ("relations", ("qk", "vv"))):
+            value = getattr(self, option)
+            self._check(
+                value == unset or option in term.options,
+                option,
+                value,
+                f"not set: {self.name} takes {', '.join(term.options) or 'only name and weight'}",
+            )
+        if isinstance(self.layers, tuple):
+            self._check(
+                len(self.layers) >= 1 and all(len(p) == 2 for p in self.layers),
+                "layers",
+                [list(p) for p in self.layers],
+                f"one of {', '.join(TERM_LAYERS)} or a list of [student, teacher] layer index pairs",
+            )
+        self._check(
+            self.relation_heads is None or 1 <= self.relation_heads <= 4096,
+            "relation_heads",
+            self.relation_heads,
+            "null or an integer in [1, 4096]",
+        )
+        self._check(
+            len(self.relations) >= 1 and all(r in ("qk", "qq", "kk", "vv") for r in self.relations),
+            "relations",
+            list(self.relations),
+            "a non-empty list of qk, qq, kk, vv",
+        )
+
+
 @dataclass(kw_only=True, frozen=True, slots=True)
 class LossConfig(_Section):
     SECTION: ClassVar[str] = "loss"
@@ -253,6 +321,20 @@ class LossConfig(_Section):
     """How several teachers combine (codistill.losses.TEACHER_REDUCERS): each, probs, logits."""
     zscore: bool = False
     """Standardise logits before the divergence (Sun et al., CVPR 2024)."""
+    terms: tuple[TermConfig, ...] = field(default_factory=lambda: (TermConfig(),))
+    """The distillation part as weighted terms (codistill.losses.LOSS_TERMS); the default is the logit
+    divergence alone, as before terms existed."""
+    weighting: Literal["none", "influence"] = "none"
+    """Per-sample weights on the distillation part: `influence` weights each training sample by its
+    distillation influence (LGTM, Ren et al., ACL 2023; docs/design.md "Influence-weighted distillation")."""
+    influence_every: int = 1
+    """influence: measure the weights every N steps (the steps between are unweighted)."""
+    influence_eps: float = 0.01
+    """influence: the finite-difference step, a distance in parameter space along the unit validation gradient."""
+    influence_side: Literal["teacher", "student", "both"] = "teacher"
+    """influence: whose update the weights scale. `teacher` (LGTM's): a peer's term toward teacher j is
+    weighted by j's influence as j's student (needs topology all); `student`: a peer's own terms by its own
+    influence; `both`: the mean of the two."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.losses", "DIVERGENCES", self.divergence, "divergence")
@@ -262,6 +344,21 @@ class LossConfig(_Section):
         )
         self._check(0 <= self.alpha <= 1, "alpha", self.alpha, "a number in [0, 1]")
         self._check(0 <= self.burn_in <= MAX_STEPS, "burn_in", self.burn_in, f"an integer in [0, {MAX_STEPS}]")
+        self._check(len(self.terms) >= 1, "terms", list(self.terms), "a list of at least one term")
+        names = [t.name for t in self.terms]
+        self._check(len(set(names)) == len(names), "terms", names, "each term at most once")
+        self._check(1 <= self.influence_every <= MAX_STEPS, "influence_every", self.influence_every, "an integer >= 1")
+        self._check(
+            _finite(self.influence_eps) and 0 < self.influence_eps <= 1,
+            "influence_eps",
+            self.influence_eps,
+            "a number in (0, 1]",
+        )
+
+    @property
+    def default_terms(self) -> bool:
+        """The logit divergence alone at weight 1 and no weighting: the loss as it was before terms."""
+        return self.weighting == "none" and len(self.terms) == 1 and self.terms[0] == TermConfig()
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -469,6 +566,28 @@ class RunConfig(_Section):
                 gpus,
                 "0 or whole GPUs per worker for a data-parallel peer (NCCL cannot put two ranks on one GPU)",
             )
+        if self.loss.weighting == "influence":
+            self._check(
+                self.data.validation_fraction > 0,
+                "data.validation_fraction",
+                self.data.validation_fraction,
+                "a number in (0, 1) with loss.weighting=influence (the influence is measured on held-out data)",
+            )
+            if self.loss.influence_side != "student":
+                self._check(
+                    self.exchange.topology == "all",
+                    "loss.influence_side",
+                    self.loss.influence_side,
+                    "student with exchange.topology=ring (the teacher side weights a peer's term toward its own "
+                    "student: every teacher must also be a student, topology all)",
+                )
+                self._check(
+                    self.loss.teacher_reduce == "each",
+                    "loss.influence_side",
+                    self.loss.influence_side,
+                    f"student with loss.teacher_reduce={self.loss.teacher_reduce} (the teacher side weights each "
+                    f"teacher's term by that teacher's weights: teacher_reduce each)",
+                )
         if self.exchange.logits == "topk" and shared_order and self.loss.teacher_reduce != "each":
             raise ConfigError(
                 "loss.teacher_reduce",

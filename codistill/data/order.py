@@ -79,8 +79,19 @@ class PeerData:
         self.aug_seed = aug_seed
         self.augment = ds.augment if cfg.augment is None else cfg.augment
         self.device = torch.device(device)
+        self.task = task_of(ds)
+        # A held-out validation split (data.validation_fraction), the same for every peer, is never trained on.
+        n = len(ds.train_y)
+        self.validation_ids = torch.zeros(0, dtype=torch.long)
+        pool = torch.arange(n)
+        if cfg.validation_fraction > 0:
+            self.validation_ids = self.task.validation_rows(n, cfg.validation_fraction, mix_seed(shard_seed, 11))
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[self.validation_ids] = False
+            pool = pool[keep]
+        self.validation_seed = shard_seed
         # Anil et al.: with several shards, peers train on disjoint parts of the training set
-        self.sample_ids = shard_sample_ids(len(ds.train_y), shard_seed, shard_index, num_shards)
+        self.sample_ids = pool[shard_sample_ids(len(pool), shard_seed, shard_index, num_shards)]
         if len(self.sample_ids) < self.batch_size:
             raise ConfigError(
                 "data.batch_size",
@@ -91,7 +102,6 @@ class PeerData:
         self.train_y = ds.train_y[self.sample_ids].to(self.device)
         self.test_x = ds.test_x.to(self.device)
         self.test_y = ds.test_y.to(self.device)
-        self.task = task_of(ds)
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # images: per-channel mean, std on the device
         self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
 
@@ -130,6 +140,19 @@ class PeerData:
         pos_dev = pos.to(self.device)
         x, y = self.task.prepare(self, self.train_x[pos_dev], self.train_y[pos_dev], step)
         return self.sample_ids[pos], x, y
+
+    def validation_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of a batch of `batch_size` rows of the validation split drawn for `step` from the
+        job's seed (the same for every peer and rank; no augmentation)."""
+        if len(self.validation_ids) == 0:
+            raise ConfigError("data.validation_fraction", 0, "a number in (0, 1) to draw validation batches")
+        g = torch.Generator().manual_seed(mix_seed(self.validation_seed, step, 13))
+        rows = self.validation_ids[torch.randint(len(self.validation_ids), (self.batch_size,), generator=g)]
+        rows = rows.to(self.device)
+        x, y = self.task.prepare(
+            self, self.ds.train_x[rows.cpu()].to(self.device), self.ds.train_y[rows.cpu()].to(self.device), None
+        )
+        return x, y
 
     @property
     def num_test_positions(self) -> int:

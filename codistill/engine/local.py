@@ -10,7 +10,14 @@ from typing import ClassVar
 from codistill.config import RunConfig
 from codistill.data import Dataset
 from codistill.engine.preflight import check_job
-from codistill.engine.report import PeerReport, Reporter, RoundResult, evaluate_round, staleness_warnings
+from codistill.engine.report import (
+    PeerReport,
+    Reporter,
+    RoundResult,
+    evaluate_round,
+    staleness_warnings,
+    term_means,
+)
 from codistill.exchange import in_memory_board, make_exchange
 from codistill.peer import Peer
 from codistill.storage import Storage
@@ -54,6 +61,7 @@ class LocalEngine:
         self.reporter.on_start(cfg, total)
         busy = [0.0] * len(peers)
         round_losses: list[list[float]] = [[] for _ in peers]
+        round_terms: list[dict[str, float]] = [{} for _ in peers]
         history: list[RoundResult] = []
         lr = [0.0] * len(peers)
         warned: set[str] = set()
@@ -63,9 +71,16 @@ class LocalEngine:
                 t0 = time.perf_counter()
                 exchanges[i].start_step(peers[i], step)
                 busy[i] += time.perf_counter() - t0
+            teachers = {}
+            for i in active:  # every peer's teachers and influence weights are out before any peer waits for them
+                t0 = time.perf_counter()
+                teachers[i] = exchanges[i].teacher_signals(peers[i], step)
+                exchanges[i].measure_influence(peers[i], step, teachers[i])
+                busy[i] += time.perf_counter() - t0
             for i in active:
                 t0 = time.perf_counter()
-                lr[i] = peers[i].train_step(exchanges[i].teacher_logits(peers[i], step)).lr
+                weights = exchanges[i].sample_weights(peers[i], step, teachers[i])
+                lr[i] = peers[i].train_step(teachers[i], weights).lr
                 busy[i] += time.perf_counter() - t0
             for i in active:
                 t0 = time.perf_counter()
@@ -76,7 +91,9 @@ class LocalEngine:
                 busy[i] += time.perf_counter() - t0
             if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
                 for i, p in enumerate(peers):  # the round's losses, read from the device at once
-                    round_losses[i] = [s.loss for s in p.take_losses()]
+                    taken = p.take_losses()
+                    round_losses[i] = [s.loss for s in taken]
+                    round_terms[i] = term_means([s.terms for s in taken])
                     self.step_losses[i].extend(round_losses[i])
                 reports = [
                     PeerReport(
@@ -90,6 +107,7 @@ class LocalEngine:
                         dataclasses.replace(exchanges[i].stats),
                         lr[i],
                         batch_size=cfg.data.batch_size,
+                        terms=round_terms[i],
                     )
                     for i, p in enumerate(peers)
                 ]

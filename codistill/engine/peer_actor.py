@@ -18,7 +18,7 @@ import torch
 
 from codistill.config import build
 from codistill.data import Dataset
-from codistill.engine.report import PeerReport
+from codistill.engine.report import PeerReport, term_means
 from codistill.exchange import EXCHANGES, make_exchange
 from codistill.exchange.ray_board import RayBoardClient
 from codistill.exchange.stats import ExchangeStats
@@ -146,6 +146,7 @@ class PeerActor:
         self.events: list[str] = []  # told to the driver with the next report
         self.round_index = -1
         self.round_losses: list[float] = []
+        self.round_terms: list[dict[str, float]] = []  # each step's loss terms (StepLoss.terms), when the job has them
         self.group_stats: list[dict] = []  # every rank's exchange counters at the last checkpoint
         self.lr = 0.0
         ray_restarts = _ray_restarts() if group is None else self.group.restarts
@@ -190,6 +191,7 @@ class PeerActor:
         self.exchange.stats.load_state_dict(exchange[self.group.rank] if isinstance(exchange, list) else exchange)
         self.round_index = int(state["round_index"])
         self.round_losses = [float(x) for x in state["round_losses"]]
+        self.round_terms = [dict(t) for t in state.get("round_terms", [])]
         self.lr = float(state["lr"])
         self.resumed_from = step
         self.board.mark_durable(self.exchange.slot, step)
@@ -200,7 +202,9 @@ class PeerActor:
     def _save(self, keep_from: int) -> None:
         """Write a checkpoint at the current step; keep round-end checkpoints from `keep_from` on (the
         driver's resume points) and the newest one; delete the rest."""
-        self.round_losses.extend(s.loss for s in self.peer.take_losses())  # every rank: the group's mean
+        taken = self.peer.take_losses()  # every rank: the group's mean
+        self.round_losses.extend(s.loss for s in taken)
+        self.round_terms.extend(s.terms for s in taken if s.terms is not None)
         name, now = self.peer.name, self.peer.step
         # each rank's shards and exchange counters, in rank order (one collective)
         ranks = self.group.gather(
@@ -216,6 +220,7 @@ class PeerActor:
                 exchange=self.group_stats[0] if len(ranks) == 1 else self.group_stats,
                 round_index=self.round_index,
                 round_losses=list(self.round_losses),
+                round_terms=list(self.round_terms),
                 lr=self.lr,
                 board=ranks[0]["board"] if len(ranks) == 1 else [r["board"] for r in ranks],
             )
@@ -245,12 +250,12 @@ class PeerActor:
         self._check_started()
         peer, ex, every = self.peer, self.exchange, self.cfg.output.checkpoint_every
         if round_index != self.round_index:
-            self.round_index, self.round_losses = round_index, []
+            self.round_index, self.round_losses, self.round_terms = round_index, [], []
         t0 = time.perf_counter()
         while peer.step < until_step:
             step = peer.step
             ex.start_step(peer, step)
-            self.lr = peer.train_step(ex.teacher_logits(peer, step)).lr
+            self.lr = ex.train(peer, step)
             ex.end_step(peer, step)
             if every and peer.step % every == 0 and peer.step < until_step:
                 self.busy_s += time.perf_counter() - t0
@@ -277,6 +282,7 @@ class PeerActor:
             self.node_id,
             events,
             self.cfg.data.batch_size,
+            terms=term_means(self.round_terms),
         )
 
     def take_weights(self, version: int) -> WireWeights | None:

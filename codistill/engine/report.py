@@ -3,6 +3,7 @@ that progress lines, MLflow and Tune implement, and the run's summary."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "evaluate_round",
     "round_record",
     "staleness_warnings",
+    "term_means",
 ]
 
 
@@ -45,6 +47,7 @@ class PeerReport:
     batch_size: int = 0  # examples per step (the global batch of a data-parallel peer)
     workers: int = 1  # ranks of a data-parallel peer (a Ray Train worker group)
     node_ids: list[str] = field(default_factory=list)  # every rank's node (rank 0's is node_id)
+    terms: dict[str, float] = field(default_factory=dict)  # the round's mean of each loss term and influence statistic
 
     @property
     def steps_per_s(self) -> float:
@@ -57,6 +60,18 @@ class PeerReport:
     @property
     def train_loss(self) -> float:
         return sum(self.step_losses) / max(1, len(self.step_losses))
+
+
+def term_means(rows: Sequence[dict[str, float] | None]) -> dict[str, float]:
+    """The mean over a round's steps of each loss term's value and influence statistic (StepLoss.terms), over
+    the steps that had it (NaN: a step before burn-in, or one without influence weights)."""
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in (row or {}).items():
+            sums.setdefault(k, [])
+            if math.isfinite(v):
+                sums[k].append(v)
+    return {k: sum(v) / len(v) for k, v in sums.items() if v}
 
 
 @dataclass
@@ -158,6 +173,7 @@ def round_record(h: RoundResult) -> dict[str, Any]:
             "staleness_mean": p.exchange.staleness()["mean"],
             "staleness_max": p.exchange.staleness_max,
             "teacher_lead_max": p.exchange.teacher_lead_max,
+            **({"terms": dict(p.terms)} if p.terms else {}),
         }
         for p in h.peers
     }
@@ -200,6 +216,7 @@ def build_summary(
             "exchange_s": r.exchange.exchange_s,
             "teacher_forward_s": r.exchange.teacher_forward_s,
             "busy_s": r.busy_s,
+            **({"terms": dict(r.terms)} if r.terms else {}),
         }
         for r in final.peers
     ]

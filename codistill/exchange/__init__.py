@@ -16,7 +16,7 @@ from codistill.exchange.board import Board, BoardState, InMemoryBoard, TeacherUn
 from codistill.exchange.checkpoint import CheckpointExchange
 from codistill.exchange.logits import LogitExchange, TeacherMismatch
 from codistill.exchange.stats import ExchangeStats
-from codistill.exchange.topology import TOPOLOGIES, consumers_of, shard_consumers, teachers_of
+from codistill.exchange.topology import TOPOLOGIES, consumers_of, influence_slot, shard_consumers, teachers_of
 from codistill.exchange.wire import (
     LogitShard,
     WireWeights,
@@ -66,6 +66,14 @@ def new_board_state(cfg: RunConfig) -> BoardState:
     # one worker per peer a slot is a peer. Weights are published by rank 0 slots only.
     workers = [pc.workers for pc in cfg.peers]
     consumers = shard_consumers(workers, cfg.data.batch_size, cfg.exchange.topology)
+    loss = cfg.loss
+    if (
+        loss.weighting == "influence"
+        and loss.influence_side != "student"
+        and EXCHANGES[cfg.exchange.mode].shared_batch_order
+    ):
+        # A student's influence weights go to its teachers, which (topology all) are its consumers.
+        consumers |= {influence_slot(workers, slot): list(c) for slot, c in consumers.items()}
     return BoardState(consumers, EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange))
 
 

@@ -18,7 +18,10 @@ from codistill.exchange.stats import ExchangeStats
 from codistill.exchange.topology import consumers_of, rank_slot, teachers_of
 
 if TYPE_CHECKING:
+    import torch
+
     from codistill.losses.distill import TeacherSignal
+    from codistill.losses.terms import TeacherOutput
     from codistill.peer import Peer
 
 __all__ = ["Exchange"]
@@ -68,8 +71,48 @@ class Exchange(ABC):
         """The peer's forward pass for `step`, and whatever others need from it now."""
 
     @abstractmethod
+    def teacher_signals(self, peer: Peer, step: int) -> list[TeacherOutput] | None:
+        """The teachers' logits and taps on the peer's batch of `step` (None: no distillation this step)."""
+
     def teacher_logits(self, peer: Peer, step: int) -> list[TeacherSignal] | None:
-        """The teachers' logits on the peer's batch of `step` (None: no distillation this step)."""
+        """The teachers' logits alone (`teacher_signals` without taps)."""
+        signals = self.teacher_signals(peer, step)
+        return None if signals is None else [t.logits for t in signals]
+
+    def influence_step(self, step: int) -> bool:
+        """Whether influence weights are measured at `step` (loss.weighting influence, every influence_every)."""
+        loss = self.cfg.loss
+        return loss.weighting == "influence" and self.distills_at(step) and step % loss.influence_every == 0
+
+    def measure_influence(self, peer: Peer, step: int, teachers: list[TeacherOutput] | None) -> None:
+        """At an influence step, the peer's own influence weights (kept on the peer; an exchange whose
+        teachers need them sends them)."""
+        peer.influence = None
+        if teachers and self.influence_step(step):
+            peer.measure_influence(step, teachers)
+
+    def teacher_side_weights(self, peer: Peer, step: int) -> list[torch.Tensor]:
+        """(B_part,) per teacher: the influence each teacher measured as this peer's student."""
+        raise NotImplementedError
+
+    def sample_weights(self, peer: Peer, step: int, teachers: list[TeacherOutput] | None) -> list[torch.Tensor] | None:
+        """Per teacher, the (B_part,) weights of this step's distillation terms (loss.influence_side), or None."""
+        if not teachers or not self.influence_step(step):
+            return None
+        side = self.cfg.loss.influence_side
+        own = peer.influence
+        assert own is not None, "measure_influence first"
+        if side == "student":
+            return [own] * len(teachers)
+        theirs = self.teacher_side_weights(peer, step)
+        return theirs if side == "teacher" else [(own + w) / 2 for w in theirs]
+
+    def train(self, peer: Peer, step: int) -> float:
+        """The middle of one peer's step when it runs alone (a Ray actor or rank): teachers' signals, influence
+        weights, update. Returns the learning rate used. LocalEngine runs the same calls phase by phase."""
+        teachers = self.teacher_signals(peer, step)
+        self.measure_influence(peer, step, teachers)
+        return peer.train_step(teachers, self.sample_weights(peer, step, teachers)).lr
 
     def end_step(self, peer: Peer, step: int) -> None:
         """After the peer's update of `step`."""

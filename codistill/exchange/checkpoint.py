@@ -24,7 +24,9 @@ from codistill.exchange.board import Board
 from codistill.exchange.wire import decode_weights, encode_weights
 
 if TYPE_CHECKING:
-    from codistill.losses.distill import TeacherSignal
+    import torch
+
+    from codistill.losses.terms import TeacherOutput
     from codistill.peer import Peer
 
 __all__ = ["CheckpointExchange", "ceil_to"]
@@ -90,7 +92,7 @@ class CheckpointExchange(Exchange):
             self.stats.teacher_updates += 1
         self.stats.exchange_s += time.perf_counter() - t0
 
-    def teacher_logits(self, peer: Peer, step: int) -> list[TeacherSignal] | None:
+    def teacher_signals(self, peer: Peer, step: int) -> list[TeacherOutput] | None:
         # Pull here, not in start_step: every peer has published what step k needs by the time any
         # peer asks (LocalEngine runs all start_steps first; on Ray it does not matter).
         if not self.teachers or self.cfg.loss.alpha == 0:
@@ -101,9 +103,13 @@ class CheckpointExchange(Exchange):
         for version in peer.teacher_versions().values():
             self.stats.see_staleness(step - version)
         t0 = time.perf_counter()
-        logits: list[TeacherSignal] = list(peer.local_teacher_logits())
+        signals = peer.local_teacher_signals()  # their taps too: the local copies produce them for free
         self.stats.teacher_forward_s += time.perf_counter() - t0
-        return logits
+        return signals
+
+    def teacher_side_weights(self, peer: Peer, step: int) -> list[torch.Tensor]:
+        # No per-step traffic: this peer estimates each student's influence on its local copy of that student.
+        return [peer.teacher_influence(j) for j in sorted(peer.teachers)]
 
     def end_step(self, peer: Peer, step: int) -> None:
         version = step + 1

@@ -20,10 +20,11 @@ from codistill.config import ExchangeConfig, RunConfig
 from codistill.data.dataset import as_tensor
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
-from codistill.exchange.topology import consumers_of, overlapping_ranks, part_bounds, rank_slot
+from codistill.exchange.topology import consumers_of, influence_slot, overlapping_ranks, part_bounds, rank_slot
 from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype, join_shards
 from codistill.losses.distill import TeacherSignal
 from codistill.losses.divergences import zscore
+from codistill.losses.terms import TeacherOutput
 from codistill.losses.topk import TopKLogits, topk_logits
 
 if TYPE_CHECKING:
@@ -83,15 +84,22 @@ class LogitExchange(Exchange):
             return
         s = self.cfg.exchange.staleness
         if s == 0:
-            self._publish(step, step, ids, logits)
+            self._publish(step, step, ids, logits, peer.published_taps())
             return
         # Publish the batch that consumers will train on s steps from now (at step 0 also the first s).
         first = step + s if step > 0 else 0
         for batch_step in range(first, min(step + s, peer.total_steps - 1) + 1):
-            ids_b, logits_b = peer.lookahead_logits(batch_step)
-            self._publish(batch_step, step, ids_b, logits_b)
+            ids_b, logits_b, taps_b = peer.lookahead_logits(batch_step)
+            self._publish(batch_step, step, ids_b, logits_b, taps_b)
 
-    def _publish(self, batch_step: int, produced_step: int, ids: torch.Tensor, logits: torch.Tensor) -> None:
+    def _publish(
+        self,
+        batch_step: int,
+        produced_step: int,
+        ids: torch.Tensor,
+        logits: torch.Tensor,
+        taps: dict[str, torch.Tensor],
+    ) -> None:
         if batch_step < self.cfg.loss.burn_in:
             return
         t0 = time.perf_counter()
@@ -114,24 +122,37 @@ class LogitExchange(Exchange):
             )
         else:
             shard = LogitShard(batch_step, produced_step, sample_ids, encode_tensor(logits, dtype), dtype)
+        if taps:  # what the consumers' hidden-state and attention terms read, beside the logits
+            shard.taps = {name: encode_tensor(t, dtype) for name, t in taps.items()}
         self.board.publish_logits(self.slot, shard)  # this rank's part of the batch
         self.stats.bytes_published += shard.nbytes
         self.stats.exchange_s += time.perf_counter() - t0
 
-    def teacher_logits(self, peer: Peer, step: int) -> list[TeacherSignal] | None:
+    def teacher_signals(self, peer: Peer, step: int) -> list[TeacherOutput] | None:
         if not self.distills_at(step):
             return None
         t0 = time.perf_counter()
+        out: list[TeacherOutput] = []
+        for j, (shard, nbytes) in self._fetch(peer, step, lambda j, q: rank_slot(self.workers, j, q)).items():
+            taps = {n: decode_array(a, shard.dtype, peer.device) for n, a in (shard.taps or {}).items()}
+            out.append(TeacherOutput(j, decode_shard(shard, peer.device), taps))
+            self.stats.bytes_pulled += nbytes
+            self.stats.see_staleness(step - shard.produced_step)
+        self.stats.exchange_s += time.perf_counter() - t0
+        return out
+
+    def _fetch(self, peer: Peer, step: int, slot_of) -> dict[int, tuple[LogitShard, int]]:
+        """Each teacher's shard covering this rank's examples of `step` (joined from the teacher's ranks whose
+        parts overlap them, all fetched in one request), with the bytes pulled; `slot_of(j, rank)` addresses them."""
         expected_ids = peer.batch_ids(step).numpy()
-        out: list[TeacherSignal] = []
-        # Each teacher's ranks whose parts overlap this rank's examples, fetched in one request for all teachers.
         lo, hi = part_bounds(self.cfg.data.batch_size, peer.world_size, peer.rank)
         batch = self.cfg.data.batch_size
         ranks = {j: overlapping_ranks(batch, self.workers[j], lo, hi) for j in self.teachers}
-        slots = [rank_slot(self.workers, j, q) for j in self.teachers for q in ranks[j]]
+        slots = [slot_of(j, q) for j in self.teachers for q in ranks[j]]
         got = dict(zip(slots, self.board.fetch_logits(slots, step, self.slot, self.cfg.exchange.timeout_s)))
+        out = {}
         for j in self.teachers:
-            parts = [got[rank_slot(self.workers, j, q)] for q in ranks[j]]
+            parts = [got[slot_of(j, q)] for q in ranks[j]]
             first = part_bounds(batch, self.workers[j], ranks[j][0])[0]
             shard = join_shards(parts, lo - first, hi - first)
             if not np.array_equal(shard.sample_ids, expected_ids):  # a shard is keyed by the samples it covers
@@ -139,9 +160,30 @@ class LogitExchange(Exchange):
                     f"peer {self.index}: logits of peer {j} for step {step} cover other samples; "
                     f"the peers' batch orders disagree (job seed or data config differ)"
                 )
-            out.append(decode_shard(shard, peer.device))
-            self.stats.bytes_pulled += sum(p.nbytes for p in parts)
-            self.stats.see_staleness(step - shard.produced_step)
+            out[j] = (shard, sum(p.nbytes for p in parts))
+        return out
+
+    # -- influence weights: a student's reach the teachers whose terms they scale ------------------
+
+    def measure_influence(self, peer: Peer, step: int, teachers: list[TeacherOutput] | None) -> None:
+        super().measure_influence(peer, step, teachers)
+        if peer.influence is None or self.cfg.loss.influence_side == "student":
+            return
+        # Beside the logit shards, at a slot of their own: the consumers' teacher-side terms wait for them.
+        t0 = time.perf_counter()
+        ids = peer.batch_ids(step).numpy().astype(np.int64, copy=False)
+        shard = LogitShard(step, step, ids, encode_tensor(peer.influence, "float32"), "float32")
+        self.board.publish_logits(influence_slot(self.workers, self.slot), shard)
+        self.stats.bytes_published += shard.nbytes
+        self.stats.exchange_s += time.perf_counter() - t0
+
+    def teacher_side_weights(self, peer: Peer, step: int) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        out = []
+        fetched = self._fetch(peer, step, lambda j, q: influence_slot(self.workers, rank_slot(self.workers, j, q)))
+        for shard, nbytes in fetched.values():
+            out.append(decode_array(shard.logits, shard.dtype, peer.device))
+            self.stats.bytes_pulled += nbytes
         self.stats.exchange_s += time.perf_counter() - t0
         return out
 

@@ -10,6 +10,7 @@ from codistill.registry import Registry
 __all__ = [
     "TOPOLOGIES",
     "consumers_of",
+    "influence_slot",
     "overlapping_ranks",
     "part_bounds",
     "rank_slot",
@@ -54,6 +55,12 @@ def rank_slot(workers: Sequence[int], peer: int, rank: int) -> int:
     if not 0 <= rank < workers[peer]:
         raise ValueError(f"peer {peer} has {workers[peer]} worker(s); no rank {rank}")
     return peer if rank == 0 else len(workers) + sum(w - 1 for w in workers[:peer]) + rank - 1
+
+
+def influence_slot(workers: Sequence[int], slot: int) -> int:
+    """Where rank slot `slot` publishes its influence weights (loss.weighting influence, teacher side): after
+    every rank slot, so logit shards and weights of one batch step never share an address."""
+    return sum(workers) + slot
 
 
 def part_bounds(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:

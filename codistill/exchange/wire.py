@@ -61,10 +61,11 @@ class LogitShard:
     lse: np.ndarray | None = None  # (N,) float32
     lse_rest: np.ndarray | None = None  # (N,) float32
     num_classes: int = 0
+    taps: dict[str, np.ndarray] | None = None  # named intermediate tensors loss terms read, (B, ...) in the wire dtype
 
     @property
     def nbytes(self) -> int:
-        extra = (self.topk_ids, self.lse, self.lse_rest)
+        extra = (self.topk_ids, self.lse, self.lse_rest, *(self.taps or {}).values())
         return int(self.logits.nbytes + self.sample_ids.nbytes + sum(a.nbytes for a in extra if a is not None))
 
     def state_dict(self) -> dict:
@@ -83,6 +84,8 @@ class LogitShard:
                 "lse_rest": torch.from_numpy(self.lse_rest.copy()),
                 "num_classes": self.num_classes,
             }
+        if self.taps:
+            out["taps"] = {k: torch.from_numpy(a.copy()) for k, a in self.taps.items()}
         return out
 
     @classmethod
@@ -99,6 +102,7 @@ class LogitShard:
             None if topk is None else state["lse"].numpy(),
             None if topk is None else state["lse_rest"].numpy(),
             num_classes,
+            {k: t.numpy() for k, t in state["taps"].items()} if "taps" in state else None,
         )
 
 
@@ -179,4 +183,5 @@ def join_shards(shards: list[LogitShard], lo: int, hi: int) -> LogitShard:
         cut([s.lse for s in shards]),
         cut([s.lse_rest for s in shards]),
         first.num_classes,
+        {k: cut([s.taps[k] for s in shards if s.taps]) for k in first.taps} if first.taps else None,  # type: ignore[misc]
     )

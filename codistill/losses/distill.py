@@ -21,7 +21,16 @@ from codistill.losses.divergences import DIVERGENCES, Divergence, zscore
 from codistill.losses.teachers import reduce_teachers
 from codistill.losses.topk import TopKLogits
 
-__all__ = ["IGNORE_INDEX", "LossParts", "TeacherSignal", "distillation_loss", "total_loss"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LossParts",
+    "TeacherSignal",
+    "cross_entropy",
+    "distillation_loss",
+    "per_position_divergences",
+    "position_mask",
+    "total_loss",
+]
 
 IGNORE_INDEX = -100
 """A target with this id is padding: no loss, no metric (PyTorch's cross-entropy convention)."""
@@ -48,7 +57,7 @@ def _position_weights(
     return weights
 
 
-def distillation_loss(
+def per_position_divergences(
     student_logits: torch.Tensor,
     teacher_logits: Sequence[TeacherSignal],
     *,
@@ -56,15 +65,8 @@ def distillation_loss(
     temperature: float = 1.0,
     teacher_reduce: str = "each",
     standardize: bool = False,
-    sample_weights: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """D_teachers(s): the mean over valid positions of the divergence to the (combined) teachers.
-
-    sample_weights (B,) multiply each example's terms (all its tokens) before the mean (hook for
-    influence-based weighting, LGTM, Ren et al., ACL 2023); all-ones weights give the unweighted loss.
-    mask: (B,) or (B, T), true where a position counts.
-    """
+) -> list[torch.Tensor]:
+    """The divergence at every position, (N,), to each teacher (`each`) or to the one combined teacher."""
     if not teacher_logits:
         raise ValueError("distillation_loss needs at least one teacher")
     s = _positions(student_logits.float())  # (N, V)
@@ -91,8 +93,36 @@ def distillation_loss(
             raise ValueError(f"divergence {divergence!r} is a plain function: it cannot use top-k teachers")
     else:
         teachers = list(reduce_teachers(teachers, teacher_reduce, temperature))  # type: ignore[arg-type]
-    per_position = torch.stack([fn(s, t, temperature) for t in teachers]).mean(0)  # type: ignore[arg-type]  # (N,)
-    weights = _position_weights(s.shape[0], mask, sample_weights)
+    return [fn(s, t, temperature) for t in teachers]  # type: ignore[arg-type]
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: Sequence[TeacherSignal],
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    teacher_reduce: str = "each",
+    standardize: bool = False,
+    sample_weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """D_teachers(s): the mean over valid positions of the divergence to the (combined) teachers.
+
+    sample_weights (B,) multiply each example's terms (all its tokens) before the mean (hook for
+    influence-based weighting, LGTM, Ren et al., ACL 2023); all-ones weights give the unweighted loss.
+    mask: (B,) or (B, T), true where a position counts.
+    """
+    per_teacher = per_position_divergences(
+        student_logits,
+        teacher_logits,
+        divergence=divergence,
+        temperature=temperature,
+        teacher_reduce=teacher_reduce,
+        standardize=standardize,
+    )
+    per_position = torch.stack(per_teacher).mean(0)  # (N,)
+    weights = _position_weights(per_position.shape[0], mask, sample_weights)
     if weights is None:
         return per_position.mean()
     if mask is None:
@@ -120,10 +150,7 @@ def total_loss(
 ) -> LossParts:
     """(1 - alpha) * CE + alpha * D_teachers, with alpha = 0 before `burn_in` or without teachers; both
     averaged over valid positions (`mask` and IGNORE_INDEX targets)."""
-    targets = labels.reshape(-1)
-    if mask is not None:
-        targets = torch.where(mask.reshape(-1).to(torch.bool), targets, IGNORE_INDEX)
-    ce = F.cross_entropy(_positions(student_logits.float()), targets, ignore_index=IGNORE_INDEX)
+    ce, targets = cross_entropy(student_logits, labels, mask)
     alpha = cfg.alpha if (teacher_logits and step >= cfg.burn_in) else 0.0
     if alpha == 0.0 or not teacher_logits:
         return LossParts(ce, ce, None, 0.0)
@@ -135,6 +162,21 @@ def total_loss(
         teacher_reduce=cfg.teacher_reduce,
         standardize=cfg.zscore,
         sample_weights=sample_weights,
-        mask=None if mask is None and labels.ndim < 2 else targets != IGNORE_INDEX,
+        mask=position_mask(labels, mask, targets),
     )
     return LossParts((1 - alpha) * ce + alpha * d, ce, d, alpha)
+
+
+def cross_entropy(
+    student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mean cross-entropy over valid positions, the flattened targets with padding as IGNORE_INDEX)."""
+    targets = labels.reshape(-1)
+    if mask is not None:
+        targets = torch.where(mask.reshape(-1).to(torch.bool), targets, IGNORE_INDEX)
+    return F.cross_entropy(_positions(student_logits.float()), targets, ignore_index=IGNORE_INDEX), targets
+
+
+def position_mask(labels: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+    """(N,) true where a position counts, or None when every one does (one label per example, no mask)."""
+    return None if mask is None and labels.ndim < 2 else targets != IGNORE_INDEX

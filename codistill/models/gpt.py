@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codistill.models.taps import Layers
+
 __all__ = ["GPT", "GPT_ARGS", "GPT_PRESETS", "gpt_builder", "lm_block_size"]
 
 GPT_ARGS = ("n_layer", "n_head", "n_embd", "dropout", "bias")
@@ -127,6 +129,17 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def distill_layers(self) -> Layers:
+        """Hidden states: the embedding (after dropout), then each block's output, (B, T, C); attention: each
+        block's fused q|k|v projection (B, T, 3C) (codistill.models.taps)."""
+        n = len(self.blocks)
+        return Layers(
+            hidden=("drop", *(f"blocks.{i}" for i in range(n))),
+            attention=tuple(f"blocks.{i}.attn.qkv" for i in range(n)),
+            heads=tuple(int(b.attn.n_head) for b in self.blocks),  # type: ignore[union-attr, arg-type]
+            causal=True,
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         _, t = tokens.shape  # (B, T)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from codistill.models.gpt import lm_block_size
+from codistill.models.taps import Layers
 
 __all__ = ["HFCausalLM", "check_hf_name", "hf", "hf_model"]
 
@@ -34,6 +35,23 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf_model = hf_model
+
+    def distill_layers(self) -> Layers:
+        """Hidden states: the input embeddings' output, then each decoder layer's (B, T, C). No attention taps:
+        architectures project queries, keys and values each their own way (attention terms need `gpt` peers)."""
+        hf_model: Any = self.hf_model
+        text_config = hf_model.config.get_text_config()
+        depth = getattr(text_config, "num_hidden_layers", None)
+        names = {id(m): n for n, m in self.named_modules()}
+        stacks = [
+            n for n, m in self.named_modules() if isinstance(m, nn.ModuleList) and depth is not None and len(m) == depth
+        ]
+        embedding = hf_model.get_input_embeddings()
+        if not stacks or id(embedding) not in names:
+            raise ValueError(f"{type(self.hf_model).__name__}: cannot find its decoder layers for hidden-state terms")
+        width = getattr(text_config, "hidden_size", None)
+        hidden = (names[id(embedding)], *(f"{stacks[0]}.{i}" for i in range(depth or 0)))
+        return Layers(hidden=hidden, causal=True, width=width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.hf_model(input_ids=tokens, use_cache=False, return_dict=True)  # tokens (B, T)

@@ -12,10 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codistill.models.taps import Layers
+
 __all__ = [
     "CifarResNet",
     "MobileNetV2Cifar",
     "Shape",
+    "TappedSequential",
     "WideResNet",
     "check_torchvision_name",
     "cnn",
@@ -26,9 +29,22 @@ __all__ = [
 Shape = tuple[int, ...]  # (C, H, W)
 
 
+class TappedSequential(nn.Sequential):
+    """An nn.Sequential that names its hidden layers (the outputs of the given indices) for hidden-state terms;
+    its parameters and state dict are the plain Sequential's."""
+
+    def __init__(self, *modules: nn.Module, hidden: tuple[int, ...]):
+        super().__init__(*modules)
+        self.hidden_indices = hidden
+
+    def distill_layers(self) -> Layers:
+        return Layers(hidden=tuple(str(i) for i in self.hidden_indices))
+
+
 def mlp(input_shape: Shape, num_classes: int, hidden: int = 256, dropout: float = 0.1) -> nn.Module:
+    """Two hidden ReLU layers; their activations (B, hidden) are its layers."""
     c, h, w = input_shape
-    return nn.Sequential(
+    return TappedSequential(
         nn.Flatten(),
         nn.Linear(c * h * w, hidden),
         nn.ReLU(inplace=True),
@@ -37,17 +53,19 @@ def mlp(input_shape: Shape, num_classes: int, hidden: int = 256, dropout: float 
         nn.ReLU(inplace=True),
         nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
+        hidden=(2, 5),
     )
 
 
 def cnn(input_shape: Shape, num_classes: int, width: int = 32) -> nn.Module:
-    """Small conv net: two conv-BN-ReLU blocks per stage, two stages with max-pool, global pool."""
+    """Small conv net: two conv-BN-ReLU blocks per stage, two stages with max-pool, global pool; the stages'
+    feature maps (B, width, H, W) and (B, 2 width, H/2, W/2) are its layers."""
     c, _, _ = input_shape
 
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
-    return nn.Sequential(
+    return TappedSequential(
         *block(c, width),
         *block(width, width),
         nn.MaxPool2d(2),
@@ -56,6 +74,7 @@ def cnn(input_shape: Shape, num_classes: int, width: int = 32) -> nn.Module:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(2 * width, num_classes),
+        hidden=(5, 12),
     )
 
 
@@ -93,10 +112,15 @@ class CifarResNet(nn.Module):
                 layers.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
+        self.stage_ends = (n - 1, 2 * n - 1, 3 * n - 1)  # the last block of each stage (16/32/64 channels)
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def distill_layers(self) -> Layers:
+        """The feature map at the end of each of the three stages."""
+        return Layers(hidden=tuple(f"layers.{i}" for i in self.stage_ends))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.relu(self.bn(self.conv(x))))
@@ -137,8 +161,13 @@ class WideResNet(nn.Module):
                 blocks.append(_WideBlock(cin, cout, stride if i == 0 else 1, dropout))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
+        self.stage_ends = (n - 1, 2 * n - 1, 3 * n - 1)
         self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
+
+    def distill_layers(self) -> Layers:
+        """The feature map at the end of each of the three groups (pre-activation)."""
+        return Layers(hidden=tuple(f"blocks.{i}" for i in self.stage_ends))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.blocks(self.conv(x))))
@@ -180,13 +209,21 @@ class MobileNetV2Cifar(nn.Module):
             nn.ReLU6(inplace=True),
         ]
         cin = 32
+        self.stage_ends: list[int] = []  # the last block before each downsampling, then the last conv's output
         for t, c, n, s in self.CFG:
             for i in range(n):
+                if s == 2 and i == 0:
+                    self.stage_ends.append(len(layers) - 1)
                 layers.append(_InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
         layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6(inplace=True)]
+        self.stage_ends.append(len(layers) - 1)
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(1280, num_classes)
+
+    def distill_layers(self) -> Layers:
+        """The feature map before each downsampling, and the last (1280 channels)."""
+        return Layers(hidden=tuple(f"features.{i}" for i in self.stage_ends))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))

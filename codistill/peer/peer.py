@@ -4,12 +4,13 @@ Plain PyTorch, no Ray. A training step is split in two so that N peers need only
 in mutual learning (not N^2): `forward(step)` computes the peer's logits on its batch (kept with
 their graph, and returned detached for publishing), then `train_step(teacher_logits)` adds the loss
 and updates. In checkpoint mode the teachers are local frozen copies of other peers
-(`set_teacher`), run by `local_teacher_logits()` on the peer's own batch.
+(`set_teacher`), run by `local_teacher_signals()` on the peer's own batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,14 +18,27 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.func import functional_call
 
-from codistill.config import RunConfig
+from codistill.config import RunConfig, TermConfig
 from codistill.data import Dataset, PeerData, mix_seed
 from codistill.errors import CodistillError, ConfigError
-from codistill.exchange.topology import part_bounds
+from codistill.exchange.topology import consumers_of, part_bounds, teachers_of
 from codistill.losses import total_loss
-from codistill.losses.distill import TeacherSignal
+from codistill.losses.distill import TeacherSignal, cross_entropy, position_mask
+from codistill.losses.terms import (
+    LOSS_TERMS,
+    ModelInfo,
+    StudentOutput,
+    TeacherOutput,
+    TermPlan,
+    distill_terms,
+    model_info,
+    per_example_objective,
+)
+from codistill.losses.weighting import distillation_influence, normalized, weight_stats
 from codistill.models import build_model
+from codistill.models.taps import TapRecorder
 from codistill.peer.optim import make_optimizer, make_scheduler
 from codistill.registry import lookup
 from codistill.tasks import EvalResult, task_of
@@ -52,6 +66,18 @@ class StepLoss:
     loss: float
     ce: float
     distill: float | None
+    terms: dict[str, float] | None = None  # each loss term's value and the influence weights' statistics (NaN: none)
+
+
+@dataclass
+class _Pending:
+    """A training forward pass waiting for its loss."""
+
+    step: int
+    x: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor
+    taps: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -123,12 +149,14 @@ class Peer:
             if self.device.type == "cuda":  # batch statistics over the global batch (CUDA only in torch)
                 self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
             self.model = DistributedDataParallel(self.module, device_ids=ids)
+        self._plan_terms()
         oc = cfg.peer_optim(index)
-        self.optimizer = make_optimizer(list(self.module.parameters()), oc)
+        self.optimizer = make_optimizer(list(self.module.parameters()) + list(self.heads.parameters()), oc)
         self.scheduler = make_scheduler(self.optimizer, oc, self.total_steps)
         self.step = 0  # completed training steps
         self.teachers: dict[int, _Teacher] = {}
-        self._pending: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # step, x, y, logits
+        self._pending: _Pending | None = None
+        self.influence: torch.Tensor | None = None  # this step's own normalised influence weights (B_part,)
         # Losses stay on the device until something reads the peer anyway (GPU steps never wait for the host):
         # per step (step, (3,) [total, ce, distill] tensor, has_distill), then floats in _read_losses.
         self._device_losses: list[tuple[int, torch.Tensor, bool]] = []
@@ -137,6 +165,77 @@ class Peer:
         self._non_finite: str | None = None  # once set, every read raises it: the weights past it are not kept
 
     # -- construction ------------------------------------------------------------------------
+
+    def _plan_terms(self) -> None:
+        """What each loss term reads from this peer and its teachers, the trainable projections it needs
+        (`heads`, part of this peer's optimiser and training checkpoints) and what its own consumers read."""
+        cfg = self.cfg
+        self.default_loss = cfg.loss.default_terms  # the loss exactly as before terms: total_loss
+        self.teacher_indices = teachers_of(self.index, cfg.num_peers, cfg.exchange.topology)
+        self.heads = nn.ModuleDict()
+        self.plans: dict[str, list[TermPlan]] = {}
+        self.projections: dict[str, list[nn.Module | None]] = {}
+        self.student_taps: tuple[str, ...] = ()
+        self.publish_taps: tuple[str, ...] = ()
+        self.teacher_taps: dict[int, tuple[str, ...]] = {}
+        self.extra_names: list[str] = []  # per-step values besides total, ce, distill
+        if self.default_loss:
+            return
+        self.extra_names = [f"term.{t.name}" for t in cfg.loss.terms]
+        if cfg.loss.weighting == "influence":
+            self.extra_names += ["influence_mean", "influence_std", "influence_negative"]
+        infos = self._model_infos()
+        consumers = consumers_of(self.index, cfg.num_peers, cfg.exchange.topology)
+        student: list[str] = []
+        publish: list[str] = []
+        teacher: dict[int, list[str]] = {j: [] for j in self.teacher_indices}
+        for tc in cfg.loss.terms:
+            term = LOSS_TERMS[tc.name]
+            plans = [self._plan(term, tc, infos, self.index, j) for j in self.teacher_indices]
+            self.plans[tc.name] = plans
+            projections: list[nn.Module | None] = []
+            for j, plan in zip(self.teacher_indices, plans):
+                proj = term.projections(plan)
+                if proj is not None:
+                    self.heads[f"{tc.name}_{j}"] = proj
+                projections.append(proj)
+                student += plan.student_taps
+                teacher[j] += plan.teacher_taps
+            self.projections[tc.name] = projections
+            for c in consumers:
+                publish += self._plan(term, tc, infos, c, self.index).teacher_taps
+        self.heads.to(self.device)
+        self.student_taps = tuple(dict.fromkeys(student))
+        self.publish_taps = tuple(dict.fromkeys(publish))
+        self.teacher_taps = {j: tuple(dict.fromkeys(names)) for j, names in teacher.items()}
+
+    def _plan(self, term, tc, infos: dict[int, ModelInfo | None], student: int, teacher: int) -> TermPlan:
+        s, t = infos[student], infos[teacher]
+        if s is None or t is None:
+            return term.plan(tc, s, t)  # the logit term reads no taps
+        try:
+            return term.plan(tc, s, t)
+        except ValueError as e:
+            raise ConfigError("loss.terms", tc.name, f"terms these peers can pair: {e}") from None
+
+    def _model_infos(self) -> dict[int, ModelInfo | None]:
+        """Every peer's ModelInfo (built on the meta device: shapes only), when a term reads taps."""
+        if all(t.name == "logits" for t in self.cfg.loss.terms):
+            return {i: None for i in range(self.cfg.num_peers)}
+        example = self.task.example_input(self.dataset)
+        out: dict[int, ModelInfo | None] = {}
+        for i, pc in enumerate(self.cfg.peers):
+            with torch.device("meta"):
+                model = build_model(
+                    pc.model, self.task.input_shape(self.dataset), self.dataset.num_classes, model_args=pc.model_args
+                )
+            try:
+                out[i] = model_info(model, example, f"peers.{i}.model")
+            except ValueError as e:
+                raise ConfigError(
+                    f"peers.{i}.model", pc.model, f"a model with named layers for loss.terms: {e}"
+                ) from None
+        return out
 
     def _build(self, index: int, seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # initialise from the peer's seed without touching global RNG
@@ -187,10 +286,21 @@ class Peer:
         ids, x, y = self.batch(step)
         x = self._input(x)
         self.model.train()
-        with self._step_rng(step, 0), self._autocast():
+        with self._step_rng(step, 0), self._autocast(), self._taps(self.student_taps + self.publish_taps) as taps:
             logits = self.model(x)
-        self._pending = (step, x, y, logits)
+        self._pending = _Pending(step, x, y, logits, dict(taps))
         return ids, logits.detach()
+
+    def _taps(self, names: tuple[str, ...], model: nn.Module | None = None):
+        """Records the named taps of `model` (default: this peer's) during the forward passes inside."""
+        if not names:
+            return contextlib.nullcontext({})
+        return TapRecorder(self.module if model is None else model, names)
+
+    def published_taps(self) -> dict[str, torch.Tensor]:
+        """The taps this peer's consumers read, from the pending forward pass (detached)."""
+        assert self._pending is not None, "call forward() first"
+        return {n: self._pending.taps[n].detach() for n in self.publish_taps}
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample_ids, inputs, targets) of this rank's part of the global batch of `step`. The whole batch is
@@ -205,55 +315,214 @@ class Peer:
         ids = self.data.batch_ids(step)
         return ids if self.world_size == 1 else ids[self.part]
 
-    def lookahead_logits(self, batch_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of the current weights on the batch of a later step (bounded-staleness DML publishes
-        these): train mode like the training forward, but no grad and BatchNorm statistics untouched."""
-        ids, x, _ = self.batch(batch_step)
-        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    @contextlib.contextmanager
+    def _norm_stats_kept(self, model: nn.Module | None = None):
+        """Train-mode forward passes inside leave BatchNorm's running statistics as they were."""
+        model = self.module if model is None else model
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [
             (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms
         ]
-        self.module.train()
         try:
             for m in norms:
                 m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-            with torch.no_grad(), self._step_rng(batch_step, 1), self._autocast():
-                logits = self.module(self._input(x)).float()
+            yield
         finally:
             for m, (momentum, tracked) in zip(norms, saved):
                 m.momentum = momentum
                 if tracked is not None and m.num_batches_tracked is not None:
                     m.num_batches_tracked.copy_(tracked)
-        return ids, logits
 
-    def local_teacher_logits(self) -> list[torch.Tensor]:
-        """The local frozen teachers' logits on this step's batch (checkpoint mode), in teacher-index order."""
+    def lookahead_logits(self, batch_step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (and the taps consumers read) of the current weights on the batch of a later step
+        (bounded-staleness DML publishes these): train mode like the training forward, but no grad and
+        BatchNorm statistics untouched."""
+        ids, x, _ = self.batch(batch_step)
+        self.module.train()
+        kept, rng = self._norm_stats_kept(), self._step_rng(batch_step, 1)
+        with torch.no_grad(), kept, rng, self._autocast(), self._taps(self.publish_taps) as taps:
+            logits = self.module(self._input(x)).float()
+        return ids, logits, dict(taps)
+
+    def local_teacher_signals(self) -> list[TeacherOutput]:
+        """The local frozen teachers' logits and taps on this step's batch (checkpoint mode), by teacher index."""
         assert self._pending is not None, "call forward() first"
-        _, x, _, _ = self._pending
+        x = self._pending.x
         out = []
         with torch.no_grad(), self._autocast():
             for j in sorted(self.teachers):
-                out.append(self.teachers[j].model(x).float())
+                model = self.teachers[j].model
+                with self._taps(self.teacher_taps.get(j, ()), model) as taps:
+                    logits = model(x).float()
+                out.append(TeacherOutput(j, logits, dict(taps)))
         return out
 
+    def _as_teachers(self, teachers: Sequence[TeacherOutput | TeacherSignal]) -> list[TeacherOutput]:
+        """Bare logits (tests, callers of the logit-only API) become TeacherOutputs in teacher-index order."""
+        return [
+            t if isinstance(t, TeacherOutput) else TeacherOutput(j, t)
+            for j, t in zip(self.teacher_indices or range(len(teachers)), teachers)
+        ]
+
     def train_step(
-        self, teacher_logits: Sequence[TeacherSignal] | None, sample_weights: torch.Tensor | None = None
+        self,
+        teachers: Sequence[TeacherOutput | TeacherSignal] | None,
+        sample_weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> StepStats:
-        """Loss on the pending forward pass given the teachers' logits, backward, optimiser and LR step."""
+        """Loss on the pending forward pass given the teachers' signals, backward, optimiser and LR step.
+
+        sample_weights: (B,) for every teacher, or one (B,) per teacher (influence weighting)."""
         assert self._pending is not None, "call forward() first"
-        step, _x, y, logits = self._pending
+        pending = self._pending
         self._pending = None
-        parts = total_loss(logits, y, teacher_logits, self.cfg.loss, step, sample_weights, self.task.valid(y))
-        distill = parts.distill if parts.distill is not None else torch.zeros_like(parts.total)
-        terms = torch.stack([parts.total, parts.ce, distill]).detach().float()  # (3,), stays on the device
-        self._device_losses.append((step, terms, parts.distill is not None))
+        step, y, logits = pending.step, pending.y, pending.logits
+        mask = self.task.valid(y)
+        if self.default_loss:
+            bare = [t.logits if isinstance(t, TeacherOutput) else t for t in teachers] if teachers else None
+            single = sample_weights if sample_weights is None or isinstance(sample_weights, torch.Tensor) else None
+            parts = total_loss(logits, y, bare, self.cfg.loss, step, single, mask)
+            total, ce, distill_value, alpha = parts.total, parts.ce, parts.distill, parts.alpha
+            extras: list[torch.Tensor] = []
+        else:
+            total, ce, distill_value, alpha, extras = self._terms_loss(pending, teachers, sample_weights, mask)
+        distill = distill_value if distill_value is not None else torch.zeros_like(total)
+        values = torch.stack([total, ce, distill, *extras]).detach().float()  # (3 + extras,), stays on the device
+        self._device_losses.append((step, values, distill_value is not None))
         self.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        total.backward()
+        if self.world_size > 1 and len(self.heads):  # projections live outside DDP: average their gradients
+            self._all_reduce_mean([p.grad for p in self.heads.parameters() if p.grad is not None])
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.step = step + 1
-        return StepStats(step, parts.alpha, lr, len(teacher_logits or ()))
+        return StepStats(step, alpha, lr, len(teachers or ()))
+
+    def _terms_loss(self, pending: _Pending, teachers, sample_weights, mask):
+        """(total, ce, distill or None, alpha, extras) for a job with loss.terms or weighting (LossConfig)."""
+        loss = self.cfg.loss
+        ce, targets = cross_entropy(pending.logits, pending.y, mask)
+        nan = torch.full((), float("nan"), device=ce.device)
+        alpha = loss.alpha if (teachers and pending.step >= loss.burn_in) else 0.0
+        stats = [nan, nan, nan] if loss.weighting == "influence" else []
+        if alpha == 0.0 or not teachers:
+            return ce, ce, None, 0.0, [nan] * len(loss.terms) + stats
+        outputs = self._as_teachers(teachers)
+        weights = None
+        if sample_weights is not None:
+            weights = (
+                [sample_weights] * len(outputs) if isinstance(sample_weights, torch.Tensor) else list(sample_weights)
+            )
+            stats = list(weight_stats(torch.cat([w.reshape(-1) for w in weights])).unbind())
+        valid = position_mask(pending.y, mask, targets)
+        b = pending.logits.shape[0]
+        values = distill_terms(
+            loss,
+            self.plans,
+            self.projections,
+            StudentOutput(pending.logits, pending.taps),
+            outputs,
+            None if valid is None else valid.reshape(b, -1),
+            weights,
+        )
+        total = (1 - alpha) * ce + alpha * values.total
+        return total, ce, values.total, alpha, [values.terms[t.name] for t in loss.terms] + stats
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors across the ranks of this data-parallel peer, in place, in one collective."""
+        import torch.distributed as dist
+
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    # -- influence-weighted distillation (LGTM) -------------------------------------------------
+
+    def validation_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of the held-out validation batch of `step` (inputs, targets)."""
+        x, y = self.data.validation_batch(step)
+        return (x, y) if self.world_size == 1 else (x[self.part], y[self.part])
+
+    def measure_influence(self, step: int, teachers: Sequence[TeacherOutput]) -> torch.Tensor:
+        """(B_part,) this peer's distillation influence on each example of its pending batch, normalised to
+        mean |w| = 1 over the whole batch (all ranks) (codistill.losses.weighting; LGTM)."""
+        assert self._pending is not None, "call forward() first"
+        pending, loss = self._pending, self.cfg.loss
+        val_x, val_y = self.validation_batch(step)
+        mask = self.task.valid(pending.y)
+        _ce, targets = cross_entropy(pending.logits.detach(), pending.y, mask)
+        valid = position_mask(pending.y, mask, targets)
+        valid = None if valid is None else valid.reshape(pending.logits.shape[0], -1)
+
+        def validation_loss() -> torch.Tensor:
+            with self._norm_stats_kept(), self._step_rng(step, 2), self._autocast():
+                val_logits = self.module(self._input(val_x))
+            return cross_entropy(val_logits, val_y, self.task.valid(val_y))[0]
+
+        def per_example(moved: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            kept, rng = self._norm_stats_kept(), self._step_rng(step, 3)
+            with kept, rng, self._autocast(), self._taps(self.student_taps) as taps:
+                out = functional_call(self.module, dict(moved), (pending.x,))
+            return per_example_objective(
+                loss, self.plans, self.projections, StudentOutput(out, dict(taps)), teachers, valid
+            )
+
+        self.module.train()
+        reduce = self._all_reduce_mean if self.world_size > 1 else None
+        params = dict(self.module.named_parameters())
+        raw = distillation_influence(params, validation_loss, per_example, loss.influence_eps, reduce)
+        self.influence = self._normalized(raw)
+        return self.influence
+
+    def teacher_influence(self, j: int) -> torch.Tensor:
+        """(B_part,) the influence of distilling from this peer on its student j, estimated here on the local frozen
+        copy of j (checkpoint mode): j's validation gradient, and j's logit divergence toward this peer's pending
+        logits at j's weights moved along it. Normalised as `measure_influence`."""
+        assert self._pending is not None, "call forward() first"
+        pending, loss = self._pending, self.cfg.loss
+        copy = self.teachers[j].model
+        val_x, val_y = self.validation_batch(pending.step)
+        mask = self.task.valid(pending.y)
+        _ce, targets = cross_entropy(pending.logits.detach(), pending.y, mask)
+        valid = position_mask(pending.y, mask, targets)
+        valid = None if valid is None else valid.reshape(pending.logits.shape[0], -1)
+        mine = [TeacherOutput(self.index, pending.logits.detach().float())]
+        logit_only = dataclasses.replace(loss, terms=(TermConfig(),), teacher_reduce="each")
+
+        def validation_loss() -> torch.Tensor:
+            with self._autocast():
+                return cross_entropy(copy(self._input(val_x)), val_y, self.task.valid(val_y))[0]
+
+        def per_example(moved: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            with self._autocast():
+                out = functional_call(copy, dict(moved), (pending.x,))
+            return per_example_objective(
+                logit_only, {"logits": [TermPlan()]}, {"logits": [None]}, StudentOutput(out), mine, valid
+            )
+
+        copy.requires_grad_(True)
+        try:
+            reduce = self._all_reduce_mean if self.world_size > 1 else None
+            params = dict(copy.named_parameters())
+            raw = distillation_influence(params, validation_loss, per_example, loss.influence_eps, reduce)
+        finally:
+            copy.requires_grad_(False)
+        return self._normalized(raw)
+
+    def _normalized(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return normalized(raw)
+        import torch.distributed as dist
+
+        total_abs = raw.abs().sum().reshape(1)
+        dist.all_reduce(total_abs)
+        return normalized(raw, total_abs[0], raw.numel() * self.world_size)
 
     # -- losses, read once per round ----------------------------------------------------------
 
@@ -268,7 +537,7 @@ class Peer:
         unread = self._device_losses[self._checked :]
         if not unread:
             return
-        rows = torch.stack([t for _, t, _ in unread]).tolist()  # (S, 3): the one device-to-host read
+        rows = torch.stack([t for _, t, _ in unread]).tolist()  # (S, 3 + extras): the one device-to-host read
         self._checked = len(self._device_losses)
         self._read_losses.extend(self._step_losses(unread, rows))
 
@@ -284,7 +553,7 @@ class Peer:
             if self._non_finite is not None:
                 raise NonFiniteLossError(self._non_finite)
             stacked = torch.stack([t for _, t, _ in self._device_losses]) if self._device_losses else None
-            stacked = stacked if stacked is not None else torch.zeros(0, 3, device=self.device)
+            stacked = stacked if stacked is not None else torch.zeros(0, 3 + len(self.extra_names), device=self.device)
             dist.all_reduce(stacked)  # every rank holds the same steps: their losses are summed in one call
             out = self._step_losses(self._device_losses, (stacked / self.world_size).tolist())
         self._device_losses, self._read_losses, self._checked = [], [], 0
@@ -292,7 +561,7 @@ class Peer:
 
     def _step_losses(self, steps: list[tuple[int, torch.Tensor, bool]], rows: list[list[float]]) -> list[StepLoss]:
         out = []
-        for (step, _, has_distill), (total, ce, distill) in zip(steps, rows):
+        for (step, _, has_distill), (total, ce, distill, *extras) in zip(steps, rows):
             if not math.isfinite(total):
                 shown = distill if has_distill else None
                 self._non_finite = (
@@ -300,7 +569,8 @@ class Peer:
                     f"nothing trained from it on is kept. Lower optim.lr or loss.temperature, or check the data."
                 )
                 raise NonFiniteLossError(self._non_finite)
-            out.append(StepLoss(step, total, ce, distill if has_distill else None))
+            terms = dict(zip(self.extra_names, extras)) if self.extra_names else None
+            out.append(StepLoss(step, total, ce, distill if has_distill else None, terms))
         return out
 
     # -- teachers (checkpoint mode) ------------------------------------------------------------
@@ -342,10 +612,12 @@ class Peer:
             "model": self.weights(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "heads": {k: v.detach().to("cpu", copy=True) for k, v in self.heads.state_dict().items()},
         }
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
+        self.heads.load_state_dict(state.get("heads", {}))  # the loss terms' projections
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

@@ -61,6 +61,10 @@ class EvalResult:
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
+def _held_out(num_rows: int, fraction: float) -> int:
+    return min(num_rows - 1, max(1, round(num_rows * fraction)))
+
+
 class Task:
     """How one kind of data is trained and evaluated (see module docstring)."""
 
@@ -77,6 +81,12 @@ class Task:
 
     def positions_per_row(self, ds: Dataset) -> int:
         return 1
+
+    def validation_rows(self, num_rows: int, fraction: float, seed: int) -> torch.Tensor:
+        """The training rows held out as the validation split (`data.validation_fraction`): a random subset
+        from the job's seed, the same for every peer."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randperm(num_rows, generator=g)[: _held_out(num_rows, fraction)].sort().values
 
     def example_input(self, ds: Dataset) -> torch.Tensor:
         """Two evaluation inputs as a model takes them (MLflow's input example and signature)."""

@@ -25,6 +25,13 @@ class CausalLM(Task):
         del y  # the targets are the window shifted by one
         return x[:, :-1], x[:, 1:]  # (B, T) inputs, (B, T) next tokens
 
+    def validation_rows(self, num_rows: int, fraction: float, seed: int) -> torch.Tensor:
+        """The last windows of the training text: windows are consecutive, so a random subset would share
+        text with its neighbours in training; a contiguous tail shares one token."""
+        from codistill.tasks.base import _held_out
+
+        return torch.arange(num_rows - _held_out(num_rows, fraction), num_rows)
+
     def positions_per_row(self, ds: Dataset) -> int:
         return int(ds.train_x.shape[1]) - 1
 

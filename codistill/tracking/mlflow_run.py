@@ -200,7 +200,8 @@ class Tracker(NullTracker):
         step = record["step"]
         self._metrics(self.job_run, [(k, record[k], step) for k in ROUND_METRICS if record.get(k) is not None])
         for name, p in record["peers"].items():
-            self._metrics(self.peer_runs[name], [(k, p.get(k), p["step"]) for k in PEER_METRICS])
+            terms = [(k, v, p["step"]) for k, v in p.get("terms", {}).items()]  # term.<name>, influence_*
+            self._metrics(self.peer_runs[name], [(k, p.get(k), p["step"]) for k in PEER_METRICS] + terms)
 
     def on_resume(self, prior_rounds: list[dict]) -> None:
         """A resumed driver logs the rounds an earlier driver recorded but did not get to log (it may be
