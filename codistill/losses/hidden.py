@@ -79,8 +79,13 @@ def hidden_mse(
     """(B,) mean squared error between proj(student_hidden) and teacher_hidden, per example.
 
     Sequences (B, T, C) average over channels then valid positions; feature maps (B, C, H, W) over channels
-    and pixels, the larger map average-pooled to the smaller's size first; vectors (B, D) over D."""
+    and pixels, the larger map average-pooled to the smaller's size first; vectors (B, D) over D. A feature
+    map facing a vector (a CNN and an MLP) is average-pooled to one (B, C) first."""
     teacher = teacher_hidden.detach().float()
+    if teacher.ndim == 4 and student_hidden.ndim == 2:
+        teacher = teacher.mean((2, 3))  # (B, C_t)
+    if student_hidden.ndim == 4 and teacher.ndim == 2:
+        return (proj(student_hidden.float()).mean((2, 3)) - teacher).pow(2).mean(1)
     if student_hidden.ndim == 4:
         mapped = proj(student_hidden.float())  # (B, C_t, H_s, W_s)
         size = (min(mapped.shape[2], teacher.shape[2]), min(mapped.shape[3], teacher.shape[3]))

@@ -195,7 +195,9 @@ class Peer:
             self.plans[tc.name] = plans
             projections: list[nn.Module | None] = []
             for j, plan in zip(self.teacher_indices, plans):
-                proj = term.projections(plan)
+                with torch.random.fork_rng(devices=[]):  # initialised from the peer's seed, in any process
+                    torch.manual_seed(mix_seed(self.seed, 17, j, len(self.heads)))
+                    proj = term.projections(plan)
                 if proj is not None:
                     self.heads[f"{tc.name}_{j}"] = proj
                 projections.append(proj)

@@ -46,10 +46,27 @@ def test_ray_matches_local_engine(ray_session, tmp_path, mode):
     assert all(p.exchange.bytes_pulled > 0 for p in history[-1].peers)  # the teachers' signals crossed actors
 
 
-@pytest.mark.parametrize("shards", [("exchange.logits=topk", "exchange.topk=8")])
+TERMS = (
+    "loss.terms=[{name: logits}, {name: hidden_mse, weight: 0.1}, {name: attention_kl}, {name: attention_mse}]",
+    "loss.weighting=influence",
+    "data.validation_fraction=0.1",
+)
+
+
+@pytest.mark.parametrize(
+    "shards",
+    [
+        # top-k logit shards with every loss term's taps beside them, and the students' influence weights sent
+        # to their teachers (LGTM's teacher side) at a board slot of their own
+        ("exchange.logits=topk", "exchange.topk=8", *TERMS),
+        # local frozen teachers produce the taps; each peer estimates its students' influence on its copies
+        ("exchange.mode=checkpoint", "exchange.period=4", "exchange.sync=true", *TERMS, "loss.influence_side=both"),
+    ],
+)
 def test_ray_matches_local_engine_for_language_models(ray_session, tmp_path, shards):
-    """Seeded lockstep GPT peers on text: the same per-step losses and final weights on Ray as locally,
-    with top-k logit shards (full shards take the path the image tests above take)."""
+    """Seeded lockstep GPT peers on text: the same per-step losses and final weights on Ray as locally, with
+    top-k logit shards (full shards take the path the image tests above take), every loss term and influence
+    weighting, on both exchanges."""
     torch.set_num_threads(1)
     local = LocalEngine(lm_job(tmp_path, *shards, steps=12))
     local.run(tmp_path / "local")

@@ -8,9 +8,11 @@ import os
 import signal
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from codistill.api import run_job
+from codistill.engine import LocalEngine
 from codistill.engine.report import Reporter
 from tests.helpers import small_job
 
@@ -73,7 +75,9 @@ def check_every_round(summary: dict, uri: str, run_id: str, steps: int, every: i
 @pytest.mark.parametrize(
     "mode",
     [
-        ("exchange.mode=logits",),
+        # with a hidden-state term: the restarted peer's projections come back from its checkpoint, so the run
+        # ends exactly where an undisturbed one does
+        ("exchange.mode=logits", "loss.terms=[{name: logits}, {name: hidden_mse, weight: 0.1}]"),
         ("exchange.mode=logits", "exchange.inline_max_bytes=0"),  # the dead publisher's shards are lost objects
         ("exchange.mode=checkpoint", "exchange.period=5"),
     ],
@@ -85,6 +89,14 @@ def test_killed_peer_is_restarted_and_every_round_is_true(ray_session, tmp_path,
     )
     killer = SigKill(ray_session, "peer1", after_round=0)
     summary = run_job(cfg, tmp_path / "run", killer)
+    if not cfg.loss.default_terms:  # lockstep logits are deterministic: compare with the same job undisturbed
+        torch.set_num_threads(1)
+        LocalEngine(small_job(*mode, "eval_every=10", steps=40)).run(tmp_path / "local")
+        for name in ("peer0-mlp", "peer1-cnn"):
+            local = torch.load(tmp_path / "local" / "peers" / f"{name}.pt", weights_only=True)
+            remote = torch.load(tmp_path / "run" / "peers" / f"{name}.pt", weights_only=True)
+            for k in local:
+                assert torch.allclose(local[k].float(), remote[k].float(), rtol=1e-4, atol=1e-5), (name, k)
     assert killer.killed_pid is not None
     assert [p["steps"] for p in summary["peers"]] == [40, 40]
     assert summary["peers"][1]["restarts"] >= 1 and summary["peers"][0]["restarts"] == 0

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from codistill.storage import checkpoint_path
@@ -42,8 +43,18 @@ def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str
         # resume point from the peer's checkpoint file, with the ranks' board slots given back
         (["exchange.mode=logits", "peers.0.workers=2", "resources.num_cpus=0.5"], False),
         # free-running peers with mid-round checkpoints share no checkpoint step but the round ends;
-        # the newest round's checkpoint of one peer is damaged after the kill
-        (["exchange.mode=checkpoint", "exchange.period=10", "loss.burn_in=10", "output.checkpoint_every=7"], True),
+        # the newest round's checkpoint of one peer is damaged after the kill; a hidden-state term's projections
+        # (part of each peer's checkpoint, loaded strictly) come back with the weights
+        (
+            [
+                "exchange.mode=checkpoint",
+                "exchange.period=10",
+                "loss.burn_in=10",
+                "output.checkpoint_every=7",
+                "loss.terms=[{name: logits}, {name: hidden_mse, weight: 0.1}]",
+            ],
+            True,
+        ),
     ],
 )
 def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mode, corrupt):
@@ -90,6 +101,10 @@ def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mod
     s = json.loads((out / "summary.json").read_text())
     assert [p["steps"] for p in s["peers"]] == [210, 210]
     assert [h["step"] for h in s["rounds"]] == list(range(30, 211, 30))  # every round once, in order
+    if any(m.startswith("loss.terms") for m in mode):
+        assert all("term.hidden_mse" in p["terms"] for h in s["rounds"] for p in h["peers"].values())
+        final = torch.load(out / checkpoint_path("peer1-cnn", 210), weights_only=True)
+        assert final["heads"] and all(torch.isfinite(v).all() for v in final["heads"].values())
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("resume")
     assert experiment is not None
