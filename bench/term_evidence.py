@@ -117,11 +117,15 @@ def main() -> None:
                         _ms([r["wall_time_s"] for r in runs], 1),
                     )
                 )
+                save(args, results)  # after every arm: a long evidence run loses nothing it finished
     header = ("pair", "arm", "metric", "per peer (mean ± sd over seeds)", "ensemble", "churn", "wall s")
     print(text_table(header, rows))
+    print(f"wrote {args.out}")
+
+
+def save(args: argparse.Namespace, results: dict) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"seeds": args.seeds, "overrides": args.set, "pairs": results}, indent=1))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
