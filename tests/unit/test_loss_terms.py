@@ -182,7 +182,8 @@ def test_projections_are_trained_and_kept_in_training_checkpoints(tmp_path):
     for k, v in peers[0].heads.state_dict().items():
         assert torch.equal(fresh.heads.state_dict()[k], v)
     steps = [s.terms for s in peers[0].take_losses()]
-    assert steps[0] is not None and set(steps[0]) == {"term.logits", "term.hidden_mse", "term.attention_kl", "term.attention_mse"}
+    assert steps[0] is not None
+    assert set(steps[0]) == {"term.logits", "term.hidden_mse", "term.attention_kl", "term.attention_mse"}
 
 
 @pytest.mark.parametrize(
