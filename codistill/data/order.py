@@ -148,9 +148,8 @@ class PeerData:
             raise ConfigError("data.validation_fraction", 0, "a number in (0, 1) to draw validation batches")
         g = torch.Generator().manual_seed(mix_seed(self.validation_seed, step, 13))
         rows = self.validation_ids[torch.randint(len(self.validation_ids), (self.batch_size,), generator=g)]
-        rows = rows.to(self.device)
         x, y = self.task.prepare(
-            self, self.ds.train_x[rows.cpu()].to(self.device), self.ds.train_y[rows.cpu()].to(self.device), None
+            self, self.ds.train_x[rows].to(self.device), self.ds.train_y[rows].to(self.device), None
         )
         return x, y
 

@@ -27,6 +27,7 @@ __all__ = [
     "TeacherSignal",
     "cross_entropy",
     "distillation_loss",
+    "flat_targets",
     "per_position_divergences",
     "position_mask",
     "total_loss",
@@ -171,10 +172,16 @@ def cross_entropy(
     student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the mean cross-entropy over valid positions, the flattened targets with padding as IGNORE_INDEX)."""
+    targets = flat_targets(labels, mask)
+    return F.cross_entropy(_positions(student_logits.float()), targets, ignore_index=IGNORE_INDEX), targets
+
+
+def flat_targets(labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) the targets of every position, padding (a false `mask`) as IGNORE_INDEX."""
     targets = labels.reshape(-1)
     if mask is not None:
         targets = torch.where(mask.reshape(-1).to(torch.bool), targets, IGNORE_INDEX)
-    return F.cross_entropy(_positions(student_logits.float()), targets, ignore_index=IGNORE_INDEX), targets
+    return targets
 
 
 def position_mask(labels: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:

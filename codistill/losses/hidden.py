@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["attention_kl", "attention_mse", "hidden_mse", "layer_map", "projection", "relation_scores"]
+__all__ = ["attention_kl", "attention_mse", "example_mean", "hidden_mse", "layer_map", "projection", "relation_scores"]
 
 _MASKED = -1e9  # a finite "minus infinity": log_softmax stays finite, and exp() of it is exactly 0
 
@@ -65,7 +65,7 @@ def projection(student_channels: int, teacher_channels: int, feature_map: bool) 
     return module
 
 
-def _per_example(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def example_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T) -> (B,): the mean over valid positions (all positions when `mask` is None)."""
     if mask is None:
         return values.mean(1)
@@ -96,7 +96,7 @@ def hidden_mse(
         return (mapped - teacher).pow(2).flatten(1).mean(1)
     mapped = proj(student_hidden.float())  # (B, T, C_t) or (B, C_t)
     squared = (mapped - teacher).pow(2).mean(-1)  # (B, T) or (B,)
-    return squared if squared.ndim == 1 else _per_example(squared, mask)
+    return squared if squared.ndim == 1 else example_mean(squared, mask)
 
 
 def _split(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +137,7 @@ def attention_kl(
         log_p = F.log_softmax(relation_scores(teacher_qkv, heads, kind, causal), dim=-1)  # teacher (B, R, T, T)
         log_q = F.log_softmax(relation_scores(student_qkv, heads, kind, causal), dim=-1)  # student
         per_row.append((log_p.exp() * (log_p - log_q)).sum(-1).mean(1))  # (B, T)
-    return _per_example(torch.stack(per_row).mean(0), mask)
+    return example_mean(torch.stack(per_row).mean(0), mask)
 
 
 def attention_mse(
@@ -154,4 +154,4 @@ def attention_mse(
         per_row = (squared * visible).sum(-1) / visible.sum(-1)  # (B, R, T)
     else:
         per_row = squared.mean(-1)
-    return _per_example(per_row.mean(1), mask)
+    return example_mean(per_row.mean(1), mask)

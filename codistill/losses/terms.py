@@ -146,18 +146,10 @@ class LogitTerm(LossTerm):
             standardize=ctx.loss.zscore,
         )  # each (N,), N = B * P
         b = student.logits.shape[0]
-        return [_example_mean(v.reshape(b, -1), ctx.mask) for v in per_position]
+        return [hidden.example_mean(v.reshape(b, -1), ctx.mask) for v in per_position]
 
     def per_example(self, ctx, plan, proj, student, teacher):
         raise AssertionError("the logit term works on all teachers at once")
-
-
-def _example_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, P) -> (B,) mean over valid positions; invalid ones may hold inf or nan and count nowhere."""
-    if mask is None:
-        return values.mean(1)
-    m = mask.to(values.dtype)
-    return torch.where(m > 0, values, 0.0).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def _layers(info: ModelInfo, attention: bool, term: str) -> tuple[str, ...]:
@@ -273,13 +265,17 @@ def _evaluate(
     student: StudentOutput,
     teachers: Sequence[TeacherOutput],
     mask: torch.Tensor | None,
-) -> dict[str, list[torch.Tensor]]:
-    """term name -> (B,) values per teacher (or one for a combined logit teacher)."""
-    out = {}
-    for cfg in loss.terms:
-        ctx = TermContext(cfg, loss, mask)
-        out[cfg.name] = LOSS_TERMS[cfg.name].per_teacher(ctx, plans[cfg.name], projections[cfg.name], student, teachers)
-    return out
+) -> list[tuple[TermConfig, list[torch.Tensor]]]:
+    """Each term with its (B,) values per teacher (or one for a combined logit teacher)."""
+    return [
+        (
+            cfg,
+            LOSS_TERMS[cfg.name].per_teacher(
+                TermContext(cfg, loss, mask), plans[cfg.name], projections[cfg.name], student, teachers
+            ),
+        )
+        for cfg in loss.terms
+    ]
 
 
 def distill_terms(
@@ -297,14 +293,13 @@ def distill_terms(
     counts = None if mask is None else mask.to(torch.float32).sum(1)  # (B,) valid positions per example
     terms: dict[str, torch.Tensor] = {}
     total: torch.Tensor | None = None
-    for name, values in _evaluate(loss, plans, projections, student, teachers, mask).items():
+    for cfg, values in _evaluate(loss, plans, projections, student, teachers, mask):
         means = []
         for j, v in enumerate(values):
             w = v if teacher_weights is None else v * teacher_weights[min(j, len(teacher_weights) - 1)].to(v)
             means.append(w.mean() if counts is None else (w * counts).sum() / counts.sum().clamp_min(1.0))
-        terms[name] = torch.stack(means).mean()
-        weight = next(c.weight for c in loss.terms if c.name == name)
-        part = terms[name] if weight == 1.0 else weight * terms[name]
+        terms[cfg.name] = torch.stack(means).mean()
+        part = terms[cfg.name] if cfg.weight == 1.0 else cfg.weight * terms[cfg.name]
         total = part if total is None else total + part
     assert total is not None
     return TermValues(total, terms)
@@ -321,9 +316,8 @@ def per_example_objective(
     """(B,) the distillation part of each example, sum_k weight_k mean_j D_k(example) (what influence
     differentiates)."""
     total = None
-    for name, values in _evaluate(loss, plans, projections, student, teachers, mask).items():
-        weight = next(c.weight for c in loss.terms if c.name == name)
-        part = weight * torch.stack(values).mean(0)
+    for cfg, values in _evaluate(loss, plans, projections, student, teachers, mask):
+        part = cfg.weight * torch.stack(values).mean(0)
         total = part if total is None else total + part
     assert total is not None
     return total

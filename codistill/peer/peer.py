@@ -25,7 +25,7 @@ from codistill.data import Dataset, PeerData, mix_seed
 from codistill.errors import CodistillError, ConfigError
 from codistill.exchange.topology import consumers_of, part_bounds, teachers_of
 from codistill.losses import total_loss
-from codistill.losses.distill import TeacherSignal, cross_entropy, position_mask
+from codistill.losses.distill import TeacherSignal, cross_entropy, flat_targets, position_mask
 from codistill.losses.terms import (
     LOSS_TERMS,
     ModelInfo,
@@ -212,11 +212,8 @@ class Peer:
         self.teacher_taps = {j: tuple(dict.fromkeys(names)) for j, names in teacher.items()}
 
     def _plan(self, term, tc, infos: dict[int, ModelInfo | None], student: int, teacher: int) -> TermPlan:
-        s, t = infos[student], infos[teacher]
-        if s is None or t is None:
-            return term.plan(tc, s, t)  # the logit term reads no taps
-        try:
-            return term.plan(tc, s, t)
+        try:  # infos are None when only the logit term is used: it reads no taps
+            return term.plan(tc, infos[student], infos[teacher])
         except ValueError as e:
             raise ConfigError("loss.terms", tc.name, f"terms these peers can pair: {e}") from None
 
@@ -416,19 +413,24 @@ class Peer:
                 [sample_weights] * len(outputs) if isinstance(sample_weights, torch.Tensor) else list(sample_weights)
             )
             stats = list(weight_stats(torch.cat([w.reshape(-1) for w in weights])).unbind())
-        valid = position_mask(pending.y, mask, targets)
-        b = pending.logits.shape[0]
         values = distill_terms(
             loss,
             self.plans,
             self.projections,
             StudentOutput(pending.logits, pending.taps),
             outputs,
-            None if valid is None else valid.reshape(b, -1),
+            self._example_positions(pending, targets),
             weights,
         )
         total = (1 - alpha) * ce + alpha * values.total
         return total, ce, values.total, alpha, [values.terms[t.name] for t in loss.terms] + stats
+
+    def _example_positions(self, pending: _Pending, targets: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, P) the valid positions of each example of the pending batch, or None when all are valid."""
+        mask = self.task.valid(pending.y)
+        targets = flat_targets(pending.y, mask) if targets is None else targets
+        valid = position_mask(pending.y, mask, targets)
+        return None if valid is None else valid.reshape(pending.logits.shape[0], -1)
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors across the ranks of this data-parallel peer, in place, in one collective."""
@@ -457,10 +459,7 @@ class Peer:
         assert self._pending is not None, "call forward() first"
         pending, loss = self._pending, self.cfg.loss
         val_x, val_y = self.validation_batch(step)
-        mask = self.task.valid(pending.y)
-        _ce, targets = cross_entropy(pending.logits.detach(), pending.y, mask)
-        valid = position_mask(pending.y, mask, targets)
-        valid = None if valid is None else valid.reshape(pending.logits.shape[0], -1)
+        valid = self._example_positions(pending)
 
         def validation_loss() -> torch.Tensor:
             with self._norm_stats_kept(), self._step_rng(step, 2), self._autocast():
@@ -490,10 +489,7 @@ class Peer:
         pending, loss = self._pending, self.cfg.loss
         copy = self.teachers[j].model
         val_x, val_y = self.validation_batch(pending.step)
-        mask = self.task.valid(pending.y)
-        _ce, targets = cross_entropy(pending.logits.detach(), pending.y, mask)
-        valid = position_mask(pending.y, mask, targets)
-        valid = None if valid is None else valid.reshape(pending.logits.shape[0], -1)
+        valid = self._example_positions(pending)
         mine = [TeacherOutput(self.index, pending.logits.detach().float())]
         logit_only = dataclasses.replace(loss, terms=(TermConfig(),), teacher_reduce="each")
 
