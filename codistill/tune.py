@@ -157,10 +157,35 @@ def set_dotted_value(raw: dict, dotted: str, value: Any) -> dict:
     return apply_overrides(raw, [f"{dotted}={json.dumps(value)}"])
 
 
-def trial_job(base_raw: dict, sample: dict[str, Any]) -> dict:
+ARM_KEY = "arm"
+"""A searched key that names a set of overrides (`arms`) instead of one job field (codistill.experiment)."""
+
+
+def trial_job(base_raw: dict, sample: dict[str, Any], arms: dict[str, list[str]] | None = None) -> dict:
     raw = copy.deepcopy(base_raw)
     for key, value in sample.items():
-        raw = set_dotted_value(raw, key, value)
+        if key == ARM_KEY and arms is not None:
+            raw = apply_overrides(raw, arms[value])
+        else:
+            raw = set_dotted_value(raw, key, value)
+    return raw
+
+
+DATA_PATH_FIELDS = ("root", "train", "test")
+
+
+def absolute_data_paths(raw: dict) -> dict:
+    """A copy whose data paths that exist relative to this directory are absolute: Tune runs each trial in
+    its own working directory."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    raw = copy.deepcopy(raw)
+    for key in DATA_PATH_FIELDS:
+        value = raw["data"].get(key)
+        relative = isinstance(value, str) and "://" not in value and not os.path.isabs(os.path.expanduser(value))
+        if relative and os.path.exists(value):
+            raw["data"][key] = os.path.abspath(value)
     return raw
 
 
@@ -204,13 +229,36 @@ def trial_resources(cfg: RunConfig, trial_cpus: float):
     return tune.PlacementGroupFactory(bundles, strategy=strategy)
 
 
-def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool = False) -> dict:
+FINAL_KEYS = (
+    "ensemble_accuracy",
+    "ensemble_loss",
+    "churn",
+    "mean_pairwise_kl",
+    "mean_peer_accuracy",
+    "mean_peer_loss",
+    "peer_accuracy",
+    "peer_loss",
+    "step",
+)
+"""What a finished trial reports last (tune_trial.trainable); a row's `final`."""
+
+
+def run_sweep(
+    base_raw: dict,
+    search: dict,
+    settings: SweepConfig,
+    resume: bool = False,
+    arms: dict[str, list[str]] | None = None,
+) -> dict:
+    """Runs the sweep and returns its rows (one per trial). `arms`: the override sets a searched `arm` key
+    names (codistill.experiment)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from codistill.engine import RayEngine
     from codistill.tracking import make_tracker
 
+    base_raw = absolute_data_paths(base_raw)
     base_cfg = build(base_raw)
     RayEngine.init_ray()
     name = settings.name or base_cfg.name
@@ -231,7 +279,7 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
         state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))
     param_space = {k: _domain(*_spec(v), f"search.{k}") for k, v in search.items()}
     trial_fn = tune.with_resources(
-        tune.with_parameters(trainable, base_raw=base_raw, parent_run_id=parent_run_id),
+        tune.with_parameters(trainable, base_raw=base_raw, parent_run_id=parent_run_id, arms=arms),
         trial_resources(base_cfg, settings.trial_cpus),
     )
     if resume and tune.Tuner.can_restore(sweep_dir):
@@ -268,6 +316,7 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
                 "params": dict(result.config),
                 "metric": metrics.get(settings.metric),
                 "complete": bool(metrics.get("final")),
+                "final": {k: metrics[k] for k in FINAL_KEYS if k in metrics} if metrics.get("final") else None,
                 "error": str(result.error) if result.error else None,
                 "path": result.path,
             }
@@ -283,7 +332,7 @@ def run_sweep(base_raw: dict, search: dict, settings: SweepConfig, resume: bool 
         "mlflow_parent_run_id": parent_run_id,
     }
     if best is not None:
-        best_raw = trial_job(base_raw, best["params"])
+        best_raw = trial_job(base_raw, best["params"], arms)
         best_raw["name"] = f"{base_cfg.name}-best"
         best_path = Path(sweep_dir) / "best_job.yaml"
         header = (

@@ -32,7 +32,7 @@ def fmt(v: Any) -> str:
 
 def trial_title(config: dict) -> str:
     """What a trial tries, short: `alpha=0.41,temperature=2.53`."""
-    return ",".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in sorted(config.items()))
+    return ",".join(fmt(v) if k == "arm" else f"{k.split('.')[-1]}={fmt(v)}" for k, v in sorted(config.items()))
 
 
 class TuneReporter(Reporter):
@@ -82,16 +82,19 @@ def _restore(checkpoint_dir: str, run_dir: str, trial_id: str) -> None:
             Path(run_dir, name).unlink(missing_ok=True)
 
 
-def trainable(config: dict, base_raw: dict, parent_run_id: str | None) -> None:
+def trainable(
+    config: dict, base_raw: dict, parent_run_id: str | None, arms: dict[str, list[str]] | None = None
+) -> None:
     """Tune's function trainable: `config` holds only the searched dotted keys (the rest comes through
-    `tune.with_parameters`, so Tune's tables show just what is searched)."""
+    `tune.with_parameters`, so Tune's tables show just what is searched; `arms`: the override sets a
+    searched `arm` names)."""
     import yaml
     from ray import tune
 
     from codistill.api import run_job
     from codistill.tune import trial_job
 
-    cfg = build(trial_job(base_raw, config))
+    cfg = build(trial_job(base_raw, config, arms))
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     run_dir = os.path.join(ctx.get_trial_dir(), "run")  # Tune writes its own files beside
@@ -118,6 +121,8 @@ def trainable(config: dict, base_raw: dict, parent_run_id: str | None) -> None:
             "mean_pairwise_kl": summary["mean_pairwise_kl"],
             "mean_peer_accuracy": summary["mean_peer_test_accuracy"],
             "mean_peer_loss": summary["mean_peer_test_loss"],
+            "peer_accuracy": {p["name"]: p["test_accuracy"] for p in summary["peers"]},
+            "peer_loss": {p["name"]: p["test_loss"] for p in summary["peers"]},
             "step": summary["rounds"][-1]["step"],
             "final": True,
         }

@@ -4,8 +4,10 @@ scheduler stopped (their own runs may say FAILED: they were cut off from outside
 from __future__ import annotations
 
 import json
+import re
+import time
 
-__all__ = ["close_sweep"]
+__all__ = ["close_sweep", "log_report"]
 
 
 def close_sweep(uri: str, run_id: str, job_name: str, out: dict, search: dict) -> None:
@@ -35,3 +37,39 @@ def close_sweep(uri: str, run_id: str, job_name: str, out: dict, search: dict) -
         client.log_metric(run_id, f"best_{out['metric']}", out["best"]["metric"])
         client.log_artifact(run_id, out["best_job"])
     client.set_terminated(run_id, "FINISHED")
+
+
+def _metric_key(*parts: str) -> str:
+    """An MLflow metric key from free text (arm labels hold `=` and `,`, which MLflow refuses)."""
+    return ".".join(re.sub(r"[^\w\-. /]", "_", p) for p in parts)
+
+
+def log_report(uri: str, run_id: str, report: dict, files: list) -> None:
+    """An experiment's report on its sweep run: the files as artifacts under `report/`, and per arm and
+    metric the mean and the paired difference against the baseline as metrics."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    now = int(time.time() * 1000)
+    metrics = []
+    for arm in report["arms"]:
+        for name, m in arm["metrics"].items():
+            if m["spread"]["mean"] is not None:
+                metrics.append(Metric(_metric_key(arm["label"], name, "mean"), m["spread"]["mean"], now, 0))
+            if m["delta"] is not None and m["delta"]["mean"] is not None:
+                metrics.append(Metric(_metric_key(arm["label"], name, "delta"), m["delta"]["mean"], now, 0))
+    logged = set(client.get_run(run_id).data.params)
+    params = [
+        Param(k, v[:6000])
+        for k, v in (
+            ("experiment.varied", ",".join(report["varied"])),
+            ("experiment.seeds", json.dumps(report["seeds"])),
+            ("experiment.baseline", report["baseline"]),
+        )
+        if k not in logged
+    ]
+    for i in range(0, max(len(metrics), len(params)), 100):
+        client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
+    for path in files:
+        client.log_artifact(run_id, str(path), "report")

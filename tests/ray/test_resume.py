@@ -17,6 +17,7 @@ from codistill.storage import checkpoint_path
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
+STEPS = 150  # 5 rounds: killed after round 2, resumed for the rest
 
 
 def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str]:
@@ -63,7 +64,7 @@ def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mod
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     sets = [
         "engine=ray",
-        "steps=210",
+        f"steps={STEPS}",
         "eval_every=30",
         "data.name=synthetic",
         "data.batch_size=16",
@@ -99,11 +100,11 @@ def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mod
     if corrupt:
         assert "cannot be used" in r.stdout and f"resumed from its checkpoint at step {fallback_to}" in r.stdout
     s = json.loads((out / "summary.json").read_text())
-    assert [p["steps"] for p in s["peers"]] == [210, 210]
-    assert [h["step"] for h in s["rounds"]] == list(range(30, 211, 30))  # every round once, in order
+    assert [p["steps"] for p in s["peers"]] == [STEPS, STEPS]
+    assert [h["step"] for h in s["rounds"]] == list(range(30, STEPS + 1, 30))  # every round once, in order
     if any(m.startswith("loss.terms") for m in mode):
         assert all("term.hidden_mse" in p["terms"] for h in s["rounds"] for p in h["peers"].values())
-        final = torch.load(out / checkpoint_path("peer1-cnn", 210), weights_only=True)
+        final = torch.load(out / checkpoint_path("peer1-cnn", STEPS), weights_only=True)
         assert final["heads"] and all(torch.isfinite(v).all() for v in final["heads"].values())
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("resume")
@@ -112,7 +113,7 @@ def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mod
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # no duplicates
     assert {r.info.run_id for r in runs} == {tracking["run_id"], *tracking["peer_runs"].values()}
     parent_history = client.get_metric_history(tracking["run_id"], "ensemble_accuracy")
-    assert sorted({m.step for m in parent_history}) == list(range(30, 211, 30))
+    assert sorted({m.step for m in parent_history}) == list(range(30, STEPS + 1, 30))
 
     # resuming the finished run says so in one line and changes nothing
     before = (out / "summary.json").read_bytes(), sorted(p.name for p in out.iterdir())

@@ -1,0 +1,5 @@
+import sys
+
+from codistill.experiment.cli import main
+
+sys.exit(main())

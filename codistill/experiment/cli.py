@@ -1,0 +1,179 @@
+"""`python -m codistill.experiment`: one job, with and without a change, over several seeds, in one command.
+
+    python -m codistill.experiment --config quickstart --vary loss.alpha=0,0.5 --seeds 3 --set steps=200
+    python -m codistill.experiment --config fmnist --seeds 3 \\
+        --arm "independent: loss.alpha=0" --arm "dml_T3: loss.temperature=3" \\
+        --arm "checkpoint_50: exchange.mode=checkpoint exchange.period=50 loss.burn_in=200"
+    python -m codistill.experiment ... --name <experiment> --resume     # finish an interrupted experiment
+
+Every (arm, seed) pair is one Ray Tune trial (codistill.tune): a whole run whose peers are reserved in the
+trial's placement group, as many at once as the cluster holds, each an MLflow run under the experiment's
+sweep run. `--vary` fields cross (a grid), `--arm` names a set of overrides; the first arm is the
+baseline. The end prints, per metric and arm, the mean, standard deviation and 95% interval over seeds,
+and the difference against the baseline paired by seed, and writes report.md, report.json and report.png
+beside the trials (also logged to the sweep's MLflow run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from codistill.config import apply_overrides, build, job_path, read_yaml
+from codistill.errors import CodistillError, ConfigError, ResourcesError
+from codistill.experiment.plan import ExperimentPlan, make_plan
+from codistill.experiment.plot import plot_report
+from codistill.experiment.report import build_report, format_table, to_markdown
+from codistill.locations import new_run_id, resolve_tracking_uri, storage_root
+
+__all__ = ["main", "run_experiment", "fit_to_cluster"]
+
+
+def fit_to_cluster(raw: dict, cluster_cpus: float, trial_cpus: float) -> tuple[dict, str | None]:
+    """A job whose one trial fits the cluster: when the trial's bundles (its driver's plus one per one-worker
+    peer) need more CPUs than the cluster has, Tune would wait for ever, so each peer reserves less (torch
+    threads stay what the job gives, so the trial computes the same); None when nothing changed."""
+    cfg = build(raw)
+    single = [i for i, p in enumerate(cfg.peers) if p.workers == 1]
+    need = trial_cpus + sum(cfg.peer_resources(i)[0] for i in single)
+    if need <= cluster_cpus + 1e-9 or not single:
+        return raw, None
+    own = [i for i in single if getattr(cfg.peers[i].resources, "num_cpus", None) is not None]
+    per_peer = math.floor((cluster_cpus - trial_cpus) / len(single) * 100) / 100
+    if own or per_peer <= 0:
+        raise ResourcesError(
+            f"one trial needs {need:g} CPUs (tune trial_cpus {trial_cpus:g} + its peers) and the cluster has "
+            f"{cluster_cpus:g}; lower resources.num_cpus (or the peers' own) with --set"
+        )
+    threads = cfg.resources.threads_per_peer or max(1, int(cfg.resources.num_cpus))
+    fitted = apply_overrides(raw, [f"resources.num_cpus={per_peer}", f"resources.threads_per_peer={threads}"])
+    note = (
+        f"one trial needs {need:g} CPUs and the cluster has {cluster_cpus:g}: each peer reserves {per_peer:g} CPUs "
+        f"(torch threads stay {threads})"
+    )
+    return fitted, note
+
+
+def _sweep_metric(raw: dict) -> tuple[str, str]:
+    """(metric, mode) Tune ranks trials by: mean peer accuracy, or mean peer validation loss for a language model."""
+    from codistill.engine.preflight import check_job
+
+    dataset = check_job(build(raw))  # the data is there (one line if not) and says what the task is
+    return ("mean_peer_accuracy", "max") if dataset.task == "classification" else ("mean_peer_loss", "min")
+
+
+def run_experiment(
+    plan: ExperimentPlan,
+    *,
+    name: str,
+    command: str,
+    storage: str | None = None,
+    trial_cpus: float = 0.1,
+    max_concurrent: int | None = None,
+    resume: bool = False,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Runs every (arm, seed) trial through codistill.tune and writes the report; (report, files written)."""
+    import ray
+
+    from codistill.engine import RayEngine
+    from codistill.tune import SweepConfig, run_sweep
+
+    RayEngine.init_ray()
+    base_raw, note = fit_to_cluster(plan.base_raw, float(ray.cluster_resources().get("CPU", 0)), trial_cpus)
+    if note:
+        print(f"note: {note}", flush=True)
+    metric, mode = _sweep_metric(base_raw)
+    root = Path(storage).expanduser().absolute() if storage else storage_root() / "experiments"
+    settings = SweepConfig(
+        num_samples=1,
+        max_concurrent_trials=max_concurrent or plan.num_trials,
+        metric=metric,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
+        trial_cpus=trial_cpus,
+        name=name,
+        storage_path=str(root),
+    )
+    search = {"arm": {"grid": [a.label for a in plan.arms]}, "seed": {"grid": list(plan.seeds)}}
+    out = run_sweep(base_raw, search, settings, resume=resume, arms=plan.arm_overrides())
+    trials = [
+        {
+            "arm": r["params"].get("arm"),
+            "seed": r["params"].get("seed"),
+            "trial": r["trial"],
+            "final": r["final"] if r["complete"] else None,
+            "error": r["error"],
+        }
+        for r in out["trials"]
+    ]
+    report = build_report(plan, trials, build(base_raw).name, command)
+    report["trials"] = trials
+    folder = Path(out["sweep_dir"])
+    files = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "report.png"}
+    if not plot_report(report, files["png"]):
+        del files["png"]
+    files["md"].write_text(to_markdown(report, files["png"].name if "png" in files else None))
+    files["json"].write_text(json.dumps(report, indent=2, default=str))
+    cfg = build(base_raw)
+    if cfg.tracking.backend == "mlflow" and out.get("mlflow_parent_run_id"):
+        from codistill.tracking.sweep import log_report
+
+        log_report(resolve_tracking_uri(cfg.tracking.uri), out["mlflow_parent_run_id"], report, list(files.values()))
+    return report, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(
+        prog="python -m codistill.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config", default=None, help="a job file or bundled job name (default: quickstart)")
+    ap.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2", help="a field and its values")
+    ap.add_argument("--arm", action="append", default=[], metavar="'NAME: KEY=VALUE ...'", help="a named arm")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    ap.add_argument("--first-seed", type=int, default=None, help="default: the job's seed")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--name", default=None, help="the experiment's name (default: <job>-experiment-<time>)")
+    ap.add_argument("--resume", action="store_true", help="finish the experiment --name (its finished trials stay)")
+    ap.add_argument("--storage", default=None, help="default: <storage root>/experiments")
+    ap.add_argument("--trial-cpus", type=float, default=0.1, help="CPUs of each trial's driver bundle")
+    ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
+    args = ap.parse_args(argv)
+    command = shlex.join(["python", "-m", "codistill.experiment", *argv])
+    try:
+        if args.resume and not args.name:
+            raise ConfigError("--resume", message="needs --name: the experiment to finish")
+        raw = apply_overrides(read_yaml(job_path(args.config)), args.overrides)
+        build(raw)
+        plan = make_plan(raw, args.vary, args.arm, args.seeds, args.first_seed)
+        name = args.name or new_run_id(f"{build(raw).name}-experiment")
+        print(
+            f"experiment {name}: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {plan.num_trials} runs", flush=True
+        )
+        report, files = run_experiment(
+            plan,
+            name=name,
+            command=command,
+            storage=args.storage,
+            trial_cpus=args.trial_cpus,
+            max_concurrent=args.max_concurrent,
+            resume=args.resume,
+        )
+    except CodistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    for kind, path in files.items():
+        print(f"{kind:>4}: {path}")
+    if report["missing"]:
+        print(
+            f"{len(report['missing'])} of {plan.num_trials} runs have no result; finish them with "
+            f"--name {name} --resume",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
