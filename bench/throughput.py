@@ -81,7 +81,7 @@ def plain_loop(raw: dict) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(x_all), generator=gen)
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(int(raw["steps"])):
         start = (step * b) % (len(x_all) - b + 1)
         idx = order[start : start + b]
         x, y = x_all[idx], y_all[idx]
@@ -104,7 +104,7 @@ def plain_loop(raw: dict) -> dict[str, Any]:
 
 
 def _row(variant: str, cfg, train_s: float, wall_s: float, extra: dict | None = None) -> dict[str, Any]:
-    samples = cfg.num_peers * cfg.steps * cfg.data.batch_size
+    samples = cfg.num_peers * (cfg.steps or 0) * cfg.data.batch_size
     return {
         "variant": variant,
         "model": cfg.peers[0].model,
@@ -143,7 +143,7 @@ def codistill_ray(raw: dict, variant: str, sets: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     history = RayEngine(cfg).run(tempfile.mkdtemp(prefix="bench-throughput-"))
     s = build_summary(cfg, history, time.perf_counter() - t0)
-    steps = max(1, cfg.steps)
+    steps = max(1, cfg.steps or 0)
     extra = {
         "exchange_ms_per_step": 1000 * sum(p["exchange_s"] for p in s["peers"]) / len(s["peers"]) / steps,
         "bytes_per_peer_step": (s["exchange"]["bytes_published"] + s["exchange"]["bytes_pulled"])

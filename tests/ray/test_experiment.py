@@ -50,9 +50,9 @@ def test_experiment_runs_a_seeded_grid_reports_it_and_resumes(ray_session, tmp_p
 
     # MLflow: the sweep run holds the report and its figures; one run per trial under it
     client = mlflow.tracking.MlflowClient(uri)
-    sweep_run = client.search_runs(
-        [client.get_experiment_by_name("quickstart").experiment_id], "attributes.run_name = 'sweep-exp'"
-    )[0]
+    experiment = client.get_experiment_by_name("quickstart")
+    assert experiment is not None
+    sweep_run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'sweep-exp'")[0]
     assert {f.path for f in client.list_artifacts(sweep_run.info.run_id, "report")} == {
         "report/report.md",
         "report/report.json",
