@@ -44,6 +44,10 @@ class _CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)  # residual projection
         self.resid_drop = nn.Dropout(dropout)
 
+    @property
+    def draws_random_numbers(self) -> bool:  # attention dropout inside scaled_dot_product_attention
+        return self.dropout > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
         q, k, v = self.qkv(x).split(c, dim=2)  # 3 x (B, T, C)
@@ -57,6 +61,8 @@ class _CausalSelfAttention(nn.Module):
 
 
 class _MLP(nn.Module):
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     def __init__(self, n_embd: int, dropout: float, bias: bool):
         super().__init__()
         self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
@@ -68,6 +74,8 @@ class _MLP(nn.Module):
 
 
 class _Block(nn.Module):
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
@@ -84,6 +92,8 @@ class _Block(nn.Module):
 
 class GPT(nn.Module):
     """Decoder-only causal LM: `forward(tokens)` maps int64 (B, T), T <= block_size, to logits (B, T, V)."""
+
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
 
     def __init__(
         self,

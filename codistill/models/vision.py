@@ -33,6 +33,8 @@ class TappedSequential(nn.Sequential):
     """An nn.Sequential that names its hidden layers (the outputs of the given indices) for hidden-state terms;
     its parameters and state dict are the plain Sequential's."""
 
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     def __init__(self, *modules: nn.Module, hidden: tuple[int, ...]):
         super().__init__(*modules)
         self.hidden_indices = hidden
@@ -81,6 +83,8 @@ def cnn(input_shape: Shape, num_classes: int, width: int = 32) -> nn.Module:
 class _BasicBlock(nn.Module):
     """He et al. 2016 basic block; the option-B (1x1 conv) shortcut when the shape changes."""
 
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -99,6 +103,8 @@ class _BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs (He et al., CVPR 2016, section 4.2): 16/32/64 channels."""
+
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
 
     def __init__(self, depth: int, input_shape: Shape, num_classes: int):
         super().__init__()
@@ -130,6 +136,8 @@ class CifarResNet(nn.Module):
 class _WideBlock(nn.Module):
     """Pre-activation wide block (Zagoruyko & Komodakis, BMVC 2016)."""
 
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     def __init__(self, cin: int, cout: int, stride: int, dropout: float):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
@@ -149,6 +157,8 @@ class _WideBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """WRN-depth-k for 32x32 inputs (Zagoruyko & Komodakis, BMVC 2016)."""
+
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
 
     def __init__(self, depth: int, k: int, input_shape: Shape, num_classes: int, dropout: float = 0.0):
         super().__init__()
@@ -175,6 +185,8 @@ class WideResNet(nn.Module):
 
 
 class _InvertedResidual(nn.Module):
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     def __init__(self, cin: int, cout: int, stride: int, expand: int):
         super().__init__()
         hidden = cin * expand
@@ -197,6 +209,8 @@ class _InvertedResidual(nn.Module):
 
 class MobileNetV2Cifar(nn.Module):
     """MobileNetV2 (Sandler et al., CVPR 2018) with CIFAR strides: stride-1 stem, first two downsamplings removed."""
+
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
 
     # expand t, channels c, repeats n, stride s; strides of the (24, 2) and stem changed for 32x32 inputs
     CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -256,6 +270,8 @@ def torchvision_model(name: str) -> Callable[[Shape, int], nn.Module]:
 
 
 class _RepeatChannels(nn.Module):
+    draws_random_numbers = False  # its forward is its layers' (codistill.models.randomness)
+
     def __init__(self, channels: int):
         super().__init__()
         self.channels = channels
