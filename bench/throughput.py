@@ -17,7 +17,9 @@ not evaluation); (c, d) the slowest peer's busy time (peers train at the same ti
 data) is reported apart as end-to-end wall time.
 
 scaling: 2, 3 and 4 mlp peers (`all` and `ring`, logits and checkpoint mode) on the RayEngine: per peer
-and step, the time spent in exchange (publish + pull + wait) and the bytes published and pulled.
+and step, the time spent in exchange (publish + pull + wait), the teachers' forward passes (checkpoint
+mode) and the bytes published and pulled; then a line fitted against each peer's number of teachers,
+read at 8 and 16 peers (per peer, and summed over the peers: what the board and the network carry).
 """
 
 from __future__ import annotations
@@ -203,6 +205,39 @@ def scaling(args) -> list[dict]:
     return rows
 
 
+def extrapolate(rows: list[dict], to_peers: tuple[int, ...] = (8, 16)) -> list[dict]:
+    """Per (mode, topology): a least-squares line of the measured per-peer exchange time and bytes per step
+    against the number of teachers a peer has (N - 1 for `all`, 1 for `ring`), read at 8 and 16 peers. On
+    paper: a peer's traffic grows as its teachers (N for `all`, constant for `ring`), the board's (and the
+    cluster's) as the sum over peers (N^2 for `all`, N for `ring`)."""
+    out = []
+    for mode in sorted({r["mode"] for r in rows}):
+        for topology in ("all", "ring"):
+            group = [r for r in rows if r["mode"] == mode and r["topology"] == topology]
+            if len(group) < 2:
+                continue
+            teachers = [r["num_peers"] - 1 if topology == "all" else 1 for r in group]
+            for key in ("exchange_ms_per_step", "bytes_per_peer_step", "teacher_forward_ms_per_step"):
+                ys = [r[key] for r in group]
+                mx, my = sum(teachers) / len(teachers), sum(ys) / len(ys)
+                var = sum((t - mx) ** 2 for t in teachers)
+                slope = sum((t - mx) * (y - my) for t, y in zip(teachers, ys)) / var if var else 0.0
+                for n in to_peers:
+                    k = n - 1 if topology == "all" else 1
+                    per_peer = my + slope * (k - mx)
+                    out.append(
+                        {
+                            "mode": mode,
+                            "topology": topology,
+                            "num_peers": n,
+                            "quantity": key,
+                            "per_peer": per_peer,
+                            "all_peers": per_peer * n,
+                        }
+                    )
+    return out
+
+
 def loop_table(rows: list[dict]) -> str:
     from codistill.table import text_table
 
@@ -240,6 +275,26 @@ def scaling_table(rows: list[dict]) -> str:
     return text_table(header, body)
 
 
+def extrapolated_table(rows: list[dict]) -> str:
+    from codistill.table import text_table
+
+    units = {"exchange_ms_per_step": ("exchange ms/step", 1.0), "bytes_per_peer_step": ("KiB/step", 1 / 1024)}
+    units["teacher_forward_ms_per_step"] = ("teacher fwd ms/step", 1.0)
+    header = ["mode", "topology", "peers", "quantity", "per peer", "all peers (board)"]
+    body = [
+        [
+            r["mode"],
+            r["topology"],
+            str(r["num_peers"]),
+            units[r["quantity"]][0],
+            f"{r['per_peer'] * units[r['quantity']][1]:.2f}",
+            f"{r['all_peers'] * units[r['quantity']][1]:.2f}",
+        ]
+        for r in rows
+    ]
+    return text_table(header, body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["loop", "scaling", "all"], default="all")
@@ -269,6 +324,8 @@ def main() -> None:
         print("scaling: exchange cost per peer as the number of peers grows", flush=True)
         out["scaling"] = scaling(args)
         print(scaling_table(out["scaling"]))
+        out["extrapolated"] = extrapolate(out["scaling"])
+        print(extrapolated_table(out["extrapolated"]))
     ray.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -28,13 +28,14 @@ def plot_report(report: dict, path: Path) -> bool:
             m = arm["metrics"][metric]
             s = m["spread"]
             seeds = [v for v in m["per_seed"].values() if v is not None]
-            ax.scatter([x] * len(seeds), seeds, s=12, color="0.6", zorder=2)
+            ax.scatter([x + 0.08] * len(seeds), seeds, s=12, color="0.6", zorder=2)  # beside the interval
             if s["mean"] is None:
                 continue
             err = None if s["low"] is None else [[s["mean"] - s["low"]], [s["high"] - s["mean"]]]
             ax.errorbar([x], [s["mean"]], yerr=err, fmt="o", color="C0", capsize=4, zorder=3)
         ax.set_title(metric, fontsize=10)
         ax.set_xticks(xs)
+        ax.set_xlim(-0.5, len(xs) - 0.5)
         ax.set_xticklabels(labels, rotation=20 if max(map(len, labels)) > 8 else 0, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:

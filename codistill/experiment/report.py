@@ -11,7 +11,7 @@ from codistill.experiment.plan import ExperimentPlan
 from codistill.experiment.stats import Spread, paired_difference, spread
 from codistill.table import text_table
 
-__all__ = ["metric_columns", "build_report", "format_table", "to_markdown"]
+__all__ = ["metric_columns", "build_report", "format_table", "to_markdown", "glance_markdown"]
 
 
 def metric_columns(trials: Sequence[dict]) -> list[tuple[str, str]]:
@@ -115,6 +115,25 @@ def format_table(report: dict) -> str:
     return text_table(HEADER, _rows(report))
 
 
+def glance_markdown(report: dict) -> str:
+    """One row per arm, one column per metric: `mean ± sd` and, beside it, the paired difference to the
+    baseline with `*` when its 95% interval excludes 0 (outside the seed spread)."""
+    header = ["arm", *report["metrics"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for arm in report["arms"]:
+        cells = [arm["label"]]
+        for metric in report["metrics"]:
+            m = arm["metrics"][metric]
+            s, d = m["spread"], m["delta"]
+            cell = _num(s["mean"]) + ("" if s["sd"] is None else f" ± {s['sd']:.4f}")
+            if d is not None and d["mean"] is not None:
+                mark = "*" if d["low"] is not None and Spread(**d).excludes_zero else ""
+                cell += f" ({d['mean']:+.4f}{mark})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(report: dict, plot_name: str | None = None) -> str:
     lines = [
         f"# Experiment: {report['job']}",
@@ -125,6 +144,10 @@ def to_markdown(report: dict, plot_name: str | None = None) -> str:
         f'{report["interval"]}; "inside" means the interval of the difference contains 0 (the effect is '
         "inside what the seeds move).",
         "",
+        "At a glance (mean ± sd over seeds; in brackets the difference to the baseline paired by seed, `*` when its "
+        "95% interval excludes 0):",
+        "",
+        glance_markdown(report),
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",
     ]

@@ -127,6 +127,7 @@ def test_report_tables_every_metric_per_arm_with_paired_differences(tmp_path):
     assert "inside" in table or "outside" in table
     md = to_markdown(report, "report.png")
     assert md.count("\n| ") >= 12 + 2 and "RayTaskError: boom" in md and "`loss.alpha=0.5`" in md
+    assert "| alpha=0.5 | 0.9350 ± 0.0071 (+0.0300*) |" in md  # at a glance: mlp +0.03 on both seeds
     json.dumps(report)  # no NaN, no tuples keys: valid JSON
     assert plot_report(report, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 10_000
 

@@ -28,6 +28,7 @@ ALL = sorted(
         "codistill.tracking",
         "codistill.tune",
         "codistill.run",
+        "codistill.experiment",
     }
 )
 
