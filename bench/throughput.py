@@ -3,6 +3,7 @@
     python bench/throughput.py                                   # both parts; writes bench/results/throughput.json
     python bench/throughput.py --part loop --models mlp --batch-sizes 64 --out /tmp/t.json
     python bench/throughput.py --part scaling --peers 2 3 4
+    python bench/throughput.py --part sharing --out bench/results/gpu_sharing_resnet20.json     # a GPU machine
 
 loop: in one run, peer-samples/s (examples one peer trains on, summed over the peers, per second of
 training) of two equal peers trained by
@@ -20,6 +21,9 @@ scaling: 2, 3 and 4 mlp peers (`all` and `ring`, logits and checkpoint mode) on 
 and step, the time spent in exchange (publish + pull + wait), the teachers' forward passes (checkpoint
 mode) and the bytes published and pulled; then a line fitted against each peer's number of teachers,
 read at 8 and 16 peers (per peer, and summed over the peers: what the board and the network carry).
+
+sharing (a GPU machine): images/s of 1, 2 and 4 ResNet-20 peers sharing one GPU (fractional `num_gpus`)
+against the plain loop training two of them on the same GPU. `--device cuda` runs the loop part there too.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CORES = os.cpu_count() or 1
 
 
-def base_job(model: str, batch_size: int, steps: int, num_peers: int = 2) -> dict[str, Any]:
+def base_job(model: str, batch_size: int, steps: int, num_peers: int = 2, device: str = "cpu") -> dict[str, Any]:
     return {
         "name": "bench-throughput",
         "seed": 0,
         "steps": steps,
         "eval_every": steps,
         "engine": "ray",
+        "device": device,
         "data": {
             "name": "synthetic",
             "batch_size": batch_size,
@@ -72,23 +77,24 @@ def plain_loop(raw: dict) -> dict[str, Any]:
     cfg = C.build(raw)
     torch.set_num_threads(CORES)
     t_start = time.perf_counter()
+    device = torch.device("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     ds = load_dataset(cfg.data)
-    x_all, y_all = ds.train_x, ds.train_y
+    x_all, y_all = ds.train_x.to(device), ds.train_y.to(device)
     torch.manual_seed(cfg.seed)
-    models = [build_model(p.model, ds.input_shape, ds.num_classes) for p in cfg.peers]
+    models = [build_model(p.model, ds.input_shape, ds.num_classes).to(device) for p in cfg.peers]
     opts = [
         torch.optim.SGD(m.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=5e-4) for m in models
     ]
     alpha, temp, b = cfg.loss.alpha, cfg.loss.temperature, cfg.data.batch_size
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(x_all), generator=gen)
+    order = torch.randperm(len(x_all), generator=gen).to(device)
     t0 = time.perf_counter()
     for step in range(int(raw["steps"])):
         start = (step * b) % (len(x_all) - b + 1)
         idx = order[start : start + b]
         x, y = x_all[idx], y_all[idx]
         logits = [m(x) for m in models]  # one forward each
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for i, z in enumerate(logits):
             others = [logits[j].detach() for j in range(len(models)) if j != i]
             kl = sum(
@@ -101,6 +107,8 @@ def plain_loop(raw: dict) -> dict[str, Any]:
         total.backward()
         for o in opts:
             o.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     return _row("plain loop", cfg, train_s, time.perf_counter() - t_start)
 
@@ -141,6 +149,8 @@ def codistill_ray(raw: dict, variant: str, sets: list[str]) -> dict[str, Any]:
     n = len(raw["peers"])
     per_peer = max(1, CORES // n)
     resources = [f"resources.num_cpus={CORES / n}", f"resources.threads_per_peer={per_peer}"]
+    if raw.get("device") == "cuda":  # the peers share one GPU (fractional GPUs)
+        resources.append(f"resources.num_gpus={1 / n}")
     cfg = C.build(C.apply_overrides(raw, [*resources, *sets]))
     t0 = time.perf_counter()
     history = RayEngine(cfg).run(tempfile.mkdtemp(prefix="bench-throughput-"))
@@ -170,7 +180,7 @@ def loop(args) -> list[dict]:
         for b in args.batch_sizes:
             base = {"mlp": 300, "cnn": 120, "resnet20": 40}.get(model, 60)  # at batch 64; half as many at 256
             steps = args.steps or max(10, base * 128 // max(b, 128))
-            raw = base_job(model, b, steps)
+            raw = base_job(model, b, steps, device=args.device)
             group = [plain_loop(raw)]
             for label, sets in LOOP_VARIANTS:
                 group.append(codistill_local(raw) if sets is None else codistill_ray(raw, label, sets))
@@ -202,6 +212,24 @@ def scaling(args) -> list[dict]:
                     flush=True,
                 )
                 rows.append(r)
+    return rows
+
+
+def sharing(args) -> list[dict]:
+    """1, 2 and 4 peers of one model sharing one GPU (fractional GPUs, DML at alpha 0.5; one peer alone trains
+    plainly), against the plain loop training two of them on the same GPU."""
+    rows = [plain_loop(base_job(args.sharing_model, args.sharing_batch, args.sharing_steps, device="cuda"))]
+    for n in args.peers_on_gpu:
+        raw = base_job(args.sharing_model, args.sharing_batch, args.sharing_steps, num_peers=n, device="cuda")
+        rows.append(codistill_ray(raw, f"{n} peer(s) on one GPU", ["loss.alpha=0"] if n == 1 else []))
+    for r in rows:
+        r["ratio_vs_plain"] = r["samples_per_s"] / rows[0]["samples_per_s"]
+        r["samples_per_s_per_peer"] = r["samples_per_s"] / r["num_peers"]
+        print(
+            f"  {r['variant']:<24} {r['samples_per_s']:9.1f} images/s  ({r['samples_per_s_per_peer']:.1f} per peer)  "
+            f"ratio {r['ratio_vs_plain']:.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -297,7 +325,12 @@ def extrapolated_table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["loop", "scaling", "all"], default="all")
+    ap.add_argument("--part", choices=["loop", "scaling", "sharing", "all"], default="all")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="loop: where every variant trains")
+    ap.add_argument("--sharing-model", default="resnet20")
+    ap.add_argument("--sharing-batch", type=int, default=128)
+    ap.add_argument("--sharing-steps", type=int, default=300)
+    ap.add_argument("--peers-on-gpu", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet20"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
     ap.add_argument(
@@ -326,6 +359,9 @@ def main() -> None:
         print(scaling_table(out["scaling"]))
         out["extrapolated"] = extrapolate(out["scaling"])
         print(extrapolated_table(out["extrapolated"]))
+    if args.part == "sharing":  # a GPU machine only (not part of `all`)
+        print("sharing: peers on one GPU against the plain loop on it", flush=True)
+        out["sharing"] = sharing(args)
     ray.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -280,7 +280,8 @@ class Peer:
             # (traceback.format_stack) on every call: 0.08 ms from a shallow stack, more from a deep one, per step.
             torch.default_generator.manual_seed(seed)
             if cuda:
-                torch.cuda.default_generators[self.device.index or 0].manual_seed(seed)
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                torch.cuda.default_generators[index].manual_seed(seed)
             yield
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
