@@ -155,13 +155,11 @@ def codistill_ray(raw: dict, variant: str, sets: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     history = RayEngine(cfg).run(tempfile.mkdtemp(prefix="bench-throughput-"))
     s = build_summary(cfg, history, time.perf_counter() - t0)
-    steps = max(1, cfg.steps or 0)
+    peer_steps = len(s["peers"]) * max(1, cfg.steps or 0)  # per peer and step: the sums over peers over this
     extra = {
-        "exchange_ms_per_step": 1000 * sum(p["exchange_s"] for p in s["peers"]) / len(s["peers"]) / steps,
-        "bytes_per_peer_step": (s["exchange"]["bytes_published"] + s["exchange"]["bytes_pulled"])
-        / len(s["peers"])
-        / steps,
-        "teacher_forward_ms_per_step": 1000 * sum(p["teacher_forward_s"] for p in s["peers"]) / len(s["peers"]) / steps,
+        "exchange_ms_per_step": 1000 * sum(p["exchange_s"] for p in s["peers"]) / peer_steps,
+        "bytes_per_peer_step": s["bytes_exchanged"] / peer_steps,
+        "teacher_forward_ms_per_step": 1000 * sum(p["teacher_forward_s"] for p in s["peers"]) / peer_steps,
     }
     return _row(variant, cfg, max(p["busy_s"] for p in s["peers"]), time.perf_counter() - t0, extra)
 

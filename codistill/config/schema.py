@@ -615,5 +615,9 @@ class RunConfig(_Section):
         gpus = own.num_gpus if own is not None and own.num_gpus is not None else self.resources.num_gpus
         return cpus, gpus
 
+    def peer_threads(self, index: int) -> int:
+        """torch intra-op threads of each worker of peer `index`: `resources.threads_per_peer`, else its CPUs."""
+        return self.resources.threads_per_peer or max(1, int(self.peer_resources(index)[0]))
+
     def peer_optim(self, index: int) -> OptimConfig:
         return self.peers[index].optim or self.optim

@@ -125,8 +125,7 @@ class PeerActor:
         install_extras(extras or {})  # models and losses the driver's program registered
         self.cfg = cfg = build(cfg_dict)
         self.group = group or GroupRank()
-        threads = cfg.resources.threads_per_peer or max(1, int(cfg.peer_resources(index)[0]))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(cfg.peer_threads(index))
         self.index = index
         self.storage = Storage(storage_uri)
         self.run_id = board_name.removeprefix("codistill-").removesuffix("-board")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from codistill.config import apply_overrides, build, job_path, read_yaml
+from codistill.config import RunConfig, apply_overrides, build, job_path, read_yaml
 from codistill.errors import CodistillError, ConfigError, ResourcesError
 from codistill.experiment.plan import ExperimentPlan, make_plan
 from codistill.experiment.plot import plot_report
@@ -50,7 +50,7 @@ def fit_to_cluster(raw: dict, cluster_cpus: float, trial_cpus: float) -> tuple[d
             f"one trial needs {need:g} CPUs (tune trial_cpus {trial_cpus:g} + its peers) and the cluster has "
             f"{cluster_cpus:g}; lower resources.num_cpus (or the peers' own) with --set"
         )
-    threads = cfg.resources.threads_per_peer or max(1, int(cfg.resources.num_cpus))
+    threads = cfg.peer_threads(single[0])  # the job's resources: no peer has its own here
     fitted = apply_overrides(raw, [f"resources.num_cpus={per_peer}", f"resources.threads_per_peer={threads}"])
     note = (
         f"one trial needs {need:g} CPUs and the cluster has {cluster_cpus:g}: each peer reserves {per_peer:g} CPUs "
@@ -59,11 +59,11 @@ def fit_to_cluster(raw: dict, cluster_cpus: float, trial_cpus: float) -> tuple[d
     return fitted, note
 
 
-def _sweep_metric(raw: dict) -> tuple[str, str]:
+def _sweep_metric(cfg: RunConfig) -> tuple[str, str]:
     """(metric, mode) Tune ranks trials by: mean peer accuracy, or mean peer validation loss for a language model."""
     from codistill.engine.preflight import check_job
 
-    dataset = check_job(build(raw))  # the data is there (one line if not) and says what the task is
+    dataset = check_job(cfg)  # the data is there (one line if not) and says what the task is
     return ("mean_peer_accuracy", "max") if dataset.task == "classification" else ("mean_peer_loss", "min")
 
 
@@ -81,13 +81,14 @@ def run_experiment(
     import ray
 
     from codistill.engine import RayEngine
-    from codistill.tune import SweepConfig, run_sweep
+    from codistill.tune import ARM_KEY, SweepConfig, run_sweep
 
     RayEngine.init_ray()
     base_raw, note = fit_to_cluster(plan.base_raw, float(ray.cluster_resources().get("CPU", 0)), trial_cpus)
     if note:
         print(f"note: {note}", flush=True)
-    metric, mode = _sweep_metric(base_raw)
+    cfg = build(base_raw)
+    metric, mode = _sweep_metric(cfg)
     root = Path(storage).expanduser().absolute() if storage else storage_root() / "experiments"
     settings = SweepConfig(
         num_samples=1,
@@ -98,11 +99,11 @@ def run_experiment(
         name=name,
         storage_path=str(root),
     )
-    search = {"arm": {"grid": [a.label for a in plan.arms]}, "seed": {"grid": list(plan.seeds)}}
+    search = {ARM_KEY: {"grid": [a.label for a in plan.arms]}, "seed": {"grid": list(plan.seeds)}}
     out = run_sweep(base_raw, search, settings, resume=resume, arms=plan.arm_overrides())
     trials = [
         {
-            "arm": r["params"].get("arm"),
+            "arm": r["params"].get(ARM_KEY),
             "seed": r["params"].get("seed"),
             "trial": r["trial"],
             "final": r["final"] if r["complete"] else None,
@@ -110,7 +111,7 @@ def run_experiment(
         }
         for r in out["trials"]
     ]
-    report = build_report(plan, trials, build(base_raw).name, command)
+    report = build_report(plan, trials, cfg.name, command)
     report["trials"] = trials
     folder = Path(out["sweep_dir"])
     files = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "report.png"}
@@ -118,7 +119,6 @@ def run_experiment(
         del files["png"]
     files["md"].write_text(to_markdown(report, files["png"].name if "png" in files else None))
     files["json"].write_text(json.dumps(report, indent=2, default=str))
-    cfg = build(base_raw)
     if cfg.tracking.backend == "mlflow" and out.get("mlflow_parent_run_id"):
         from codistill.tracking.sweep import log_report
 
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not args.name:
             raise ConfigError("--resume", message="needs --name: the experiment to finish")
         raw = apply_overrides(read_yaml(job_path(args.config)), args.overrides)
-        build(raw)
+        job_name = build(raw).name  # the job itself is valid before its arms are checked
         plan = make_plan(raw, args.vary, args.arm, args.seeds, args.first_seed)
-        name = args.name or new_run_id(f"{build(raw).name}-experiment")
+        name = args.name or new_run_id(f"{job_name}-experiment")
         print(
             f"experiment {name}: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {plan.num_trials} runs", flush=True
         )

@@ -55,7 +55,7 @@ def build_report(plan: ExperimentPlan, trials: Sequence[dict], job_name: str, co
             delta = None if arm.label == baseline else paired_difference(per_seed, base).to_dict()
             metrics[label] = {
                 "per_seed": per_seed,
-                "spread": spread([v for v in per_seed.values() if v is not None]).to_dict(),
+                "spread": spread(list(per_seed.values())).to_dict(),
                 "delta": delta,
             }
         arms.append(
@@ -90,6 +90,11 @@ def _num(v: float | None, signed: bool = False) -> str:
     return f"{v:+.4f}" if signed else f"{v:.4f}"
 
 
+def _outside(delta: dict) -> bool:
+    """Whether a paired difference's 95% interval excludes 0 (it has one: two seeds or more)."""
+    return delta["low"] is not None and Spread(**delta).excludes_zero
+
+
 def _rows(report: dict) -> list[list[str]]:
     rows = []
     for metric in report["metrics"]:
@@ -103,7 +108,7 @@ def _rows(report: dict) -> list[list[str]]:
             else:
                 delta = _num(d["mean"], signed=True)
                 dci = "-" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
-                verdict = "-" if d["low"] is None else ("outside" if Spread(**d).excludes_zero else "inside")
+                verdict = "-" if d["low"] is None else ("outside" if _outside(d) else "inside")
             rows.append([metric, arm["label"], str(s["n"]), f"{_num(s['mean'])}{sd}", ci, delta, dci, verdict])
     return rows
 
@@ -127,7 +132,7 @@ def glance_markdown(report: dict) -> str:
             s, d = m["spread"], m["delta"]
             cell = _num(s["mean"]) + ("" if s["sd"] is None else f" ± {s['sd']:.4f}")
             if d is not None and d["mean"] is not None:
-                mark = "*" if d["low"] is not None and Spread(**d).excludes_zero else ""
+                mark = "*" if _outside(d) else ""
                 cell += f" ({d['mean']:+.4f}{mark})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")

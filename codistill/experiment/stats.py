@@ -34,7 +34,8 @@ def _t975(df: int) -> float:
     return float(t.ppf(0.975, df))
 
 
-def spread(values: Sequence[float]) -> Spread:
+def spread(values: Sequence[float | None]) -> Spread:
+    """Over the values that are there (None and NaN, a trial without that metric, are left out)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(xs)
     if n == 0:

@@ -16,7 +16,7 @@ def draws_random_numbers(model: nn.Module) -> bool:
     `draws_random_numbers`: a user's or torchvision's model counts as random, which only costs time)."""
     for m in model.modules():
         if isinstance(m, RANDOM_MODULES):
-            if getattr(m, "p", 1.0) > 0 or isinstance(m, nn.RReLU):
+            if getattr(m, "p", 1.0) > 0:  # RReLU has no p: always random
                 return True
             continue
         said = getattr(m, "draws_random_numbers", None)

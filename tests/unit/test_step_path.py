@@ -48,12 +48,22 @@ def _steps(peer: Peer, n: int) -> None:
         peer.train_step(None)
 
 
+def _generator_states_in_forward(peer: Peer) -> list[torch.Tensor]:
+    """torch's global generator state at the start of each forward pass of the peer's model."""
+    seen: list[torch.Tensor] = []
+    peer.module.register_forward_pre_hook(lambda module, args: seen.append(torch.get_rng_state()))
+    return seen
+
+
 def test_a_deterministic_model_trains_without_touching_the_global_generator():
     cfg = small_job(models=("cnn", "cnn"))
     peer = Peer(cfg, 0, load_dataset(cfg.data))
+    seen = _generator_states_in_forward(peer)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     _steps(peer, 3)
+    # not reseeded for the forward (a fork would restore the state afterwards, but seed it inside)
+    assert len(seen) == 3 and all(torch.equal(state, before) for state in seen)
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -68,9 +78,11 @@ def test_dropout_steps_seed_the_cpu_generator_only_and_restore_it():
     tracker = torch.cuda._lazy_seed_tracker
     tracker.manual_seed_cb = tracker.manual_seed_all_cb = None  # what was queued before is not this test's
     tracker.call_order = []
+    seen = _generator_states_in_forward(peer)
     torch.manual_seed(7)
     before = torch.get_rng_state()
     _steps(peer, 3)
+    assert not any(torch.equal(state, before) for state in seen)  # each forward drew from (seed, step)
     assert torch.equal(torch.get_rng_state(), before)  # dropout's draws were forked off
     queued = ["".join(call[1]) for call in tracker.get_calls() if call is not None]
     assert queued and not any("codistill/peer/peer.py" in stack for stack in queued), queued
