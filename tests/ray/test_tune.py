@@ -131,15 +131,19 @@ def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_p
     one's state and goes on with mutated values. Every trial still finishes its whole run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [
-        "steps=80",
-        "eval_every=20",
+        # rounds of ~2 s: a trial's start-up (~15 s here) can differ by seconds between the two trials, and PBT
+        # only exploits a trial that reports while the other is still running (rounds of 0.3 s failed in CI)
+        "steps=400",
+        "eval_every=100",
         f"tune.storage_path={tmp_path}/tune",
         "tune.name=pbt",
         f"tracking.uri={uri}",
-        "tune.num_samples=2",
+        "tune.num_samples=1",
         "tune.scheduler=pbt",
         "tune.perturbation_interval=1",
-        "search.optim.lr={choice: [0.05, 0.00001]}",
+        # one trial that learns and one that cannot (a grid: both values are tried), so the weak one is the
+        # lower one at every report; sampled, both trials drew 0.05 and each was as often ahead as behind
+        "search.optim.lr={grid: [0.05, 0.00001]}",
         # async PBT exploits only while both trials run: 2 x (0.1 + 2 x 0.4) CPUs leave room for what an
         # earlier test's actors still hold for a moment, so the second trial never waits for the first
         "resources.num_cpus=0.4",
@@ -154,9 +158,9 @@ def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_p
     assert policy and policy[0].read_text().strip(), "PBT never exploited a checkpoint"
     # an exploited trial resumed from another trial's round checkpoint and still ran to the end
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "tune" / "pbt").glob("*/run/summary.json")]
-    assert len(summaries) == 2 and all(s["rounds"][-1]["step"] == 80 for s in summaries)
+    assert len(summaries) == 2 and all(s["rounds"][-1]["step"] == 400 for s in summaries)
     assert any("resumed from its checkpoint" in e for s in summaries for e in s["events"])
     mlflow.set_tracking_uri(uri)
     sweep = mlflow.search_runs(experiment_names=["tune_temperature"], filter_string="tags.codistill.kind = 'sweep'")
-    assert len(sweep) == 1 and sweep.iloc[0]["params.search.optim.lr"] == '{"choice": [0.05, 1e-05]}'
+    assert len(sweep) == 1 and sweep.iloc[0]["params.search.optim.lr"] == '{"grid": [0.05, 1e-05]}'
     assert sweep.iloc[0]["params.best.optim.lr"] in ("0.05", "1e-05")
