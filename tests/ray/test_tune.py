@@ -131,10 +131,10 @@ def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_p
     one's state and goes on with mutated values. Every trial still finishes its whole run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [
-        # rounds of ~2 s: a trial's start-up (~15 s here) can differ by seconds between the two trials, and PBT
-        # only exploits a trial that reports while the other is still running (rounds of 0.3 s failed in CI)
-        "steps=400",
-        "eval_every=100",
+        # rounds of ~1 s: a trial's start-up (~15 s here) can differ by a second or two between the trials, and
+        # PBT only exploits a trial that reports while the other is still running (rounds of 0.3 s failed in CI)
+        "steps=200",
+        "eval_every=50",
         f"tune.storage_path={tmp_path}/tune",
         "tune.name=pbt",
         f"tracking.uri={uri}",
@@ -158,7 +158,7 @@ def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_p
     assert policy and policy[0].read_text().strip(), "PBT never exploited a checkpoint"
     # an exploited trial resumed from another trial's round checkpoint and still ran to the end
     summaries = [json.loads(p.read_text()) for p in (tmp_path / "tune" / "pbt").glob("*/run/summary.json")]
-    assert len(summaries) == 2 and all(s["rounds"][-1]["step"] == 400 for s in summaries)
+    assert len(summaries) == 2 and all(s["rounds"][-1]["step"] == 200 for s in summaries)
     assert any("resumed from its checkpoint" in e for s in summaries for e in s["events"])
     mlflow.set_tracking_uri(uri)
     sweep = mlflow.search_runs(experiment_names=["tune_temperature"], filter_string="tags.codistill.kind = 'sweep'")
