@@ -31,7 +31,7 @@ from codistill.engine.report import (
 )
 from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
 from codistill.errors import CodistillError, ResourcesError
-from codistill.exchange import held_bytes_warning
+from codistill.exchange import held_bytes_warning, new_board_state
 from codistill.registry import all_extras
 from codistill.storage import Storage
 from codistill.tasks import task_of
@@ -174,6 +174,7 @@ class RayEngine:
 
         from codistill.exchange.ray_board import RayBoardActor
 
+        state = new_board_state(self.cfg)  # the board gets its bookkeeping's arguments, not the job
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         return (
             ray.remote(RayBoardActor)
@@ -186,7 +187,7 @@ class RayEngine:
                 max_task_retries=-1,
                 scheduling_strategy=here,
             )
-            .remote(to_dict(self.cfg), actor_names, namespace, all_extras())
+            .remote(state.consumers, state.versions_kept, actor_names, namespace)
         )
 
     def run(self, out_dir: str | Path, dataset: Dataset | None = None) -> list[RoundResult]:

@@ -2,95 +2,79 @@
 
 Two layers. A **board** is the transport (`board`: the interface, the bookkeeping `BoardState` and
 `InMemoryBoard`; `ray_board`: the same state in a Ray actor, for RayEngine). An **exchange** (one
-per peer, `exchange.mode` -> EXCHANGES) says what a step does with the board (`base`): `logits`
+per peer, `exchange.mode` -> EXCHANGES in `modes`) says what a step does with the board (`base`): `logits`
 (Deep Mutual Learning, logit shards per step) and `checkpoint` (Anil et al., stale checkpoints as
 local teachers). Both move the wire objects of `wire` (numpy arrays). Ray is imported only by
 `ray_board`.
+
+The names below are loaded on first use: the board actor imports `codistill.exchange.ray_board`, and
+importing this package must not pull the exchanges' torch into it.
 """
 
 from __future__ import annotations
 
-from codistill.config import RunConfig
-from codistill.exchange.base import Exchange
-from codistill.exchange.board import Board, BoardState, InMemoryBoard, TeacherUnavailable
-from codistill.exchange.checkpoint import CheckpointExchange
-from codistill.exchange.logits import LogitExchange, TeacherMismatch
-from codistill.exchange.stats import ExchangeStats
-from codistill.exchange.topology import TOPOLOGIES, consumers_of, influence_slot, shard_consumers, teachers_of
-from codistill.exchange.wire import (
-    LogitShard,
-    WireWeights,
-    decode_array,
-    decode_weights,
-    encode_tensor,
-    encode_weights,
-)
-from codistill.registry import Registry
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "held_bytes_warning",
-    "EXCHANGES",
-    "TOPOLOGIES",
-    "Board",
-    "BoardState",
-    "CheckpointExchange",
-    "Exchange",
-    "ExchangeStats",
-    "InMemoryBoard",
-    "LogitExchange",
-    "LogitShard",
-    "TeacherMismatch",
-    "TeacherUnavailable",
-    "WireWeights",
-    "consumers_of",
-    "decode_array",
-    "decode_weights",
-    "encode_tensor",
-    "encode_weights",
-    "in_memory_board",
-    "make_exchange",
-    "new_board_state",
-    "teachers_of",
-]
+_EXPORTS = {
+    "EXCHANGES": "modes",
+    "HELD_BYTES_WARNING": "modes",
+    "held_bytes_warning": "modes",
+    "in_memory_board": "modes",
+    "make_exchange": "modes",
+    "new_board_state": "modes",
+    "Exchange": "base",
+    "Board": "board",
+    "BoardState": "board",
+    "InMemoryBoard": "board",
+    "TeacherUnavailable": "board",
+    "CheckpointExchange": "checkpoint",
+    "LogitExchange": "logits",
+    "TeacherMismatch": "logits",
+    "ExchangeStats": "stats",
+    "TOPOLOGIES": "topology",
+    "consumers_of": "topology",
+    "teachers_of": "topology",
+    "LogitShard": "wire",
+    "WireWeights": "wire",
+    "decode_array": "wire",
+    "decode_weights": "wire",
+    "encode_tensor": "wire",
+    "encode_weights": "wire",
+}
 
-EXCHANGES: Registry[type[Exchange]] = Registry("exchange", {"logits": LogitExchange, "checkpoint": CheckpointExchange})
+__all__ = sorted(_EXPORTS)
 
-
-def make_exchange(cfg: RunConfig, index: int, board: Board, rank: int = 0) -> Exchange:
-    return EXCHANGES[cfg.exchange.mode](cfg, index, board, rank)
-
-
-def new_board_state(cfg: RunConfig) -> BoardState:
-    """An empty board's bookkeeping for this job (who consumes whom, how many versions are kept)."""
-    # Addressed by rank slot (codistill.exchange.topology.rank_slot): slot i is peer i's rank 0, so with
-    # one worker per peer a slot is a peer. Weights are published by rank 0 slots only.
-    workers = [pc.workers for pc in cfg.peers]
-    consumers = shard_consumers(workers, cfg.data.batch_size, cfg.exchange.topology)
-    loss = cfg.loss
-    if (
-        loss.weighting == "influence"
-        and loss.influence_side != "student"
-        and EXCHANGES[cfg.exchange.mode].shared_batch_order
-    ):
-        # A student's influence weights go to its teachers, which (topology all) are its consumers.
-        consumers |= {influence_slot(workers, slot): list(c) for slot, c in consumers.items()}
-    return BoardState(consumers, EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange))
+if TYPE_CHECKING:
+    from codistill.exchange.base import Exchange as Exchange
+    from codistill.exchange.board import Board as Board
+    from codistill.exchange.board import BoardState as BoardState
+    from codistill.exchange.board import InMemoryBoard as InMemoryBoard
+    from codistill.exchange.board import TeacherUnavailable as TeacherUnavailable
+    from codistill.exchange.checkpoint import CheckpointExchange as CheckpointExchange
+    from codistill.exchange.logits import LogitExchange as LogitExchange
+    from codistill.exchange.logits import TeacherMismatch as TeacherMismatch
+    from codistill.exchange.modes import EXCHANGES as EXCHANGES
+    from codistill.exchange.modes import HELD_BYTES_WARNING as HELD_BYTES_WARNING
+    from codistill.exchange.modes import held_bytes_warning as held_bytes_warning
+    from codistill.exchange.modes import in_memory_board as in_memory_board
+    from codistill.exchange.modes import make_exchange as make_exchange
+    from codistill.exchange.modes import new_board_state as new_board_state
+    from codistill.exchange.stats import ExchangeStats as ExchangeStats
+    from codistill.exchange.topology import TOPOLOGIES as TOPOLOGIES
+    from codistill.exchange.topology import consumers_of as consumers_of
+    from codistill.exchange.topology import teachers_of as teachers_of
+    from codistill.exchange.wire import LogitShard as LogitShard
+    from codistill.exchange.wire import WireWeights as WireWeights
+    from codistill.exchange.wire import decode_array as decode_array
+    from codistill.exchange.wire import decode_weights as decode_weights
+    from codistill.exchange.wire import encode_tensor as encode_tensor
+    from codistill.exchange.wire import encode_weights as encode_weights
 
 
-HELD_BYTES_WARNING = 2 << 30  # above this a board's shards spill out of a typical object store
-
-
-def held_bytes_warning(cfg: RunConfig, positions_per_batch: int, num_classes: int) -> str | None:
-    """One line when the board may hold more per-step signals than an object store keeps in memory."""
-    held = EXCHANGES[cfg.exchange.mode].held_bytes(cfg, positions_per_batch, num_classes)
-    if held <= HELD_BYTES_WARNING:
-        return None
-    return (
-        f"warning: the board may hold about {held / 1e9:.1f} GB of logit shards between training checkpoints "
-        f"({num_classes} classes x {positions_per_batch} positions per batch); Ray spills what its object store "
-        f"cannot hold to disk. Smaller: exchange.logits=topk, exchange.dtype=bfloat16 or output.checkpoint_every."
-    )
-
-
-def in_memory_board(cfg: RunConfig) -> InMemoryBoard:
-    return InMemoryBoard(new_board_state(cfg))
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
