@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "EXCHANGES": "modes",
-    "HELD_BYTES_WARNING": "modes",
     "held_bytes_warning": "modes",
     "in_memory_board": "modes",
     "make_exchange": "modes",
@@ -55,7 +54,6 @@ if TYPE_CHECKING:
     from codistill.exchange.logits import LogitExchange as LogitExchange
     from codistill.exchange.logits import TeacherMismatch as TeacherMismatch
     from codistill.exchange.modes import EXCHANGES as EXCHANGES
-    from codistill.exchange.modes import HELD_BYTES_WARNING as HELD_BYTES_WARNING
     from codistill.exchange.modes import held_bytes_warning as held_bytes_warning
     from codistill.exchange.modes import in_memory_board as in_memory_board
     from codistill.exchange.modes import make_exchange as make_exchange

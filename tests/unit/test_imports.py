@@ -32,7 +32,6 @@ ALL = sorted(
         *TORCH_FREE,
         "codistill.engine",
         "codistill.engine.peer_actor",
-        "codistill.exchange.ray_board",
         "codistill.api",
         "codistill.tracking",
         "codistill.tune",
