@@ -11,6 +11,7 @@ the CLI and Tune trials call.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,8 +26,9 @@ import yaml
 from codistill.config import RunConfig, build, bundled_jobs, job_path, read_yaml, to_dict
 from codistill.engine import Reporter, Reporters, build_summary, make_engine
 from codistill.engine.preflight import check_job
+from codistill.engine.resume import recorded_run_id
 from codistill.errors import CodistillError, ConfigError
-from codistill.locations import new_run_id, resolve_run_dir
+from codistill.locations import leave_a_deleted_working_directory, new_run_id, resolve_run_dir
 from codistill.rundir import RunLock
 from codistill.storage import Storage, checkpoint_path
 from codistill.tracking import ModelExample, make_tracker
@@ -151,11 +153,29 @@ def _describe_text(meta: dict) -> str:
     )
 
 
+class _RunLogHandler(logging.FileHandler):
+    """DIR/codistill.log. When it cannot be written (a full disk) it goes quiet: the run's own error line says
+    what happened, not a `--- Logging error ---` block per record and a traceback from closing the file."""
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.broken = True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 def _run_log(storage: Storage) -> logging.Handler | None:
     """Tracebacks of this run go to DIR/codistill.log (local run directories only)."""
     if not storage.is_local():
         return None
-    handler = logging.FileHandler(f"{storage.root}/{RUN_LOG}")
+    handler = _RunLogHandler(f"{storage.root}/{RUN_LOG}")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -198,33 +218,50 @@ def run_job(
     reporter = reporter or Reporter()
     _import_what_a_run_needs()
     if resume:
-        if storage.read("job.yaml") is None:
+        from codistill.config.resume_changes import check_resume_changes, recorded_job
+
+        recorded = storage.read("job.yaml")
+        if recorded is None:
             raise ConfigError("--resume", out_dir, "a run directory codistill wrote (it has job.yaml)")
         if storage.read("summary.json") is not None:
             raise RunFinishedError(f"{out_dir} finished already (its summary.json is there): nothing to resume")
+        # the one check of both front doors (CLI --set, train(resume=True, **overrides)), before anything is touched:
+        # what is trained must stay what job.yaml recorded; what may change (more steps, tracking, ...) is a line each
+        for note in check_resume_changes(recorded_job(recorded, f"{out_dir}/job.yaml"), cfg):
+            reporter.on_event(f"resume changes {note}")
     with RunLock(storage, resume=resume) as lock:
         handler = _run_log(storage)
+        written = resume  # whether the directory holds this run's files yet: a failed start leaves nothing
         try:
             for note in lock.notes:
                 reporter.on_event(note)
-            run_info = json.loads(storage.read("run.json") or b"null") if resume else None
-            run_id = run_info["run_id"] if run_info else (run_name or new_run_id(cfg.name))
+            recorded_id = recorded_run_id(storage) if resume else None  # a damaged run.json: a new id
+            run_id = recorded_id or run_name or new_run_id(cfg.name)
             t_load = time.perf_counter()
             dataset = check_job(cfg)
+            example = _model_example(cfg, dataset)  # its data source made absolute while the working dir exists
             reporter.on_event(
                 f"data: {dataset.name}, {len(dataset.train_y)} train / {len(dataset.test_y)} test "
                 f"{'sequences' if dataset.meta else 'examples'}, loaded and checked in "
                 f"{time.perf_counter() - t_load:.1f}s" + _describe_text(dataset.meta)
             )
             if not resume:
+                written = True
                 storage.write("job.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
                 storage.write("run.json", json.dumps({"run_id": run_id}).encode())
                 if dataset.meta.get("tokenizer_json"):  # what reloads the trained tokenizer exactly
                     storage.write("tokenizer.json", dataset.meta["tokenizer_json"].encode())
             previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
-            tracker = make_tracker(cfg, run_id, parent_run_id, resume=previous, warn=reporter.on_event)
-            if tracker.state() is not None:
-                storage.write("tracking.json", json.dumps(tracker.state()).encode())
+            # tracking.json (the MLflow runs a resumed driver continues) once the runs exist: now, or later from
+            # the tracker's thread when the store did not answer in time
+            tracker = make_tracker(
+                cfg,
+                run_id,
+                parent_run_id,
+                resume=previous,
+                warn=reporter.on_event,
+                on_state=lambda state: storage.write("tracking.json", json.dumps(state).encode()),
+            )
             t0 = time.perf_counter()
             engine = make_engine(cfg, Reporters(tracker, reporter), resume=resume, run_id=run_id)  # logged, then shown
             try:
@@ -238,7 +275,8 @@ def run_job(
             if dataset.meta:  # what text, which tokenizer: two runs can tell they trained on the same
                 summary["data"] = {k: v for k, v in dataset.meta.items() if k != "tokenizer_json"}
             storage.write("summary.json", json.dumps(summary, indent=2).encode())
-            tracker.finish(summary, out_dir, _model_example(cfg, dataset) if tracker.run_id else None)
+            leave_a_deleted_working_directory()
+            tracker.finish(summary, out_dir, example if tracker.run_id else None)
             return summary
         except CodistillError as e:
             log.error("%s\n%s", e, traceback.format_exc())
@@ -247,3 +285,8 @@ def run_job(
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
+            if not written and lock.created:  # a failed start (bad data, a model that does not build)
+                with contextlib.suppress(OSError):
+                    storage.delete(RUN_LOG)
+                lock.release()
+                lock.remove_failed_start()

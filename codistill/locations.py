@@ -19,8 +19,10 @@ from codistill.errors import ConfigError
 __all__ = [
     "storage_root",
     "in_job_package",
+    "leave_a_deleted_working_directory",
     "new_run_id",
     "resolve_run_dir",
+    "under",
     "resolve_tracking_uri",
     "artifact_location",
 ]
@@ -34,6 +36,17 @@ def in_job_package(path: Path | None = None) -> bool:
     """Whether `path` (default: the working directory) lies in a Ray job's unpacked package."""
     parts = (path or Path.cwd()).absolute().parts
     return any(p.startswith("_ray_pkg_") for p in parts) or "runtime_resources" in parts
+
+
+def leave_a_deleted_working_directory() -> None:
+    """Under `ray job submit --working-dir`, Ray may delete or unpack again the job's package while the driver
+    runs in it; then `os.getcwd()` fails, and MLflow calls it when it logs a model. Move to the storage root."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        root = storage_root()
+        root.mkdir(parents=True, exist_ok=True)
+        os.chdir(root)
 
 
 def new_run_id(name: str) -> str:
@@ -50,10 +63,19 @@ def _refuse_relative_in_package(field: str, value: str, what: str) -> None:
         )
 
 
+def under(root: Path, name: str, field: str) -> Path:
+    """`root / name`, refused (ConfigError naming `field`) unless it lies inside `root`: `name` came from a
+    job or a command line and is made into a directory."""
+    path = (root / name).absolute()
+    if os.path.normpath(path).startswith(os.path.normpath(root.absolute()) + os.sep) and path.name == name:
+        return path
+    raise ConfigError(field, name, f"a name that stays inside {root} (one path component, no '..')")
+
+
 def resolve_run_dir(given: str | None, run_id: str) -> str:
     """The run directory: `given` (a pyarrow.fs URI, or a path made absolute), else under the storage root."""
     if given is None:
-        return str(storage_root() / "runs" / run_id)
+        return str(under(storage_root() / "runs", run_id, "name"))
     if "://" in given:
         return given
     if not Path(given).expanduser().is_absolute():

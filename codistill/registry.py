@@ -3,7 +3,8 @@
 A registry may also have *families*, names of the form `family:<rest>` (`torchvision:resnet18`),
 whose entry receives `<rest>`; and any name of the form `package.module:attribute` names an entry by
 its import path (`mypkg.nets:tiny_cnn`), imported where it is used, so user code needs no
-registration step on a Ray cluster. Entries a program adds at run time (`MODELS["mine"] = fn` in a
+registration step on a Ray cluster (a module outside the installed packages only with the opt-in of
+`codistill.trust`: a job file alone cannot run code). Entries a program adds at run time (`MODELS["mine"] = fn` in a
 notebook) are `extras()`: RayEngine ships them to its actors, so they work there too. Configs
 validate names against the owning registry, looked up lazily (`codistill.config` imports no torch);
 nothing outside the owner branches on a name. This module imports nothing of codistill but `errors`.
@@ -44,7 +45,11 @@ class Registry(dict[str, T], Generic[T]):
         return " | ".join(names)
 
     def _imported(self, name: str) -> T:
+        from codistill.trust import installed_module, require_remote_code
+
         module, _, attr = name.partition(":")
+        if not installed_module(module):  # importing it would run code that came with the job, not the machine
+            require_remote_code(f"{module} is not an installed package, and importing it runs its code")
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:

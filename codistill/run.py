@@ -27,6 +27,7 @@ from codistill.exchange import EXCHANGES
 from codistill.locations import new_run_id, resolve_run_dir
 from codistill.table import text_table
 from codistill.tasks import TASKS
+from codistill.trust import add_trust_flag, allow_remote_code
 
 __all__ = ["ConsoleReporter", "format_table", "main"]
 
@@ -160,11 +161,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="continue the run in DIR (its job.yaml; peers restart from the newest round they all can)",
     )
+    add_trust_flag(ap)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.trust_remote_code:
+        allow_remote_code()
     try:
         if args.resume:
             from codistill.storage import Storage
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except CodistillError as e:  # what the user caused or can fix; anything else keeps its traceback
         reporter.close()
-        where = f" (details: {Path(out_dir) / RUN_LOG})" if (Path(out_dir) / RUN_LOG).exists() else ""
+        log_file = Path(out_dir) / RUN_LOG
+        where = f" (details: {log_file})" if log_file.exists() and log_file.stat().st_size else ""
         print(f"error: {e}{where}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     finally:

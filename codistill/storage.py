@@ -7,14 +7,28 @@ read with torch.load(weights_only=True): nothing untrusted is unpickled.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Storage", "checkpoint_path"]
+from codistill.errors import CodistillError
+
+__all__ = ["Storage", "StorageFullError", "checkpoint_path"]
+
+
+class StorageFullError(CodistillError, OSError):
+    """The run directory's device is full (or over quota): nothing half-written was left behind."""
+
+
+def _out_of_space(e: OSError) -> bool:
+    # pyarrow raises OSError without errno set and says it in the message ("[errno 28] No space left on device")
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e) or "quota" in str(e).lower()
 
 
 CHECKPOINTS = "checkpoints"
@@ -39,15 +53,39 @@ class Storage:
         self.uri = uri if "://" in uri else self.root
 
     def _path(self, rel: str) -> str:
+        """`rel` under the run directory; a path that would leave it (absolute, `..`, empty parts) is a bug or
+        a crafted name, never written."""
+        parts = rel.split("/")
+        if not rel or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            raise ValueError(f"{rel!r} is not a path inside the run directory {self.uri}")
         return f"{self.root.rstrip('/')}/{rel}"
 
     def write(self, rel: str, data: bytes) -> None:
+        """Write then move: a crash never leaves half a file, and a failed write leaves no temporary file. A
+        full disk is a `StorageFullError` (one line: the path, the space free and the space needed)."""
         path = self._path(rel)
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with self.fs.open_output_stream(tmp) as f:  # write then move: a crash never leaves half a file
-            f.write(data)
-        self.fs.move(tmp, path)
+        try:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            if _out_of_space(e):
+                raise StorageFullError(self._full_message(path, len(data))) from None
+            raise
+
+    def _full_message(self, path: str, needed: int) -> str:
+        free = ""
+        if self.is_local():
+            with contextlib.suppress(OSError):
+                free = f"{shutil.disk_usage(self.root).free:,} bytes free, "
+        return (
+            f"no space left on the device of {path} ({free}{needed:,} bytes needed to write it); "
+            f"free some space, then continue with --resume {self.uri}"
+        )
 
     def read(self, rel: str) -> bytes | None:
         from pyarrow import fs
@@ -104,6 +142,21 @@ class Storage:
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self._path(rel))
+
+    def exists(self, rel: str) -> bool:
+        """Whether anything (a file or a folder) is at `rel`."""
+        from pyarrow import fs
+
+        return self.fs.get_file_info(self._path(rel)).type != fs.FileType.NotFound
+
+    def move(self, rel: str, to_rel: str) -> None:
+        """Move a file within the run directory (what is set aside rather than deleted); it never replaces
+        anything: a `FileExistsError` if `to_rel` exists."""
+        if self.exists(to_rel):
+            raise FileExistsError(self._path(to_rel))
+        target = self._path(to_rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        self.fs.move(self._path(rel), target)
 
     def write_torch(self, rel: str, obj: Any) -> None:
         buf = io.BytesIO()

@@ -26,10 +26,16 @@ under one sweep run. The end prints a ranked table and writes the best job as a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import os
+import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +43,11 @@ from typing import Any, Literal
 import yaml
 
 from codistill.config import RunConfig, apply_overrides, build, check, from_dict, job_path, read_yaml, to_dict
+from codistill.config.schema import NAME_RULE, is_safe_name
 from codistill.errors import ConfigError
-from codistill.locations import resolve_tracking_uri, storage_root
+from codistill.locations import resolve_tracking_uri, storage_root, under
 from codistill.table import text_table
+from codistill.trust import add_trust_flag, allow_remote_code
 from codistill.tune_trial import fmt, trainable, trial_title
 
 __all__ = ["DOMAINS", "SweepConfig", "load_sweep", "main", "run_sweep"]
@@ -79,6 +87,7 @@ class SweepConfig:
             self.perturbation_interval >= 1, "tune.perturbation_interval", self.perturbation_interval, "an integer >= 1"
         )
         check(self.trial_cpus >= 0, "tune.trial_cpus", self.trial_cpus, "a number >= 0")
+        check(self.name is None or is_safe_name(self.name), "tune.name", self.name, NAME_RULE)
 
 
 def _domain(kind: str, args: Any, path: str):
@@ -243,6 +252,47 @@ FINAL_KEYS = (
 """What a finished trial reports last (tune_trial.trainable); a row's `final`."""
 
 
+class _NoRestoreHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)": a sweep is resumed with --resume."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """The signals that stopped the sweep (empty: it ran to its end). On Ctrl-C Tune saves its state, stops the
+    trials and returns from fit() as if the sweep had finished; so that the sweep knows, SIGINT comes here (Tune's
+    own SIGINT handler is kept off) and is passed to the handler Tune keeps for SIGUSR1, which stops it the same
+    way. A second Ctrl-C stops at once, as in Tune. Outside the main thread nothing changes (Python allows
+    signal handlers there only)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield caught
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        tune_stop = signal.getsignal(signal.SIGUSR1)  # Tune's, while fit() runs
+        if len(caught) > 1 or not callable(tune_stop):
+            raise KeyboardInterrupt
+        tune_stop(signum, frame)
+
+    before, env = signal.signal(signal.SIGINT, on_sigint), os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by each fit()
+    hint = _NoRestoreHint()
+    logging.getLogger("ray.tune.tune").addFilter(hint)
+    try:
+        yield caught
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(hint)
+        signal.signal(signal.SIGINT, before)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
+
+
 def run_sweep(
     base_raw: dict,
     search: dict,
@@ -264,7 +314,7 @@ def run_sweep(
     name = settings.name or base_cfg.name
     root = Path(settings.storage_path).expanduser() if settings.storage_path else storage_root() / "tune"
     storage_path = str(root.absolute())
-    sweep_dir = os.path.join(storage_path, name)
+    sweep_dir = str(under(Path(storage_path), name, "tune.name"))
     if base_cfg.tracking.backend == "mlflow" and not base_cfg.tracking.uri:
         base_raw = set_dotted_value(base_raw, "tracking.uri", resolve_tracking_uri(None))  # absolute for trials
         base_cfg = build(base_raw)
@@ -304,7 +354,8 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
         )
-    grid = tuner.fit()
+    with _stop_signals() as stopped_by:
+        grid = tuner.fit()
     rows: list[dict[str, Any]] = []
     for result in (grid[i] for i in range(len(grid))):
         if result.config is None:
@@ -323,13 +374,15 @@ def run_sweep(
         )
     sign = -1 if settings.mode == "max" else 1
     rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] if r["metric"] is not None else 0), r["trial"]))
-    best = next((r for r in rows if r["metric"] is not None and r["complete"]), None)
+    # an interrupted sweep has no best job: its trials have not all run (--resume finishes it)
+    best = None if stopped_by else next((r for r in rows if r["metric"] is not None and r["complete"]), None)
     out: dict[str, Any] = {
         "sweep_dir": sweep_dir,
         "metric": settings.metric,
         "mode": settings.mode,
         "trials": rows,
         "mlflow_parent_run_id": parent_run_id,
+        "interrupted": stopped_by[0] if stopped_by else None,  # the signal that stopped the sweep
     }
     if best is not None:
         best_raw = trial_job(base_raw, best["params"], arms)
@@ -380,13 +433,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="sweep file: a job plus `search:` and `tune:` sections")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
+    add_trust_flag(ap)
     args = ap.parse_args(argv)
+    if args.trust_remote_code:
+        allow_remote_code()
     try:
         base_raw, search, settings = load_sweep(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = run_sweep(base_raw, search, settings, resume=args.resume)
+    if out["interrupted"]:
+        done = sum(r["complete"] for r in out["trials"])
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        print(
+            f"sweep interrupted ({done} of {len(out['trials'])} trials finished); resume it with: "
+            f"{shlex.join(['python', '-m', 'codistill.tune', *again, '--resume'])}",
+            file=sys.stderr,
+        )
+        return 128 + out["interrupted"]  # 130 for SIGINT, as a shell reports Ctrl-C
     print(format_ranking(out))
     if "best_job" in out:
         print(f"best job: {out['best_job']}")

@@ -5,7 +5,9 @@ trial's state into a weak one and go on with mutated settings (temperature, alph
 A trial checkpoint is a small directory: the run's `progress.json` and `job.yaml`, `trial.json`
 (which trial made it) and each peer's training checkpoint of that round. Restored into a trial, it
 becomes the trial's run directory and the run is resumed there with the trial's *own* settings;
-state copied from another trial (PBT's exploit) gets the trial's own MLflow runs.
+state copied from another trial (PBT's exploit) gets the trial's own MLflow runs. A trial that starts
+with no checkpoint (a sweep interrupted before the trial's first round, then resumed) starts over from
+step 0, and its new MLflow runs replace those of the attempt that was cut off: one run per trial.
 """
 
 from __future__ import annotations
@@ -101,6 +103,13 @@ def trainable(
     run_name = f"{cfg.name}-{trial_id}-{trial_title(config)}"  # MLflow, actor names and run.json alike
     checkpoint = tune.get_checkpoint()
     resume = False
+    if checkpoint is None:  # from step 0: what an attempt cut off before its first checkpoint left is replaced
+        shutil.rmtree(run_dir, ignore_errors=True)  # Tune gives a restored trial the same directory
+        if parent_run_id is not None and cfg.tracking.backend == "mlflow":
+            from codistill.locations import resolve_tracking_uri
+            from codistill.tracking.sweep import drop_earlier_attempts
+
+            drop_earlier_attempts(resolve_tracking_uri(cfg.tracking.uri), parent_run_id, f"{cfg.name}-{trial_id}-")
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             _restore(d, run_dir, trial_id)

@@ -19,6 +19,8 @@ from codistill.errors import ConfigError
 from codistill.registry import lookup
 
 __all__ = [
+    "MAX_ROUNDS",
+    "NAME_RULE",
     "DEFAULT_PEER_MODELS",
     "DEFAULT_STEPS",
     "MAX_STEPS",
@@ -33,10 +35,27 @@ __all__ = [
     "TermConfig",
     "TrackingConfig",
     "check",
+    "check_rounds",
+    "is_safe_name",
 ]
 
 MAX_STEPS = 10**9
 """Upper bound on a run's length in steps (a typo such as 10**12 steps is refused, not planned)."""
+MAX_ROUNDS = 100_000
+"""Upper bound on a run's rounds (steps / eval_every): each round evaluates every peer on the test set and is
+a record in progress.json, the summary and MLflow, so 10**9 steps at eval_every 1 is refused, not planned."""
+
+
+def check_rounds(steps: int, eval_every: int, steps_field: str = "steps") -> None:
+    """ConfigError unless `steps` (from `steps_field`) make at most MAX_ROUNDS rounds of `eval_every` steps."""
+    check(1 <= steps <= MAX_STEPS, steps_field, steps, f"at most {MAX_STEPS} steps")
+    if -(-steps // eval_every) > MAX_ROUNDS:
+        raise ConfigError(
+            "eval_every",
+            eval_every,
+            f"at least {-(-steps // MAX_ROUNDS)} for {steps} steps (a run has at most {MAX_ROUNDS} rounds: each "
+            "evaluates every peer and is a record in progress.json and MLflow)",
+        )
 
 
 def check(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -92,6 +111,9 @@ class DataConfig(_Section):
     num_classes: int | None = None
     """parquet: the number of classes when the file does not declare them (Hugging Face ClassLabel);
     labels must lie in [0, num_classes). None = declared, or inferred from dense labels."""
+    max_decoded_bytes: int | None = None
+    """What the decoded images may take in memory (bytes), checked from each image's declared size before
+    anything is decoded; None = half of the memory available when the job starts."""
     synthetic_train: int = 2048
     """synthetic only: number of training examples."""
     synthetic_shape: tuple[int, ...] = (1, 8, 8)
@@ -149,6 +171,12 @@ class DataConfig(_Section):
             self.num_classes,
             "null or an integer in [2, 1000000]",
         )
+        self._check(
+            self.max_decoded_bytes is None or self.max_decoded_bytes >= 1,
+            "max_decoded_bytes",
+            self.max_decoded_bytes,
+            "null (half the memory available) or a number of bytes >= 1",
+        )
         self._check(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "an integer >= 2")
 
 
@@ -187,7 +215,13 @@ class OptimConfig(_Section):
         self._check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
 
 
-_PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+NAME_RULE = "1-64 letters, digits, '_', '-', '.', '+', starting with a letter or digit (no path separators)"
+"""Names that become one path component (a run, a sweep, an experiment, a peer): never `..` or `a/b`."""
+
+
+def is_safe_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name)) and ".." not in name
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -238,12 +272,7 @@ class PeerConfig(_Section):
         self._registered("codistill.models", "MODELS", self.model, "model")
         self._check(1 <= self.workers <= 1024, "workers", self.workers, "an integer in [1, 1024]")
         if self.name is not None:
-            self._check(
-                bool(_PEER_NAME.match(self.name)) and self.name not in (".", ".."),
-                "name",
-                self.name,
-                "1-64 letters, digits, '_', '-', '.', '+' (no path separators)",
-            )
+            self._check(is_safe_name(self.name), "name", self.name, NAME_RULE)
 
 
 TERM_LAYERS = ("uniform", "last")
@@ -464,6 +493,24 @@ class TrackingConfig(_Section):
     """MLflow tracking URI; default MLFLOW_TRACKING_URI or MLflow's own default (sqlite:///mlflow.db)."""
     experiment: str | None = None
     """MLflow experiment; default the job name."""
+    connect_timeout_s: float = 10.0
+    """How long a run waits for the store to create its runs before training; past it (one warning line)
+    training goes on and tracking is retried in the background. At the end, how long it waits for a store
+    that keeps failing to take what is still queued."""
+    request_timeout_s: int = 10
+    """HTTP stores: seconds one call may take before it counts as failed and is retried later (the
+    tracker's calls run with MLFLOW_HTTP_REQUEST_TIMEOUT set to it and MLflow's own retries off)."""
+
+    def __post_init__(self) -> None:
+        self._check(
+            _finite(self.connect_timeout_s) and 0 < self.connect_timeout_s <= 3600,
+            "connect_timeout_s",
+            self.connect_timeout_s,
+            "a number of seconds in (0, 3600]",
+        )
+        self._check(
+            1 <= self.request_timeout_s <= 3600, "request_timeout_s", self.request_timeout_s, "an integer in [1, 3600]"
+        )
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -520,6 +567,8 @@ class RunConfig(_Section):
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        # the run id, the run directory, the Tune sweep and experiment directories are made from it
+        self._check(is_safe_name(self.name), "name", self.name, NAME_RULE)
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS)  # frozen: the one place the default is set
         self._check(
@@ -535,6 +584,8 @@ class RunConfig(_Section):
             "a finite number in (0, 1000000]",
         )
         self._check(1 <= self.eval_every <= MAX_STEPS, "eval_every", self.eval_every, "an integer >= 1")
+        if self.steps is not None:  # epochs: checked once the data's size is known (engine.preflight)
+            check_rounds(self.steps, self.eval_every)
         self._registered("codistill.engine", "ENGINES", self.engine, "engine")
         self._check(len(self.peers) >= 1, "peers", list(self.peers), "a list of at least one peer")
         names = [self.peer_name(i) for i in range(self.num_peers)]

@@ -9,6 +9,7 @@ arrays the format holds, and anything else is refused with one line. No ray, no 
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 from pathlib import Path
 from typing import Any
@@ -54,23 +55,29 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+MAX_BATCH_BYTES = 1 << 30
+"""The official batches are 31 MB (CIFAR-10) and 155 MB (CIFAR-100 train); anything past this is refused."""
+
+
+def _read_once(path: Path) -> bytes:
+    """The file's bytes from one open: what is hashed is what is loaded (a file swapped between a check and a
+    second open cannot slip through)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        data = f.read(MAX_BATCH_BYTES + 1)
+    if len(data) > MAX_BATCH_BYTES:
+        raise ConfigError("data.root", message=f"{path} is larger than {MAX_BATCH_BYTES:,} bytes: not a CIFAR batch")
+    return data
 
 
 def _load(path: Path) -> dict:
     key = f"{path.parent.name}/{path.name}"
-    with open(path, "rb") as f:
-        if OFFICIAL_MD5.get(key) == _md5(path):
-            return pickle.load(f, encoding="latin1")  # the official file, byte for byte
-        try:
-            entry = SafeUnpickler(f, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-            raise ConfigError("data.root", message=f"{path} is not a CIFAR python-version batch: {e}") from None
+    data = _read_once(path)
+    if OFFICIAL_MD5.get(key) == hashlib.md5(data).hexdigest():
+        return pickle.loads(data, encoding="latin1")  # the official file, byte for byte
+    try:
+        entry = SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ConfigError("data.root", message=f"{path} is not a CIFAR python-version batch: {e}") from None
     if not isinstance(entry, dict):
         raise ConfigError("data.root", message=f"{path} holds a {type(entry).__name__}, not a CIFAR batch (a dict)")
     return entry

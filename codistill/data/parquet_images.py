@@ -13,10 +13,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from codistill.data.budget import DecodeBudget
 from codistill.errors import ConfigError
 
 __all__ = ["check_labels", "declared_classes", "read_image_parquet"]
@@ -46,17 +48,27 @@ def check_labels(labels: np.ndarray, num_classes: int, field: str, where: str) -
 
 
 def infer_classes(labels: np.ndarray, field: str, where: str) -> int:
-    """max + 1, but only when that is plausible (at most twice the number of distinct labels): an outlier
-    such as 100000 among ten classes is a data error, not a 100001-class problem."""
+    """max + 1, but only when every label in [0, max] occurs: an outlier such as 15 among the ten classes
+    0..9, or 100000, is a data error, not a 16- or 100001-class problem."""
     if len(labels) == 0:
         raise ConfigError(field, message=f"{where} has no rows")
-    top = int(labels.max())
-    distinct = len(np.unique(labels))
-    if int(labels.min()) < 0 or top + 1 > 2 * distinct:
+    top, bottom = int(labels.max()), int(labels.min())
+    distinct = np.unique(labels)
+    if bottom < 0 or top + 1 > 2 * len(distinct):
         raise ConfigError(
             "data.num_classes",
-            message=f"{where} declares no classes and its labels run from {int(labels.min())} to {top} with only "
-            f"{distinct} distinct values; set data.num_classes (labels must lie in [0, num_classes))",
+            message=f"{where} declares no classes and its labels run from {bottom} to {top} with only "
+            f"{len(distinct)} distinct values; set data.num_classes (labels must lie in [0, num_classes))",
+        )
+    missing = np.setdiff1d(np.arange(top + 1), distinct)
+    if len(missing):
+        shown = ", ".join(str(int(m)) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        rows = np.flatnonzero(labels == top)
+        raise ConfigError(
+            "data.num_classes",
+            message=f"{where} declares no classes and its labels run from 0 to {top} but {shown} never occur "
+            f"(label {top} is on {len(rows)} row(s), the first {int(rows[0])}); set data.num_classes if there are "
+            f"{top + 1} classes, else fix the labels",
         )
     return top + 1
 
@@ -67,13 +79,42 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
 
 
-def read_image_parquet(path: str, field: str, limit: int | None) -> tuple[torch.Tensor, np.ndarray, int | None]:
+_BYTES_PER_BAND = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "1": 1}
+
+
+def _declared(img: Any) -> tuple[tuple[int, ...], int]:
+    """(the array shape np.asarray gives, its bytes as uint8) of an opened, not yet decoded, image."""
+    width, height = img.size
+    bands = len(img.getbands())
+    shape = (height, width) if bands == 1 else (height, width, bands)
+    return shape, width * height * bands * _BYTES_PER_BAND.get(img.mode, 1)
+
+
+def _batch_rows(pf: Any, budget: DecodeBudget) -> int:
+    """Rows per read batch: Parquet stores a repeated value once, so a batch can hold many copies of the
+    largest value of a row group's image column (at most its uncompressed size); keep a batch's copies
+    within a tenth of the budget."""
+    largest = 0
+    for g in range(pf.metadata.num_row_groups):
+        group = pf.metadata.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            if column.path_in_schema.startswith("image"):
+                largest = max(largest, column.total_uncompressed_size)
+    return int(max(1, min(256, budget.limit // 10 // max(largest, 1))))
+
+
+def read_image_parquet(
+    path: str, field: str, limit: int | None, budget: DecodeBudget | None = None
+) -> tuple[torch.Tensor, np.ndarray, int | None]:
     """(images uint8 (N, C, H, W), labels int64 (N,), declared class count or None) of the first
-    `limit` rows (all when None). Raises ConfigError naming `field` for anything a user can fix."""
+    `limit` rows (all when None). Each image's declared size is checked before it is decoded, and the
+    whole array is taken from `budget` before it is allocated. Raises ConfigError naming `field` for
+    anything a user can fix."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image, UnidentifiedImageError
 
+    budget = budget or DecodeBudget(None)
     p = Path(os.path.expanduser(path))
     if not p.exists():
         raise ConfigError(field, message=f"Parquet file {str(p)!r} does not exist")
@@ -87,36 +128,55 @@ def read_image_parquet(path: str, field: str, limit: int | None) -> tuple[torch.
             field, message=f"{p} has columns {names}; the Hugging Face image layout needs image and label"
         )
     rows = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
-    images: list[bytes] = []
     labels: list[np.ndarray] = []
-    try:
-        for batch in pf.iter_batches(batch_size=8192, columns=["image", "label"]):
-            take = min(len(batch), rows - len(images))
-            images.extend(batch.column("image").field("bytes").to_pylist()[:take])
-            labels.append(batch.column("label").to_numpy(zero_copy_only=False)[:take].astype(np.int64))
-            if len(images) >= rows:
-                break
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(field, message=f"{p} could not be read ({e})") from None
     out: np.ndarray | None = None
+    i = 0
     with _progress(rows, f"decoding {p.name}") as bar:
-        for i, data in enumerate(images):
-            try:
-                if data is None:
-                    raise ValueError("no image bytes")
-                img = np.asarray(Image.open(io.BytesIO(data)))
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise ConfigError(field, message=f"{p}: the image at row {i} does not decode ({e})") from None
-            if out is None:
-                out = np.empty((rows, *img.shape), dtype=np.uint8)
-            if img.shape != out.shape[1:]:
-                raise ConfigError(
-                    field, message=f"{p}: the image at row {i} is {img.shape}, the first is {out.shape[1:]}: one shape"
-                )
-            out[i] = img
-            bar.update(1)
+        try:
+            batches = pf.iter_batches(batch_size=_batch_rows(pf, budget), columns=["image", "label"])
+            for batch in batches:
+                take = min(len(batch), rows - i)
+                labels.append(batch.column("label").to_numpy(zero_copy_only=False)[:take].astype(np.int64))
+                for data in batch.column("image").field("bytes").to_pylist()[:take]:  # this batch's only
+                    img = _open(data, p, i, field)
+                    shape, nbytes = _declared(img)
+                    if out is None:
+                        budget.take(rows * nbytes, field, f"{p}: {rows:,} rows of {_dims(shape)} images")
+                        out = np.empty((rows, *shape), dtype=np.uint8)
+                    if shape != out.shape[1:]:
+                        first = out.shape[1:]
+                        raise ConfigError(field, message=f"{p}: the image at row {i} is {shape}, the first is {first}")
+                    try:
+                        out[i] = np.asarray(img)
+                    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt pixel data
+                        raise ConfigError(field, message=f"{p}: the image at row {i} does not decode ({e})") from None
+                    i += 1
+                    bar.update(1)
+                if i >= rows:
+                    break
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConfigError(field, message=f"{p} could not be read ({e})") from None
     if out is None:
         raise ConfigError(field, message=f"{p} has no rows")
     x = torch.from_numpy(out)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W[, C]) -> (N, C, H, W)
     return x.contiguous(), np.concatenate(labels), declared_classes(pf.schema_arrow.metadata)
+
+
+def _open(data: bytes | None, p: Path, row: int, field: str) -> Any:
+    """The image of `row`, opened (its header read), not decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if data is None:
+            raise ValueError("no image bytes")
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own limit on declared pixels, checked in open()
+        raise ConfigError(field, message=f"{p}: the image at row {row} is too large to decode ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ConfigError(field, message=f"{p}: the image at row {row} does not decode ({e})") from None
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    """`W x H` or `W x H x C` of an np.asarray shape (H, W[, C])."""
+    return " x ".join(str(d) for d in (shape[1], shape[0], *shape[2:]))

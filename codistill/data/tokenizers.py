@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -222,8 +223,20 @@ class HFTokenizer(Tokenizer):
         _need("transformers", f"hf:{name}")
         import transformers
 
+        from codistill.hf_hub import hub_reachable
+        from codistill.trust import remote_code_allowed
+
+        def load(**kwargs: Any) -> Any:  # a tokenizer's own code (auto_map) only with the person's opt-in
+            return transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=remote_code_allowed(), **kwargs)
+
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(name)
+            local = os.path.exists(os.path.expanduser(name))
+            try:
+                tok = load() if local else load(local_files_only=True)
+            except (OSError, ValueError):
+                if local or not hub_reachable():
+                    raise
+                tok = load()
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from codistill.config import DataConfig
+from codistill.data.budget import DecodeBudget
 from codistill.data.cifar import read_cifar_batches
 from codistill.data.dataset import Dataset, channel_stats
 from codistill.data.parquet_images import check_labels, infer_classes, read_image_parquet
@@ -116,10 +117,11 @@ def torchvision_cifar(
 def parquet(cfg: DataConfig) -> Dataset:
     """Images in Parquet (Hugging Face layout), checked as they are read (codistill.data.parquet_images)."""
     splits = {}
+    budget = DecodeBudget(cfg.max_decoded_bytes)  # both splits together
     for split, path, limit in (("train", cfg.train, cfg.limit_train), ("test", cfg.test, cfg.limit_test)):
         if path is None:
             raise ConfigError(f"data.{split}", None, "the path of a Parquet file when data.name is parquet")
-        splits[split] = read_image_parquet(str(path), f"data.{split}", limit)
+        splits[split] = read_image_parquet(str(path), f"data.{split}", limit, budget)
     (xtr, ytr, declared_tr), (xte, yte, declared_te) = splits["train"], splits["test"]
     if xtr.shape[1:] != xte.shape[1:]:
         raise ConfigError("data.test", message=f"test images are {tuple(xte.shape[1:])}, train {tuple(xtr.shape[1:])}")

@@ -13,8 +13,8 @@ from codistill.errors import CodistillError
 __all__ = ["Decision", "FailureKind", "FailurePolicy", "PeerFailedError", "PeerFailure"]
 
 FailureKind = Literal["restarted", "died", "step_failed", "start_failed"]
-"""restarted: Ray restarted the actor and it resumed from its checkpoint; died: it is dead for good
-(restarts used up); step_failed: a step raised (non-finite loss, a teacher that never came within
+"""restarted: Ray restarted the actor (`detail`: how it went on, from which checkpoint or from step 0); died: it
+is dead for good (restarts used up); step_failed: a step raised (non-finite loss, a teacher that never came within
 exchange.timeout_s, ...); start_failed: the peer could not be built (it is not restarted: it would fail the
 same way)."""
 
@@ -54,9 +54,8 @@ class FailurePolicy:
 
     def decide(self, failure: PeerFailure) -> tuple[Decision, str]:
         if failure.kind == "restarted":
-            return Decision.CONTINUE, (
-                f"{failure.peer} restarted ({failure.restarts} restart(s) so far) and resumed from its last checkpoint"
-            )
+            how = f" and {failure.detail}" if failure.detail else ""  # "resumed from ... at step K" / "started over"
+            return Decision.CONTINUE, f"{failure.peer} restarted ({failure.restarts} restart(s) so far){how}"
         if failure.kind == "start_failed":
             return Decision.RAISE, f"peer {failure.peer} could not start: {failure.detail}"
         if failure.kind == "died":

@@ -1,9 +1,10 @@
 """PeerActor: one Peer in its own Ray actor (RayEngine).
 
 Restarted by Ray (`max_restarts`), it resumes from its newest usable training checkpoint (a corrupt
-one is a warning and the one before is used); started by a resuming driver, from the step the
-driver names. A round's step losses are part of its checkpoint, so a round re-run after a restart
-reports every step of the round once. Training runs free: it waits only where the exchange says.
+one is a warning and the one before is used), or from step 0 when none is usable (`info()["resumed_from"]`
+is None: the driver's one line says which); started by a resuming driver, from the step the driver names.
+A round's step losses are part of its checkpoint, so a round re-run after a restart reports every step of
+the round once. Training runs free: it waits only where the exchange says.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from codistill.config import build
 from codistill.data import Dataset
 from codistill.engine.report import PeerReport, term_means
+from codistill.engine.resume import ForeignCheckpointError, foreign_checkpoint
 from codistill.exchange import EXCHANGES, make_exchange
-from codistill.exchange.ray_board import RayBoardClient
+from codistill.exchange.ray_board import RayBoardClient, actor_restarts
 from codistill.exchange.stats import ExchangeStats
 from codistill.exchange.topology import rank_slot
 from codistill.exchange.wire import WireWeights
@@ -29,17 +31,6 @@ from codistill.registry import install_extras
 from codistill.storage import Storage, checkpoint_path
 
 __all__ = ["GroupRank", "PeerActor", "PeerStartError"]
-
-
-def _ray_restarts() -> int:
-    """How often Ray has restarted the current actor (0 for a fresh one)."""
-    ctx = ray.get_runtime_context()
-    try:  # the count lives in the GCS actor table; the public API only says whether it is > 0
-        from ray._private.state import actors
-
-        return int(actors(actor_id=ctx.get_actor_id())["NumRestarts"])
-    except Exception:
-        return int(bool(ctx.was_current_actor_reconstructed))
 
 
 class PeerStartError(RuntimeError):
@@ -148,7 +139,7 @@ class PeerActor:
         self.round_terms: list[dict[str, float]] = []  # each step's loss terms (StepLoss.terms), when the job has them
         self.group_stats: list[dict] = []  # every rank's exchange counters at the last checkpoint
         self.lr = 0.0
-        ray_restarts = _ray_restarts() if group is None else self.group.restarts
+        ray_restarts = actor_restarts() if group is None else self.group.restarts
         self.restarts = prior_restarts + ray_restarts
         self.resumed_from: int | None = None
         if ray_restarts:
@@ -171,7 +162,7 @@ class PeerActor:
                 self.events.append(
                     f"warning: {self.peer.name}: checkpoint at step {step} unusable ({why}); trying the one before"
                 )
-        self.events.append(f"{self.peer.name} restarted with no usable checkpoint: from step 0")
+        # none usable: from step 0 (resumed_from stays None; the driver's restart line says so)
 
     def _load(self, step: int) -> None:
         state = self.storage.read_torch(checkpoint_path(self.peer.name, step))
@@ -180,7 +171,10 @@ class PeerActor:
         self.load_state(state)
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Go on from a training checkpoint (this peer's file, or a worker group's Train checkpoint)."""
+        """Go on from a training checkpoint (this peer's file, or a worker group's Train checkpoint); one that
+        another run wrote is refused before anything is loaded (`ForeignCheckpointError`, naming both runs)."""
+        if (why := foreign_checkpoint(state, self.run_id)) is not None:
+            raise ForeignCheckpointError(why)
         step = int(state["step"])
         self.peer.load_training_state(state)
         boards = state["board"] if isinstance(state["board"], list) else [state["board"]]
@@ -222,6 +216,8 @@ class PeerActor:
                 round_terms=list(self.round_terms),
                 lr=self.lr,
                 board=ranks[0]["board"] if len(ranks) == 1 else [r["board"] for r in ranks],
+                run_id=self.run_id,  # checked on every load: a run never goes on from another run's checkpoint
+                total_steps=self.peer.total_steps,  # with the step and round_index: a resume can tell a round end
             )
             self.storage.write_torch(checkpoint_path(name, now), state)
             for old in self.storage.checkpoint_steps(name):

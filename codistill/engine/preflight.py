@@ -6,7 +6,10 @@ dataset, so it is decoded once, here, and shared."""
 
 from __future__ import annotations
 
+import math
+
 from codistill.config import RunConfig
+from codistill.config.schema import check_rounds
 from codistill.data import Dataset, load_dataset
 from codistill.errors import ConfigError
 
@@ -29,6 +32,8 @@ def check_job(cfg: RunConfig) -> Dataset:
             f"at most {smallest}, the size of {where} {n} training examples"
             + (" (data.limit_train)" if cfg.data.limit_train else ""),
         )
+    if cfg.epochs is not None:  # the longest peer's steps: a whole training set's epochs at most
+        check_rounds(math.ceil(cfg.epochs * (n // cfg.data.batch_size)), cfg.eval_every, "epochs")
     if len(dataset.test_y) == 0:
         raise ConfigError("data.limit_test", cfg.data.limit_test, "at least 1 test example")
     check_models(cfg, dataset)

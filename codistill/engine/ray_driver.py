@@ -6,17 +6,19 @@ The assembly of rounds from the peers' reports (`RoundAssembler`) is plain Pytho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
+from codistill import trust
 from codistill.config import RunConfig, to_dict
 from codistill.data import Dataset
 from codistill.engine.failure import Decision, FailurePolicy, PeerFailure
@@ -49,6 +51,42 @@ def _one_line(e: BaseException) -> str:
         return f"{text[0] if text else type(cause).__name__}"
     text = [line for line in str(e).strip().splitlines() if line.strip()]
     return text[-1][:300] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _worker_output_to_run_log() -> Iterator[None]:
+    """While a run that has a log file lasts (codistill.api), what its Ray workers print goes to that file and not
+    to the console: Ray forwards every worker's stdout and stderr to the driver, and a killed rank of a worker
+    group alone makes ~150 lines of gloo and Ray Train tracebacks there (the console has the run's one event line).
+    Ray's cluster notices (autoscaler) still print. Ray has no public hook for this: its driver prints through a
+    dispatcher whose printing handler is swapped here for the run's length and put back after."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: its output stays where Ray puts it
+        yield
+        return
+    printer = dict(getattr(dispatcher, "handlers", [])).get("ray_print_logs")  # None: log_to_driver=False
+    if printer is None or not log.handlers:
+        yield
+        return
+    workers = log.getChild("workers")
+
+    def to_run_log(batch: dict) -> None:
+        if batch.get("pid") == "autoscaler":
+            printer(batch)
+            return
+        who = batch.get("actor_name") or batch.get("task_name") or ""
+        prefix = f"({who} pid={batch.get('pid')}, ip={batch.get('ip')}) "  # as Ray prints it, with the node
+        for line in batch.get("lines", []):
+            workers.info("%s%s", prefix, line)
+
+    dispatcher.add_handler("codistill_run_log", to_run_log)
+    dispatcher.remove_handler("ray_print_logs")
+    try:
+        yield
+    finally:
+        dispatcher.add_handler("ray_print_logs", printer)
+        dispatcher.remove_handler("codistill_run_log")
 
 
 R = TypeVar("R")  # a peer's round report (PeerReport in RayEngine)
@@ -129,10 +167,13 @@ class RayEngine:
 
         if ray.is_initialized():
             return
+        # the person's opt-in to code a job names (codistill.trust) holds in every worker of this job
+        env = trust.runtime_env_vars()
+        runtime_env = {"env_vars": env} if env else None
         if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointing at a cluster
-            ray.init(log_to_driver=True)
+            ray.init(log_to_driver=True, runtime_env=runtime_env)
         else:
-            ray.init(include_dashboard=False)
+            ray.init(include_dashboard=False, runtime_env=runtime_env)
 
     def _placement_group(self) -> tuple[Any, int, bool]:
         """(placement group, index of the first one-worker peer's bundle, whether we own it); None when every
@@ -191,6 +232,12 @@ class RayEngine:
         )
 
     def run(self, out_dir: str | Path, dataset: Dataset | None = None) -> list[RoundResult]:
+        with contextlib.ExitStack() as once_ray_runs:  # what lasts from Ray's start to the run's end
+            return self._run(out_dir, dataset, once_ray_runs)
+
+    def _run(
+        self, out_dir: str | Path, dataset: Dataset | None, once_ray_runs: contextlib.ExitStack
+    ) -> list[RoundResult]:
         cfg = self.cfg
         storage = Storage(out_dir)
         names = [cfg.peer_name(i) for i in range(cfg.num_peers)]
@@ -201,11 +248,12 @@ class RayEngine:
             self.reporter.on_event(held)
         point = ResumePoint(None, [])
         if self.resume:
-            point = plan_resume(cfg, storage)
+            point = plan_resume(cfg, storage, self.run_id)
             apply_resume(cfg, storage, point)
             self.prior_rounds = point.prior_rounds
             self.reporter.on_resume(self.prior_rounds)
         self.init_ray()
+        once_ray_runs.enter_context(_worker_output_to_run_log())
         self._check_groups_fit()
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -255,7 +303,7 @@ class RayEngine:
                     )
                 )
             self.peer_info = self._started(actors)
-            history = self._collect(actors, dataset.test_y, storage, point.messages)
+            history = self._collect(actors, dataset.test_y, storage, point)
             finals = ray.get([a.final_weights.remote() for a in actors])
             for name, w in zip(names, finals):
                 storage.write_torch(f"peers/{name}.pt", w)
@@ -330,6 +378,38 @@ class RayEngine:
         except ray.exceptions.ActorDiedError as e:
             log.error("the exchange board could not start:\n%s", e)
             raise CodistillError(f"the exchange board could not start: {_one_line(e)}") from None
+        self._board, self._board_seen = board, ray.get(board.incarnation.remote())
+
+    def _board_restarted(self) -> str | None:
+        """A line when Ray restarted the board since the driver last asked (once per round report: a call that
+        waits only while the board is being restarted); the peers tell the new board what it lost."""
+        import ray
+
+        now = ray.get(self._board.incarnation.remote())
+        if now["epoch"] == self._board_seen["epoch"]:
+            return None
+        self._board_seen = now
+        return (
+            f"the exchange board restarted ({max(now['restarts'], 1)} restart(s) so far); "
+            f"the peers publish again what it held"
+        )
+
+    def _restart_detail(self, actor: Any) -> str:
+        """How a restarted peer went on, from what it says once it is back: "resumed from its checkpoint at step K"
+        or "started over from step 0" (no usable checkpoint); a worker group says its workers were started again."""
+        import ray
+
+        try:
+            info = ray.get(actor.info.remote())
+        except ray.exceptions.RayError:  # gone again: its next report tells
+            return ""
+        step = info["resumed_from"]
+        how = (
+            f"resumed from its checkpoint at step {step}"
+            if step is not None
+            else "started over from step 0 (no usable checkpoint)"
+        )
+        return how + (f" (Ray Train started its {info['workers']} workers again)" if info.get("workers") else "")
 
     def _started(self, actors: list[Any]) -> list[dict]:
         """Each peer's info once it is built; a peer that could not be built stops the run in one line."""
@@ -346,7 +426,7 @@ class RayEngine:
         return infos
 
     def _collect(
-        self, actors: list[Any], labels: torch.Tensor, storage: Storage, messages: list[str]
+        self, actors: list[Any], labels: torch.Tensor, storage: Storage, point: ResumePoint
     ) -> list[RoundResult]:
         import ray
 
@@ -354,12 +434,12 @@ class RayEngine:
         totals = [info["total_steps"] for info in self.peer_info]  # may differ per peer under `disjoint` shards
         self.reporter.on_start(cfg, max(totals))
         ends = [round_ends(t, cfg.eval_every) for t in totals]
-        assembler: RoundAssembler[PeerReport] = RoundAssembler(
-            [len(e) for e in ends], first_round=len(self.prior_rounds)
-        )
+        assembler: RoundAssembler[PeerReport] = RoundAssembler([len(e) for e in ends], first_round=point.first_round)
         assembled_steps: list[list[int]] = [  # each assembled round's per-peer steps: the resume points
             [int(r["peers"][cfg.peer_name(i)]["step"]) for i in range(cfg.num_peers)] for r in self.prior_rounds
         ]
+        if not assembled_steps and point.steps is not None:  # progress.json's records were lost: the point stands
+            assembled_steps = [[point.steps[cfg.peer_name(i)] for i in range(cfg.num_peers)]]
         next_round = [sum(1 for e in ends[i] if e <= info["step"]) for i, info in enumerate(self.peer_info)]
         pending: dict[Any, tuple[int, int]] = {}
         unavailable_since: dict[int, float] = {}
@@ -373,12 +453,14 @@ class RayEngine:
         for i in range(cfg.num_peers):
             submit(i)
         if not pending:  # resumed after the last round: the peers report it again (no training) for the summary
+            for line in point.messages:
+                self.reporter.on_event(line)
             refs = [a.run_round.remote(ends[i][-1], len(ends[i]) - 1, 0) for i, a in enumerate(actors)]
-            self.final = evaluate_round(len(self.prior_rounds) - 1, ray.get(refs), labels, **self._task)
+            self.final = evaluate_round(point.first_round - 1, ray.get(refs), labels, **self._task)
             return []
         history: list[RoundResult] = []
         restarts = [info["restarts"] for info in self.peer_info]
-        events: list[str] = list(messages)
+        events: list[str] = list(point.messages)
         warned: set[str] = set()
         for i, info in enumerate(self.peer_info):
             if info["resumed_from"] is not None:
@@ -410,8 +492,11 @@ class RayEngine:
                 failure = PeerFailure(cfg.peer_name(i), r, "step_failed", _one_line(e))
             unavailable_since.pop(i, None)
             if report is not None and report.restarts > restarts[i]:
-                failure = PeerFailure(report.name, r, "restarted", "", report.restarts)
+                failure = PeerFailure(report.name, r, "restarted", self._restart_detail(actors[i]), report.restarts)
                 restarts[i] = report.restarts
+            if report is not None and (board_line := self._board_restarted()) is not None:
+                events.append(board_line)  # a board failure is never a peer's: a line of its own
+                self.reporter.on_event(board_line)
             if failure is not None:
                 decision, msg = self.failure_policy.decide(failure)
                 if decision is Decision.RAISE:

@@ -25,6 +25,7 @@ import torch
 
 from codistill.config import build
 from codistill.engine.peer_actor import GroupRank, PeerActor
+from codistill.engine.resume import foreign_checkpoint
 from codistill.exchange.ray_board import WeightOutbox
 from codistill.exchange.wire import WireWeights
 from codistill.storage import Storage
@@ -64,7 +65,7 @@ class TrainRank(GroupRank):
             ray.train.report({"step": step})
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
+            torch.save(state, Path(d) / STATE_FILE)  # the checkpoint file's state: its run id is checked on load
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -95,25 +96,22 @@ def _train_loop(config: dict) -> None:
     # After a restart PeerActor has loaded the peer's newest checkpoint file; Train's newest may be older (Train
     # registers a reported checkpoint at its next poll of the workers, and a worker can die before it). The
     # newer one wins, so no step is trained twice and none is lost.
-    source = "its checkpoint file"
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, weights_only=True)
-        if int(state["step"]) > actor.peer.step:
+        # the state is the peer's checkpoint file's (PeerActor._save), run id included: another run's is not loaded
+        if (why := foreign_checkpoint(state, actor.run_id)) is not None:
+            if rank == 0:
+                actor.events.append(f"warning: {actor.peer.name}: its Ray Train checkpoint is unusable ({why})")
+        elif int(state["step"]) > actor.peer.step:
             actor.load_state(state)
-            source = "its Ray Train checkpoint"
     steps = group.gather({"step": actor.peer.step})
     if len({g["step"] for g in steps}) > 1:  # a rank that cannot see the run directory starts elsewhere
         raise RuntimeError(
             f"peer {actor.peer.name}: its ranks start from different steps {[g['step'] for g in steps]}; the run "
             f"directory must be storage every node sees (a shared path or a pyarrow.fs URI such as s3://...)"
         )
-    if restarts > 0 and rank == 0:
-        actor.events.append(
-            f"{actor.peer.name}: Ray Train restarted its {group.world_size} workers; they go on from step "
-            f"{actor.peer.step} ({source})"
-        )
-    if rank == 0:
+    if rank == 0:  # after a restart its resumed_from says where the group went on (the driver's one line)
         host.rank0_ready.remote(actor.info())
     seen = -1
     while True:

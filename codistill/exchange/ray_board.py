@@ -31,10 +31,21 @@ import ray
 from codistill.exchange.board import Board, BoardState, TeacherUnavailable
 from codistill.exchange.wire import LogitShard, WireWeights
 
-__all__ = ["RayBoardActor", "RayBoardClient", "WAIT_SLICE_S", "WeightOutbox"]
+__all__ = ["RayBoardActor", "RayBoardClient", "WAIT_SLICE_S", "WeightOutbox", "actor_restarts"]
 
 WAIT_SLICE_S = 5.0
 """The longest one board call waits: a client checks the board's epoch at least this often."""
+
+
+def actor_restarts() -> int:
+    """How often Ray has restarted the current actor (0 for a fresh one)."""
+    ctx = ray.get_runtime_context()
+    try:  # the count lives in the GCS actor table; the public API only says whether it is > 0
+        from ray._private.state import actors
+
+        return int(actors(actor_id=ctx.get_actor_id())["NumRestarts"])
+    except Exception:
+        return int(bool(ctx.was_current_actor_reconstructed))
 
 
 class RayBoardActor:
@@ -80,6 +91,11 @@ class RayBoardActor:
         import os
 
         return os.getpid()
+
+    def incarnation(self) -> dict:
+        """{"epoch", "restarts"}: which board this is, and how often Ray has restarted the board (the driver
+        reports a restart as an event of the run)."""
+        return {"epoch": self.epoch, "restarts": actor_restarts()}
 
     # -- logits --
     def publish_logits(self, publisher: int, batch_step: int, entry: list | LogitShard) -> None:

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from codistill.config import RunConfig, apply_overrides, build, job_path, read_yaml
+from codistill.config.schema import NAME_RULE, is_safe_name
 from codistill.errors import CodistillError, ConfigError, ResourcesError
 from codistill.experiment.plan import ExperimentPlan, make_plan
 from codistill.experiment.plot import plot_report
 from codistill.experiment.report import build_report, format_table, to_markdown
 from codistill.locations import new_run_id, resolve_tracking_uri, storage_root
+from codistill.trust import add_trust_flag, allow_remote_code
 
 __all__ = ["main", "run_experiment", "fit_to_cluster"]
 
@@ -113,6 +115,7 @@ def run_experiment(
     ]
     report = build_report(plan, trials, cfg.name, command)
     report["trials"] = trials
+    report["interrupted"] = out["interrupted"]  # the signal that stopped it (Ctrl-C: --resume finishes it)
     folder = Path(out["sweep_dir"])
     files = {"md": folder / "report.md", "json": folder / "report.json", "png": folder / "report.png"}
     if not plot_report(report, files["png"]):
@@ -142,11 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", default=None, help="default: <storage root>/experiments")
     ap.add_argument("--trial-cpus", type=float, default=0.1, help="CPUs of each trial's driver bundle")
     ap.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
+    add_trust_flag(ap)
     args = ap.parse_args(argv)
+    if args.trust_remote_code:
+        allow_remote_code()
     command = shlex.join(["python", "-m", "codistill.experiment", *argv])
     try:
         if args.resume and not args.name:
             raise ConfigError("--resume", message="needs --name: the experiment to finish")
+        if args.name is not None and not is_safe_name(args.name):  # a directory under the storage root
+            raise ConfigError("--name", args.name, NAME_RULE)
         raw = apply_overrides(read_yaml(job_path(args.config)), args.overrides)
         job_name = build(raw).name  # the job itself is valid before its arms are checked
         plan = make_plan(raw, args.vary, args.arm, args.seeds, args.first_seed)
@@ -169,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     for kind, path in files.items():
         print(f"{kind:>4}: {path}")
+    if report["interrupted"]:
+        print(f"experiment interrupted; finish it with --name {name} --resume", file=sys.stderr)
+        return 128 + report["interrupted"]  # 130 for SIGINT
     if report["missing"]:
         print(
             f"{len(report['missing'])} of {plan.num_trials} runs have no result; finish them with "

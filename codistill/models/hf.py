@@ -6,7 +6,9 @@
   `AutoModelForCausalLM.from_config`, freshly initialised; this needs no network.
 - `hf:<hub id or local path>`: that model's config (`AutoConfig.from_pretrained`; `model_args` override
   its attributes) and, with `pretrained=True`, its weights (`AutoModelForCausalLM.from_pretrained`).
-  Its vocabulary must be the job tokenizer's (`num_classes`).
+  Its vocabulary must be the job tokenizer's (`num_classes`). The model's own Python code (a config with
+  `auto_map`) runs only when `model_args.trust_remote_code: true` *and* the person starting the run allows
+  it (`codistill.trust`); other loader options (revision, token, cache_dir, ...) are not job fields.
 
 Every model is wrapped in `HFCausalLM`, whose forward maps tokens (B, T) to logits (B, T, V) like the
 other language models; the Hugging Face model is `.hf_model` (for `save_pretrained`). Parameters are
@@ -16,13 +18,16 @@ float32 whatever the checkpoint's dtype (mixed precision is the peer's autocast)
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from codistill.hf_hub import hub_reachable
 from codistill.models.gpt import lm_block_size
 from codistill.models.taps import Layers
+from codistill.trust import OPT_IN, require_remote_code
 
 __all__ = ["HFCausalLM", "check_hf_name", "hf", "hf_model"]
 
@@ -128,6 +133,72 @@ def check_hf_name(name: str) -> None:
         raise ValueError("a Hugging Face hub id or local path after 'hf:' (hf:<id or path>)")
 
 
+_LOADER_OPTIONS = frozenset(
+    {
+        "trust_remote_code",
+        "code_revision",
+        "revision",
+        "cache_dir",
+        "force_download",
+        "proxies",
+        "token",
+        "use_auth_token",
+        "local_files_only",
+        "subfolder",
+        "return_unused_kwargs",
+        "gguf_file",
+        "adapter_kwargs",
+    }
+)
+"""Keyword arguments of `from_pretrained` that are not config attributes: never taken from a job."""
+
+
+def _trust_remote_code(asked: Any, who: str) -> bool:
+    """`model_args.trust_remote_code`: the job may ask for the model's own code; it runs only with the opt-in
+    given where the run starts (`codistill.trust`)."""
+    if not isinstance(asked, bool):
+        raise ValueError(f"model_args: trust_remote_code of {who} must be true or false, got {asked!r}")
+    if asked:
+        require_remote_code(f"model_args: trust_remote_code of {who} runs the Python files that model names")
+    return asked
+
+
+def load_config(name: str, trust: bool, who: str) -> Any:
+    """The config of `hf:<name>`: a local folder, else the Hugging Face cache, else the hub when it can be
+    reached; a ValueError in one line otherwise. Remote code runs only when `trust` (see `_trust_remote_code`)."""
+    from transformers import AutoConfig
+
+    def load(**kwargs: Any) -> Any:
+        try:
+            return AutoConfig.from_pretrained(name, trust_remote_code=trust, **kwargs)
+        except OSError as e:
+            raise ValueError(f"{who}: {_first_line(e)}") from None
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise ValueError(
+                    f"{who}: its config names its own Python code (auto_map) and no class of transformers; "
+                    f"set model_args.trust_remote_code: true and allow it with {OPT_IN}"
+                ) from None
+            raise ValueError(f"{who}: {_first_line(e)}") from None
+
+    if Path(name).expanduser().exists():
+        return load()
+    try:
+        return load(local_files_only=True)
+    except ValueError:
+        if not hub_reachable():
+            raise ValueError(
+                f"{who}: not a local folder, not in the Hugging Face cache, and the hub cannot be reached; "
+                "give a local path or download it first (huggingface-cli download)"
+            ) from None
+    return load()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def hf_model(name: str) -> Callable[..., nn.Module]:
     """`hf:<hub id or local path>`: the builder `(input_shape, num_classes, *, pretrained=False,
     **model_args)` of that model; `model_args` override attributes of its config."""
@@ -137,16 +208,18 @@ def hf_model(name: str) -> Callable[..., nn.Module]:
     def build(
         input_shape: tuple[int, ...], num_classes: int, *, pretrained: bool = False, **model_args: Any
     ) -> nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         check_hf_name(name)
         block_size = lm_block_size(input_shape, who)
         if "model_type" in model_args:
             raise ValueError(f"model_args: {who} takes its model_type from its config; remove model_type")
-        config, unused = AutoConfig.from_pretrained(name, return_unused_kwargs=True, **model_args)
-        if unused:
-            key = sorted(unused)[0]
-            raise ValueError(f"model_args: {key!r} is not an attribute of the config of {who}")
+        trust = _trust_remote_code(model_args.pop("trust_remote_code", False), who)
+        config = load_config(name, trust, who)
+        for key, value in model_args.items():  # overrides of config attributes, nothing else (no loader options)
+            if key.startswith("_") or key in _LOADER_OPTIONS or not hasattr(config, key):
+                raise ValueError(f"model_args: {key!r} is not an attribute of the config of {who}")
+            setattr(config, key, value)
         _check_vocab(config, num_classes, who)
         if pretrained:
             found = _positions(config)
@@ -154,10 +227,12 @@ def hf_model(name: str) -> Callable[..., nn.Module]:
                 raise ValueError(
                     f"{who}: block_size {block_size} exceeds the pretrained model's {found[0]} ({found[1]})"
                 )
-            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                name, config=config, dtype=torch.float32, trust_remote_code=trust
+            )
         else:
             _fit_positions(config, block_size)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
         return _wrap(model, num_classes, who)
 
     build.__name__ = build.__qualname__ = "hf_" + "".join(c if c.isalnum() else "_" for c in name)

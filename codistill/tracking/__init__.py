@@ -1,7 +1,8 @@
 """MLflow tracking: the only package that imports mlflow. Only the driver logs.
 
 `make_tracker` gives a `Tracker` (a job's runs; `mlflow_run`) or, with `tracking: none`, a
-`NullTracker`. Failures of the store never stop training (`safe`).
+`NullTracker`. Failures of the store never stop training, and a store that is down or silent never holds
+it up (`safe`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def make_tracker(
     *,
     kind: str = "job",
     warn: Callable[[str], None] = print,
+    on_state: Callable[[dict], None] | None = None,
 ) -> NullTracker:
-    """`kind`: "job" (a run with one nested run per peer) or "sweep" (a Tune sweep's parent run)."""
+    """`kind`: "job" (a run with one nested run per peer) or "sweep" (a Tune sweep's parent run).
+    `on_state(tracker.state())` once the runs exist: before this returns, or later from the tracker's
+    thread when the store did not answer within `tracking.connect_timeout_s`."""
     if cfg.tracking.backend == "none":
         return NullTracker()
-    return Tracker(cfg, run_name, parent_run_id, resume, kind=kind, warn=warn)
+    return Tracker(cfg, run_name, parent_run_id, resume, kind=kind, warn=warn, on_state=on_state)

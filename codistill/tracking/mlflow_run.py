@@ -1,6 +1,8 @@
 """A job's MLflow runs: one run for the job, one nested run per peer (Tune: the job's run nested under
 the sweep's). Only the driver logs, through MlflowClient with explicit run ids, and every call goes
-through `SafeClient`: MLflow failing never stops training.
+through `SafeClient`: made in order on a worker thread, retried in the background while the store fails,
+bounded in time (`tracking.connect_timeout_s`, `tracking.request_timeout_s`): MLflow failing or down
+never stops training, nor holds it up.
 
 What a run holds: params = the flattened config; tags = codistill kind, exchange, run id and MLflow's
 own source, user and git tags; per round: ensemble metrics (job run), per-peer metrics and the
@@ -11,10 +13,11 @@ with a signature and an input example), job.yaml, summary.json, curves.png and t
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,7 @@ from codistill.engine.report import Reporter, RoundResult, round_record
 from codistill.locations import artifact_location, resolve_tracking_uri
 from codistill.storage import Storage
 from codistill.tracking.plots import plot_curves
-from codistill.tracking.safe import SafeClient
+from codistill.tracking.safe import SafeClient, is_transient
 
 __all__ = ["NullTracker", "Tracker", "ROUND_METRICS", "PEER_METRICS", "ModelExample"]
 
@@ -84,7 +87,10 @@ class NullTracker(Reporter):
 
 
 class Tracker(NullTracker):
-    """Logs a run to MLflow (see module docstring)."""
+    """Logs a run to MLflow (see module docstring). Every call is queued to `SafeClient`'s worker thread,
+    the runs' creation included: the tracker waits `tracking.connect_timeout_s` for the runs to exist,
+    then training goes on whether or not the store answered. `run_id` and `state()` are None until the
+    runs exist; `on_state` is called with the state once they do (at once, or later from the worker)."""
 
     def __init__(
         self,
@@ -95,6 +101,7 @@ class Tracker(NullTracker):
         *,
         kind: str = "job",
         warn: Callable[[str], None] = print,
+        on_state: Callable[[dict], None] | None = None,
     ):
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -106,50 +113,98 @@ class Tracker(NullTracker):
         # point it at this run's store while the run lasts and give the program its own back after.
         self._program_uri = _current_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.mlflow = SafeClient(MlflowClient(self.uri), self.uri, warn)
-        self.client = self.mlflow.client
-        name = cfg.tracking.experiment or cfg.name
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            exp.experiment_id
-            if exp
-            else self.client.create_experiment(name, artifact_location=artifact_location(self.uri, name))
+        uri = self.uri
+        self.mlflow = SafeClient(
+            lambda: MlflowClient(uri), self.uri, warn, request_timeout_s=cfg.tracking.request_timeout_s
         )
+        self.experiment_id: str | None = None
+        self.job_run: str | None = None
         self.peer_runs: dict[str, str] = {}
         self._monitors: list[Any] = []
+        self._ending = False  # finish or fail began: no system-metrics monitor starts any more
+        self._opened = threading.Event()
+        self._on_state = on_state
         if resume:  # a resumed driver keeps logging into the runs the first one created
             self.job_run, self.peer_runs = resume["run_id"], dict(resume["peer_runs"])
             self.run_id = self.job_run
             for run_id in [self.job_run, *self.peer_runs.values()]:
                 self.mlflow.call("update_run", run_id, status="RUNNING")
-            self._start_system_metrics()
-            return
-        tags = {
-            **_source_tags(),
-            "codistill.kind": kind,
-            "codistill.exchange": cfg.exchange.mode,
-            "codistill.run_id": run_name,
-        }
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        self.job_run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
-        self.run_id = self.job_run
-        self._log_params(self.job_run, flatten(to_dict(cfg)))
-        for i in range(cfg.num_peers if kind == "job" else 0):  # now: tracking.json names them before anything fails
-            peer = cfg.peer_name(i)
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{run_name}/{peer}",
-                tags={"mlflow.parentRunId": self.job_run, "codistill.kind": "peer", "codistill.peer": peer},
+            self.mlflow.submit(self._start_system_metrics, "system metrics")
+        else:
+            self._create_runs(uri, run_name, parent_run_id, kind)
+        self.mlflow.submit(self._runs_exist, "create_run")
+        if not self.mlflow.wait_until(self._opened.is_set, cfg.tracking.connect_timeout_s):
+            if kind == "sweep":  # the trials start now without a parent run: one made later would stay empty
+                self.mlflow.warn_failing(
+                    f"warning: MLflow ({self.uri}) did not answer within {cfg.tracking.connect_timeout_s:g}s: the "
+                    f"sweep goes on without its parent run (each trial logs its own runs when the store answers)"
+                )
+                self.mlflow.close()
+            else:
+                self.mlflow.warn_failing(
+                    f"warning: MLflow ({self.uri}) did not answer within {cfg.tracking.connect_timeout_s:g}s; "
+                    f"training goes on and tracking is retried in the background (summary.json in the run "
+                    f"directory stays the record)"
+                )
+        self.mlflow.say_notes()
+
+    def _create_runs(self, uri: str, run_name: str, parent_run_id: str | None, kind: str) -> None:
+        """Queue the creation of the experiment (if new), the job's run and each peer's run, with params."""
+        cfg = self.cfg
+
+        def experiment() -> None:
+            name = cfg.tracking.experiment or cfg.name
+            exp = self.mlflow.client.get_experiment_by_name(name)
+            self.experiment_id = (
+                exp.experiment_id
+                if exp
+                else self.mlflow.client.create_experiment(name, artifact_location=artifact_location(uri, name))
             )
-            self.peer_runs[peer] = run.info.run_id
-            params = {"peer.index": i, "peer.name": peer, **flatten(to_dict(cfg.peers[i]), "peer")}
-            self._log_params(run.info.run_id, params)
+
+        def job_run() -> None:
+            tags = {
+                **_source_tags(),
+                "codistill.kind": kind,
+                "codistill.exchange": cfg.exchange.mode,
+                "codistill.run_id": run_name,
+            }
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self.mlflow.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            self.job_run = run.info.run_id
+
+        def peer_run(i: int) -> None:
+            peer = cfg.peer_name(i)
+            if self.job_run is not None:
+                tags = {"mlflow.parentRunId": self.job_run, "codistill.kind": "peer", "codistill.peer": peer}
+                run = self.mlflow.client.create_run(self.experiment_id, run_name=f"{run_name}/{peer}", tags=tags)
+                self.peer_runs[peer] = run.info.run_id
+
+        self.mlflow.submit(experiment, "get_experiment_by_name")
+        self.mlflow.submit(job_run, "create_run")
+        self._log_params(None, flatten(to_dict(cfg)))
+        for i in range(cfg.num_peers if kind == "job" else 0):  # first: tracking.json names them all
+            self.mlflow.submit(functools.partial(peer_run, i), "create_run")
+            params = {"peer.index": i, "peer.name": cfg.peer_name(i), **flatten(to_dict(cfg.peers[i]), "peer")}
+            self._log_params(cfg.peer_name(i), params)
         if kind == "job":
-            self._start_system_metrics()
+            self.mlflow.submit(self._start_system_metrics, "system metrics")
+
+    def _runs_exist(self) -> None:
+        """Queued after the runs' creation: `run_id` and `state()` hold them now."""
+        self.run_id = self.job_run
+        self._opened.set()
+        state = self.state()
+        if state is not None and self._on_state is not None:
+            try:
+                self._on_state(state)
+            except Exception as e:  # the run directory refuses: tracking.json is a convenience for --resume
+                self.mlflow.note(f"warning: the MLflow run ids were not kept ({type(e).__name__}: {e})")
 
     def _start_system_metrics(self) -> None:
         """CPU, memory, disk, network (and GPU where pynvml is installed) of the driver's machine."""
+        if self._ending or self.job_run is None:
+            return
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -157,73 +212,117 @@ class Tracker(NullTracker):
             monitor.start()
             self._monitors.append(monitor)
         except Exception as e:  # psutil missing or the store refuses: tracking never stops training
-            self.mlflow.warn(f"warning: MLflow system metrics are off ({type(e).__name__}: {e})")
+            self.mlflow.note(f"warning: MLflow system metrics are off ({type(e).__name__}: {e})")
 
     def _stop_system_metrics(self) -> None:
-        for monitor in self._monitors:
-            with contextlib.suppress(Exception):
-                monitor.finish()
-        self._monitors = []
+        """The monitor's thread makes its own calls to the store (MLflow's retries, minutes, when it is
+        down): wait for it a bounded time."""
+        self._ending = True
+        monitors, self._monitors = self._monitors, []
+        for monitor in monitors:
+            stop = threading.Thread(target=monitor.finish, name="codistill-mlflow-system-metrics", daemon=True)
+            stop.start()
+            stop.join(self.cfg.tracking.request_timeout_s)
 
     def _restore_tracking_uri(self) -> None:
         import mlflow
 
         mlflow.set_tracking_uri(self._program_uri)  # type: ignore[arg-type]  # None unsets it (typed str only)
 
-    def state(self) -> dict:
-        """What a resumed driver needs to continue these runs (kept in the run directory)."""
-        return {"uri": self.uri, "run_id": self.job_run, "peer_runs": self.peer_runs}
+    def state(self) -> dict | None:
+        """What a resumed driver needs to continue these runs (kept in the run directory); None until
+        they exist."""
+        if self.job_run is None:
+            return None
+        return {"uri": self.uri, "run_id": self.job_run, "peer_runs": dict(self.peer_runs)}
 
-    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def _run(self, peer: str | None) -> str | None:
+        """The job's run (peer None) or a peer's: its id once created (calls made before run after it)."""
+        return self.job_run if peer is None else self.peer_runs.get(peer)
+
+    def _batch(self, peer: str | None, **batch: Any) -> None:
+        """Queue a log_batch to the job's run or a peer's (it may not exist yet: the id is read when the
+        call is made; a run that could not be created logs nothing)."""
+
+        def log() -> None:
+            run_id = self._run(peer)
+            if run_id is not None:
+                self.mlflow.client.log_batch(run_id, **batch)
+
+        self.mlflow.submit(log, "log_batch")
+
+    def _log_params(self, peer: str | None, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.mlflow.call("log_batch", run_id, params=items[i : i + 100])
+            self._batch(peer, params=items[i : i + 100])
 
-    def _metrics(self, run_id: str, values: list[tuple[str, float | None, int]]) -> None:
+    @staticmethod
+    def _metric_batches(values: list[tuple[str, float | None, int]]) -> list[list[Any]]:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = int(time.time() * 1000)  # when it happened, not when the store took it
         metrics = [Metric(k, float(v), ts, step) for k, v, step in values if v is not None]
-        for i in range(0, len(metrics), MAX_BATCH):
-            self.mlflow.call("log_batch", run_id, metrics=metrics[i : i + MAX_BATCH])
+        return [metrics[i : i + MAX_BATCH] for i in range(0, len(metrics), MAX_BATCH)]
+
+    def _metrics(self, peer: str | None, values: list[tuple[str, float | None, int]]) -> None:
+        for batch in self._metric_batches(values):
+            self._batch(peer, metrics=batch)
 
     def on_round(self, result: RoundResult) -> None:
         self.log_round(round_record(result))
         for p in result.peers:  # the training loss of every step, in one batch per round
             first = p.step - len(p.step_losses) + 1
-            self._metrics(self.peer_runs[p.name], [("step_loss", v, first + k) for k, v in enumerate(p.step_losses)])
+            self._metrics(p.name, [("step_loss", v, first + k) for k, v in enumerate(p.step_losses)])
+
+    @staticmethod
+    def _round_values(record: dict) -> list[tuple[str | None, list[tuple[str, float | None, int]]]]:
+        """One round (a summary.json record) as (peer, metrics): the job's run (None), then each peer's."""
+        step = record["step"]
+        out: list[tuple[str | None, list[tuple[str, float | None, int]]]] = [
+            (None, [(k, record[k], step) for k in ROUND_METRICS if record.get(k) is not None])
+        ]
+        for name, p in record["peers"].items():
+            terms = [(k, v, p["step"]) for k, v in p.get("terms", {}).items()]  # term.<name>, influence_*
+            out.append((name, [(k, p.get(k), p["step"]) for k in PEER_METRICS] + terms))
+        return out
 
     def log_round(self, record: dict) -> None:
         """One round (a summary.json record) as metrics of the job's run and of each peer's run."""
-        step = record["step"]
-        self._metrics(self.job_run, [(k, record[k], step) for k in ROUND_METRICS if record.get(k) is not None])
-        for name, p in record["peers"].items():
-            terms = [(k, v, p["step"]) for k, v in p.get("terms", {}).items()]  # term.<name>, influence_*
-            self._metrics(self.peer_runs[name], [(k, p.get(k), p["step"]) for k in PEER_METRICS] + terms)
+        for peer, values in self._round_values(record):
+            self._metrics(peer, values)
 
     def on_resume(self, prior_rounds: list[dict]) -> None:
         """A resumed driver logs the rounds an earlier driver recorded but did not get to log (it may be
         killed between the two)."""
-        history = self.mlflow.call("get_metric_history", self.job_run, ROUND_METRICS[0]) or []
-        logged = {m.step for m in history}
-        for record in prior_rounds:
-            if record["step"] not in logged:
-                self.log_round(record)
+        rounds = [  # timestamped now, as if logged now
+            (r["step"], [(peer, self._metric_batches(values)) for peer, values in self._round_values(r)])
+            for r in prior_rounds
+        ]
+
+        def log_missing() -> None:
+            client = self.mlflow.client
+            logged = {m.step for m in client.get_metric_history(self.job_run, ROUND_METRICS[0])}
+            for step, runs in rounds:
+                if step not in logged:
+                    for peer, batches in runs:
+                        run_id = self._run(peer)
+                        for batch in batches if run_id is not None else []:
+                            client.log_batch(run_id, metrics=batch)
+
+        self.mlflow.submit(log_missing, "get_metric_history")
 
     def finish(self, summary: dict, out_dir: str, example: ModelExample | None = None) -> None:
-        """Artifacts, models, the dataset input and final metrics; what failed before is retried first (the
-        store may be back) and again at the end, while the artifact files still exist; then the runs close."""
+        """Artifacts, models, the dataset input and final metrics are queued after everything before (the
+        store may be back); the tracker waits for them (bounded when the store keeps failing), then the
+        runs close."""
         self._stop_system_metrics()
-        self.mlflow.retry()
         storage = Storage(out_dir)
         for p in summary["peers"]:  # where each peer ran: its workers and their nodes (a worker group has several)
-            run_id = self.peer_runs.get(p["name"])
-            if run_id is not None:
-                self.mlflow.call("set_tag", run_id, "codistill.workers", str(p.get("workers", 1)))
-                self.mlflow.call("set_tag", run_id, "codistill.node_ids", ",".join(p.get("node_ids") or []))
-        with tempfile.TemporaryDirectory() as tmp:
+            self._tag(p["name"], "codistill.workers", str(p.get("workers", 1)))
+            self._tag(p["name"], "codistill.node_ids", ",".join(p.get("node_ids") or []))
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # a call given up may still read it
             t = Path(tmp)
             (t / "summary.json").write_text(json.dumps(summary, indent=2))
             job = storage.read("job.yaml")
@@ -235,14 +334,14 @@ class Tracker(NullTracker):
                 (t / "tokenizer.json").write_bytes(tokenizer)
             for name in ("summary.json", "job.yaml", "curves.png", "tokenizer.json"):
                 if (t / name).exists():
-                    self.mlflow.call("log_artifact", self.job_run, str(t / name))
+                    self._on_job_run("log_artifact", str(t / name))
             (t / "peers").mkdir()
             for p in summary["peers"]:
                 data = storage.read(f"peers/{p['name']}.pt")
                 if data is not None:
                     (t / "peers" / f"{p['name']}.pt").write_bytes(data)
             if any((t / "peers").iterdir()):
-                self.mlflow.call("log_artifacts", self.job_run, str(t / "peers"), artifact_path="peers")
+                self._on_job_run("log_artifacts", str(t / "peers"), artifact_path="peers")
             step = summary["rounds"][-1]["step"] if summary["rounds"] else 0
             final = [("test_accuracy_" + p["name"], p["test_accuracy"], step) for p in summary["peers"]]
             final += [
@@ -256,36 +355,79 @@ class Tracker(NullTracker):
                 ("bytes_exchanged", summary["bytes_exchanged"], step),
                 ("wall_time_s", summary["wall_time_s"], step),
             ]
-            self._metrics(self.job_run, final)
+            self._metrics(None, final)
             if example is not None:
                 self._log_inputs_and_models(summary, storage, example)
-            if not self.mlflow.retry():
-                self.mlflow.warn(
-                    f"warning: MLflow ({self.uri}) is still failing: {len(self.mlflow.pending)} calls not logged; "
-                    f"summary.json in {out_dir} has every result"
-                )
-        for run_id in [*self.peer_runs.values(), self.job_run]:
-            self.mlflow.call("set_terminated", run_id, "FINISHED")
-        self._restore_tracking_uri()
+            self._close_runs("FINISHED", f"summary.json in {out_dir} has every result")
+
+    def _tag(self, peer: str, key: str, value: str) -> None:
+        def tag() -> None:
+            run_id = self._run(peer)
+            if run_id is not None:
+                self.mlflow.client.set_tag(run_id, key, value)
+
+        self.mlflow.submit(tag, "set_tag")
+
+    def _on_job_run(self, method: str, *args: Any, **kwargs: Any) -> None:
+        def call() -> None:
+            if self.job_run is not None:
+                getattr(self.mlflow.client, method)(self.job_run, *args, **kwargs)
+
+        self.mlflow.submit(call, method)
 
     def _log_inputs_and_models(self, summary: dict, storage: Storage, example: ModelExample) -> None:
-        try:
-            from codistill.tracking.models import log_dataset, log_peer_model
+        """The dataset as an input of every run, then each peer's model, one call each (what the store
+        does not take is tried again; a model that cannot be serialised is a warning, not a lost run)."""
+        from mlflow.exceptions import MlflowException
 
-            log_dataset(self.client, [self.job_run, *self.peer_runs.values()], example)
-            for i, p in enumerate(summary["peers"]):
-                weights = storage.read_torch(f"peers/{p['name']}.pt")
-                if weights is not None:
-                    log_peer_model(self.peer_runs[p["name"]], p["name"], example.build(i), weights, example)
-        except Exception as e:  # a model that cannot be serialised is a warning, not a lost run
-            self.mlflow.warn(f"warning: MLflow could not log the models or the dataset: {type(e).__name__}: {e}")
+        from codistill.tracking.models import log_dataset, log_peer_model
+
+        def guarded(fn: Callable[[], None]) -> Callable[[], None]:
+            def call() -> None:
+                try:
+                    fn()
+                except Exception as e:
+                    local = isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))  # not the store
+                    if is_transient(e) and isinstance(e, (MlflowException, OSError)) and not local:  # try again
+                        raise
+                    self.mlflow.note(
+                        f"warning: MLflow could not log the models or the dataset: {type(e).__name__}: {e}"
+                    )
+
+            return call
+
+        def dataset() -> None:
+            if self.job_run is not None:
+                log_dataset(self.mlflow.client, [self.job_run, *self.peer_runs.values()], example)
+
+        def model(i: int, name: str) -> None:
+            weights = storage.read_torch(f"peers/{name}.pt")
+            run_id = self.peer_runs.get(name)
+            if weights is not None and run_id is not None:
+                log_peer_model(run_id, name, example.build(i), weights, example)
+
+        self.mlflow.submit(guarded(dataset), "log_inputs")
+        for i, p in enumerate(summary["peers"]):
+            self.mlflow.submit(guarded(functools.partial(model, i, p["name"])), "log_model")
+
+    def _close_runs(self, status: str, record: str) -> None:
+        """Queue the runs' end, wait for the queue to empty (giving up on a store that keeps failing for
+        connect_timeout_s), say what could not be logged, give the program its tracking URI back."""
+
+        def terminate() -> None:  # the runs that exist by then (tried again whole: ending a run twice is no harm)
+            for run_id in [*self.peer_runs.values(), self.job_run]:
+                if run_id is not None:
+                    self.mlflow.client.set_terminated(run_id, status)
+
+        self.mlflow.submit(terminate, "set_terminated")
+        if not self.mlflow.drain(self.cfg.tracking.connect_timeout_s):
+            left = self.mlflow.close()
+            self.mlflow.warn(f"warning: MLflow ({self.uri}) is still failing: {left} calls not logged; {record}")
+        self._restore_tracking_uri()
 
     def fail(self, status: str = "FAILED") -> None:
         self._stop_system_metrics()
-        self.mlflow.retry()
-        for run_id in [*self.peer_runs.values(), self.job_run]:
-            self.mlflow.call("set_terminated", run_id, status)
-        self._restore_tracking_uri()
+        self._close_runs(status, "the run directory has what was recorded")
 
 
 def _current_tracking_uri() -> str | None:

@@ -1,5 +1,6 @@
 """A Tune sweep's MLflow run: its search space and best parameters, and the truth about trials the
-scheduler stopped (their own runs may say FAILED: they were cut off from outside)."""
+scheduler stopped (their own runs may say FAILED: they were cut off from outside). A resumed sweep does
+not log again what its run already holds, and a trial that starts over replaces its cut-off attempt's runs."""
 
 from __future__ import annotations
 
@@ -7,11 +8,38 @@ import json
 import re
 import time
 
-__all__ = ["close_sweep", "log_report"]
+__all__ = ["close_sweep", "drop_earlier_attempts", "log_report"]
+
+
+def _not_logged(client, run_id: str, metrics: list) -> list:
+    """The metrics whose value the run does not hold yet: a resumed sweep or experiment computes the same
+    values again, and MLflow would keep each one twice in its history."""
+    held = client.get_run(run_id).data.metrics
+    return [m for m in metrics if held.get(m.key) != m.value]
+
+
+def drop_earlier_attempts(uri: str, parent_run_id: str, run_prefix: str) -> int:
+    """Delete the MLflow runs (and their peers' runs) of an earlier attempt of a trial that starts over from step 0:
+    a sweep interrupted before the trial's first checkpoint runs it again from the start on --resume, and the
+    interrupted attempt's runs (KILLED, a part of the same rounds) would stay beside the new ones. `run_prefix`
+    names the trial (`<job>-<trial id>-`); MLflow keeps deleted runs until `mlflow gc`. Returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    earlier = [r for r in found if r.data.tags.get("codistill.run_id", "").startswith(run_prefix)]
+    for run in earlier:
+        peers = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        for r in [*peers, run]:
+            client.delete_run(r.info.run_id)
+    return len(earlier)
 
 
 def close_sweep(uri: str, run_id: str, job_name: str, out: dict, search: dict) -> None:
-    from mlflow.entities import Param
+    """The sweep's run at its end: FINISHED, or KILLED when the sweep was interrupted (`out["interrupted"]`; a
+    --resume finishes it, in the same run)."""
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -34,9 +62,10 @@ def close_sweep(uri: str, run_id: str, job_name: str, out: dict, search: dict) -
                 for r in [trial_run, *peers]:
                     client.set_terminated(r.info.run_id, "KILLED")
     if out.get("best"):
-        client.log_metric(run_id, f"best_{out['metric']}", out["best"]["metric"])
+        best = Metric(f"best_{out['metric']}", out["best"]["metric"], int(time.time() * 1000), 0)
+        client.log_batch(run_id, metrics=_not_logged(client, run_id, [best]))
         client.log_artifact(run_id, out["best_job"])
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "KILLED" if out.get("interrupted") else "FINISHED")
 
 
 def _metric_key(*parts: str) -> str:
@@ -52,13 +81,14 @@ def log_report(uri: str, run_id: str, report: dict, files: list) -> None:
 
     client = MlflowClient(uri)
     now = int(time.time() * 1000)
-    metrics = []
+    metrics: list[Metric] = []
     for arm in report["arms"]:
         for name, m in arm["metrics"].items():
             if m["spread"]["mean"] is not None:
                 metrics.append(Metric(_metric_key(arm["label"], name, "mean"), m["spread"]["mean"], now, 0))
             if m["delta"] is not None and m["delta"]["mean"] is not None:
                 metrics.append(Metric(_metric_key(arm["label"], name, "delta"), m["delta"]["mean"], now, 0))
+    metrics = _not_logged(client, run_id, metrics)  # a resumed experiment's report: what changed only
     logged = set(client.get_run(run_id).data.params)
     params = [
         Param(k, v[:6000])

@@ -66,3 +66,9 @@ def test_experiment_runs_a_seeded_grid_reports_it_and_resumes(ray_session, tmp_p
     again = json.loads((folder / "report.json").read_text())
     assert again["arms"] == report["arms"]
     assert len(list(folder.glob("*/run/summary.json"))) == 4
+    # ... and logs nothing again: every metric of the sweep's run (the best trial's, the report's) and of the
+    # trials' runs holds one value per step
+    for run in client.search_runs([experiment.experiment_id]):
+        for key in (k for k in run.data.metrics if not k.startswith("system/")):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key, steps)

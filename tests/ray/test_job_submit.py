@@ -176,7 +176,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path):
 
         mlflow.set_tracking_uri(uri.group(1))
         runs = mlflow.search_runs(experiment_names=["quickstart"])
-        assert len(runs) == 3 and (runs["status"] == "FINISHED").all()
+        assert len(runs) == 3 and (runs["status"] == "FINISHED").all(), (runs[["status"]], output[-4000:])
         assert uri.group(2) in set(runs["run_id"]) and summary["mlflow_run_id"] == uri.group(2)
         # artifacts (the summary, weights, logged models) too are in the storage root, after the job is gone
         assert all(a.startswith((storage / "mlartifacts").as_uri()) for a in runs["artifact_uri"])

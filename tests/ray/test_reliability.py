@@ -3,9 +3,12 @@ SIGKILL of peers and of the board (both exchanges), with every round of the hist
 MLflow; a lost node in a three-node cluster is in tests/ray/test_multinode.py; a killed driver and
 resume in test_resume.py."""
 
+import json
 import math
 import os
+import re
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +27,8 @@ def ray_job(*overrides, steps=20):
 
 
 class SigKill(Reporter):
-    """Kills (SIGKILL) the process of the named actor of this run once round `after_round` is reported."""
+    """Kills (SIGKILL) the process of the named actor of this run once round `after_round` is reported (-1: as
+    the rounds start, before any peer has trained a step or written a checkpoint)."""
 
     def __init__(self, ray, name_part: str, after_round: int):
         self.ray, self.name_part, self.after_round = ray, name_part, after_round
@@ -34,9 +38,15 @@ class SigKill(Reporter):
     def on_event(self, message: str) -> None:
         self.events.append(message)
 
+    def on_start(self, cfg, total_steps: int) -> None:
+        if self.after_round == -1:
+            self._kill()
+
     def on_round(self, result) -> None:
-        if result.round != self.after_round or self.killed_pid is not None:
-            return
+        if result.round == self.after_round and self.killed_pid is None:
+            self._kill()
+
+    def _kill(self) -> None:
         ray = self.ray
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if self.name_part in a["name"]]
         handle = ray.get_actor(names[-1], namespace=ray.get_runtime_context().namespace)
@@ -100,10 +110,24 @@ def test_killed_peer_is_restarted_and_every_round_is_true(ray_session, tmp_path,
     assert killer.killed_pid is not None
     assert [p["steps"] for p in summary["peers"]] == [40, 40]
     assert summary["peers"][1]["restarts"] >= 1 and summary["peers"][0]["restarts"] == 0
-    assert any("peer1-cnn restarted" in e for e in summary["events"])
+    # one line per restart, and it says where the peer went on (a round-end checkpoint: a step of 10, 20, ...)
+    told = [e for e in summary["events"] if "peer1-cnn" in e]
+    assert told and all(re.fullmatch(RESUMED, e) for e in told), told
     assert summary["mean_peer_test_accuracy"] > 0.3
     assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
     check_every_round(summary, uri, summary["mlflow_run_id"], 40, 10)
+
+
+RESUMED = r"peer1-cnn restarted \(\d restart\(s\) so far\) and resumed from its checkpoint at step [1-9]0"
+
+
+def test_a_peer_killed_before_its_first_checkpoint_starts_over_and_says_so_once(ray_session, tmp_path):
+    killer = SigKill(ray_session, "peer1", after_round=-1)
+    summary = run_job(ray_job("eval_every=10", "exchange.timeout_s=120"), tmp_path / "run", killer)
+    assert killer.killed_pid is not None and [p["steps"] for p in summary["peers"]] == [20, 20]
+    line = "peer1-cnn restarted (1 restart(s) so far) and started over from step 0 (no usable checkpoint)"
+    assert [e for e in killer.events if "peer1-cnn" in e] == [line]  # shown once ...
+    assert [e for e in summary["events"] if "peer1-cnn" in e] == [line]  # ... and recorded once
 
 
 @pytest.mark.parametrize("mode", [("exchange.mode=logits",), ("exchange.mode=checkpoint", "exchange.period=5")])
@@ -119,3 +143,8 @@ def test_killed_board_is_rebuilt_and_the_run_finishes(ray_session, tmp_path, mod
     assert summary["restarts"] == 0  # no peer died
     assert all(p["bytes_pulled"] > 0 for p in summary["peers"])
     check_every_round(summary, uri, summary["mlflow_run_id"], 40, 10)
+    # the restart is an event of the run, told once and kept in summary.json and MLflow's copy of it
+    line = "the exchange board restarted (1 restart(s) so far); the peers publish again what it held"
+    assert [e for e in killer.events if "board" in e] == [line] and summary["events"] == [line]
+    logged = MlflowClient(uri).download_artifacts(summary["mlflow_run_id"], "summary.json", str(tmp_path))
+    assert json.loads(Path(logged).read_text())["events"] == [line]

@@ -1,6 +1,8 @@
 """A driver killed mid-run is resumed with --resume: the run finishes with every round once, in the
 MLflow runs it started (no duplicates, all FINISHED); a corrupt newest checkpoint falls back to the
-round before with a warning line; resuming a finished run says so and changes nothing."""
+round before with a warning line; resuming a finished run says so and changes nothing. A damaged
+progress.json is rebuilt from the checkpoints and costs none of them; a restarted peer never goes on
+from a checkpoint another run wrote."""
 
 import json
 import os
@@ -8,16 +10,32 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from codistill.api import run_job
+from codistill.engine.report import Reporter
+from codistill.engine.resume import SET_ASIDE
 from codistill.storage import checkpoint_path
-from tests.helpers import ROOT
+from tests.helpers import ROOT, small_job
 
 pytestmark = pytest.mark.slow
 STEPS = 150  # 5 rounds: killed after round 2, resumed for the rest
+NAMES = ("peer0-mlp", "peer1-cnn")
+SMALL_RAY_JOB = [
+    "engine=ray",
+    f"steps={STEPS}",
+    "eval_every=30",
+    "data.name=synthetic",
+    "data.batch_size=16",
+    "data.synthetic_train=256",
+    "resources.num_cpus=1",
+    "device=cpu",
+]
+"""Two peers on synthetic data, a round every 30 steps: a driver to kill and resume."""
 
 
 def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str]:
@@ -63,14 +81,7 @@ def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mod
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     sets = [
-        "engine=ray",
-        f"steps={STEPS}",
-        "eval_every=30",
-        "data.name=synthetic",
-        "data.batch_size=16",
-        "data.synthetic_train=256",
-        "resources.num_cpus=1",
-        "device=cpu",
+        *SMALL_RAY_JOB,
         "tracking.backend=mlflow",
         f"tracking.uri={uri}",
         "tracking.experiment=resume",
@@ -130,3 +141,87 @@ def test_killed_driver_resumes_in_its_own_mlflow_runs(ray_session, tmp_path, mod
     ], r.stdout + r.stderr
     assert ((out / "summary.json").read_bytes(), sorted(p.name for p in out.iterdir())) == before
     assert {r.info.status for r in client.search_runs([runs[0].info.experiment_id])} == {"FINISHED"}
+
+
+def test_a_damaged_progress_file_is_rebuilt_from_the_checkpoints(ray_session, tmp_path):
+    """The driver is killed, then progress.json is emptied: the run goes on from the newest round end at which
+    every peer has a checkpoint (not from step 0), the history starts after it, and no checkpoint is deleted
+    (those past the resume point are set aside, byte for byte)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    sets = [*SMALL_RAY_JOB, "tracking.backend=none"]
+    start_and_kill(env, out, sets, "round   2")
+    (out / "progress.json").write_bytes(b"")
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*.pt")}
+    steps = [{int(p.stem[5:]) for p in (out / "checkpoints" / name).glob("step-*.pt")} for name in NAMES]
+    point = max(s for s in steps[0] & steps[1] if s % 30 == 0)
+    assert point >= 90  # rounds 0-2 were reported before the kill
+    r = subprocess.run(
+        [sys.executable, "-m", "codistill.run", "--resume", str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "progress.json is empty: rebuilding the resume point from the checkpoints" in r.stdout
+    assert f"resuming after round {point // 30 - 1} (step {point})" in r.stdout and "are lost" in r.stdout
+    assert "starting over" not in r.stdout
+    for name in NAMES:
+        assert f"{name} resumed from its checkpoint at step {point}" in r.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert [p["steps"] for p in s["peers"]] == [STEPS, STEPS]
+    assert [h["step"] for h in s["rounds"]] == list(range(point + 30, STEPS + 1, 30))  # after the point, once each
+    (folder,) = (out / SET_ASIDE).iterdir()
+    assert (folder / "progress.json").read_bytes() == b""
+    moved = {p.relative_to(folder): p.read_bytes() for p in (folder / "checkpoints").rglob("*.pt")}
+    assert moved == {rel: data for rel, data in before.items() if int(rel.stem[5:]) > point}
+
+
+class PlantAndKill(Reporter):
+    """Once round 0 is reported: puts another run's checkpoint (step 1000) beside peer1's own, then SIGKILLs peer1."""
+
+    def __init__(self, ray, out, run_id: str):
+        self.ray, self.out, self.run_id = ray, out, run_id
+        self.killed_pid: int | None = None
+        self.events: list[str] = []
+
+    def on_event(self, message: str) -> None:
+        self.events.append(message)
+
+    def on_round(self, result) -> None:
+        if result.round != 0 or self.killed_pid is not None:
+            return
+        own = torch.load(self.out / checkpoint_path("peer1-cnn", 10), weights_only=True)
+        torch.save({**own, "step": 1000, "run_id": "another-run"}, self.out / checkpoint_path("peer1-cnn", 1000))
+        ray = self.ray
+        (name,) = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].endswith(f"{self.run_id}-peer1-cnn")
+        ]
+        handle = ray.get_actor(name, namespace=ray.get_runtime_context().namespace)
+        self.killed_pid = ray.get(handle.info.remote())["pid"]
+        os.kill(self.killed_pid, signal.SIGKILL)
+
+
+def test_a_restarted_peer_never_goes_on_from_another_runs_checkpoint(ray_session, tmp_path):
+    """Another run's newer checkpoint in a peer's folder (a directory that held another run): Ray restarts the
+    killed peer, which skips that checkpoint in a line naming both runs and goes on from its own."""
+    out = tmp_path / "run"
+    run_id = f"test-{uuid.uuid4().hex[:6]}"
+    cfg = small_job(
+        "engine=ray", "resources.num_cpus=1", "resources.threads_per_peer=1", "exchange.timeout_s=30", steps=40
+    )
+    killer = PlantAndKill(ray_session, out, run_id)
+    summary = run_job(cfg, out, killer, run_name=run_id)
+    assert killer.killed_pid is not None
+    assert [p["steps"] for p in summary["peers"]] == [40, 40]
+    assert [r["step"] for r in summary["rounds"]] == [10, 20, 30, 40]
+    assert summary["peers"][1]["restarts"] >= 1
+    refused = [e for e in summary["events"] if f"written by run another-run, not by this run {run_id}" in e]
+    assert refused and refused[0].startswith("warning: peer1-cnn: checkpoint at step 1000 unusable"), summary["events"]
+    assert (out / checkpoint_path("peer1-cnn", 1000)).exists()  # not this run's to delete
+    own = torch.load(out / checkpoint_path("peer1-cnn", 40), weights_only=True)
+    assert own["run_id"] == run_id and own["total_steps"] == 40

@@ -1,6 +1,12 @@
 """A real Tune sweep on digits: 4 trials of whole two-peer runs, each an MLflow run under the sweep's."""
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
@@ -164,3 +170,58 @@ def test_population_based_training_exploits_round_checkpoints(ray_session, tmp_p
     sweep = mlflow.search_runs(experiment_names=["tune_temperature"], filter_string="tags.codistill.kind = 'sweep'")
     assert len(sweep) == 1 and sweep.iloc[0]["params.search.optim.lr"] == '{"grid": [0.05, 1e-05]}'
     assert sweep.iloc[0]["params.best.optim.lr"] in ("0.05", "1e-05")
+
+
+def job_runs(client, experiment: str) -> list:
+    """The (not deleted) trial runs of a sweep's experiment."""
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], "tags.codistill.kind = 'job'")
+
+
+def test_an_interrupted_sweep_says_how_to_resume_and_resuming_leaves_one_run_per_trial(ray_session, tmp_path):
+    """Ctrl-C while the second of two trials runs (one at a time; the first finished): exit 130, one line with
+    the command that resumes it, no best job, the sweep's MLflow run KILLED. That command finishes the sweep: the
+    finished trial is kept, the cut-off one (it had no checkpoint: engine local) starts over in runs that replace
+    its first attempt's, so each trial has one run and each of its metrics once."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = ["steps=200", "eval_every=100", "engine=local", f"tune.storage_path={tmp_path}/tune", "tune.name=cut"]
+    sets += [f"tracking.uri={uri}", "tune.num_samples=1", "tune.max_concurrent_trials=1"]
+    sets += ["search.loss.divergence={grid: [kl, js]}"]
+    argv = ["-m", "codistill.tune", "--config", "tune_temperature", *(a for s in sets for a in ("--set", s))]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    sweep = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    client, deadline = MlflowClient(uri), time.time() + 240
+    while time.time() < deadline and sweep.poll() is None:
+        status = [r.info.status for r in job_runs(client, "tune_temperature")]
+        if status.count("FINISHED") == 1 and status.count("RUNNING") == 1:
+            break
+        time.sleep(0.5)
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=180)
+    assert sweep.returncode == 130, err[-3000:]
+    told = [line for line in err.splitlines() if "resume it with: " in line]
+    assert len(told) == 1 and told[0].startswith("sweep interrupted (1 of 2 trials finished)"), err[-3000:]
+    assert "Tuner.restore" not in err
+    folder = tmp_path / "tune" / "cut"
+    assert not (folder / "best_job.yaml").exists()
+    sweep_id = json.loads((folder / "sweep.json").read_text())["mlflow_run_id"]
+    assert client.get_run(sweep_id).info.status == "KILLED"
+    finished = {r.info.run_id for r in job_runs(client, "tune_temperature") if r.info.status == "FINISHED"}
+
+    again = shlex.split(told[0].split("resume it with: ")[1])
+    assert again[:3] == ["python", "-m", "codistill.tune"] and again[-1] == "--resume"
+    r = subprocess.run([sys.executable, *again[1:]], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "best job:" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (folder / "best_job.yaml").exists() and client.get_run(sweep_id).info.status == "FINISHED"
+    trials = job_runs(client, "tune_temperature")
+    assert len(trials) == 2 and {t.info.status for t in trials} == {"FINISHED"}, [t.info for t in trials]
+    assert finished < {t.info.run_id for t in trials}  # the trial that had finished was not run again
+    experiment = trials[0].info.experiment_id
+    for t in trials:
+        peers = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{t.info.run_id}'")
+        assert len(peers) == 2 and {p.info.status for p in peers} == {"FINISHED"}
+        for key in ("ensemble_accuracy", "test_accuracy_peer0-mlp"):
+            steps = [m.step for m in client.get_metric_history(t.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (key, steps)  # each metric once

@@ -101,8 +101,10 @@ def test_parquet_hugging_face_layout(tmp_path):
         if split == "test":
             test_imgs = imgs
     ds = load_dataset(
-        DataConfig(name="parquet", train=str(tmp_path / "train.parquet"), test=str(tmp_path / "test.parquet"))
-    )
+        DataConfig(
+            name="parquet", train=str(tmp_path / "train.parquet"), test=str(tmp_path / "test.parquet"), num_classes=10
+        )
+    )  # random labels: some of 0..9 may not occur, so the class count is given
     assert ds.train_x.shape == (12, 3, 32, 32) and ds.augment
     assert torch.equal(ds.test_x[1], torch.from_numpy(test_imgs[1]).permute(2, 0, 1))
 

@@ -84,11 +84,13 @@ def test_tracking_none_creates_no_store(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.slow  # 20 s: MLflow retries against a store that is broken on purpose
+@pytest.mark.slow  # 25 s: a round outlasts MLflow's 20 s wait for a SQLite store that is locked on purpose
 def test_a_broken_store_never_stops_training_and_nothing_is_lost(tmp_path):
-    """The SQLite store is locked by another process mid-run: one warning line, the run goes on, and
-    what could not be logged is logged at the end (summary.json is the record throughout)."""
+    """The SQLite store is locked by another process mid-run, for longer than MLflow waits for it: one
+    warning line, the run goes on, and what could not be logged is logged when the store is back
+    (summary.json is the record throughout)."""
     import sqlite3
+    import time
 
     from codistill.engine.report import Reporter
 
@@ -103,10 +105,13 @@ def test_a_broken_store_never_stops_training_and_nothing_is_lost(tmp_path):
             self.events.append(message)
 
         def on_round(self, result) -> None:
-            if result.round == 1:  # after round 1 was logged: lock the database as a writer would
-                self.lock = sqlite3.connect(db, timeout=0, isolation_level=None)
+            if result.round == 1:  # lock the database as a writer would (once the tracker's write ends)
+                self.lock = sqlite3.connect(db, timeout=60, isolation_level=None)
                 self.lock.execute("BEGIN EXCLUSIVE")
             if result.round == 3 and self.lock is not None:
+                # round 2's calls wait for the lock in the background, MLflow's SQLite busy_timeout (20 s),
+                # then fail while training goes on (a long round here)
+                time.sleep(25)
                 self.lock.execute("COMMIT")
                 self.lock.close()
 
@@ -145,3 +150,149 @@ def test_a_run_leaves_the_programs_mlflow_tracking_uri_as_it_was(tmp_path, monke
     mlflow.set_tracking_uri(mine)
     run_job(small_job("tracking.backend=mlflow", f"tracking.uri={uri}", steps=10), str(tmp_path / "run2"))
     assert mlflow.get_tracking_uri() == mine and os.environ["MLFLOW_TRACKING_URI"] == mine
+
+
+class _Events:
+    """A reporter that keeps the run's event lines (warnings among them)."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_event(self, message: str) -> None:
+        self.events.append(message)
+
+
+def _mlflow_warnings(events: list[str]) -> list[str]:
+    return [e for e in events if e.startswith("warning: MLflow")]
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, noted, closed): connections are refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unreachable_store_run(tmp_path, uri: str) -> tuple[dict, list[str]]:
+    from codistill.engine.report import Reporter
+
+    class Events(_Events, Reporter):
+        pass
+
+    cfg = small_job(
+        "tracking.backend=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.connect_timeout_s=1",
+        "tracking.request_timeout_s=1",
+        steps=20,
+    )
+    reporter = Events()
+    summary = run_job(cfg, tmp_path / "run", reporter)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["churn"] == summary["churn"]
+    assert [r["step"] for r in summary["rounds"]] == [10, 20]
+    assert summary["mlflow_run_id"] is None  # the runs were never created: summary.json is the record
+    assert not (tmp_path / "run" / "tracking.json").exists()  # no runs for a resumed driver to continue
+    return summary, _mlflow_warnings(reporter.events)
+
+
+# Unbounded, MLflow's own HTTP retries hold a run for minutes before it starts (7 retries with
+# exponential backoff: 256 s against a refused port, 120 s per try against a silent server).
+@pytest.mark.timeout(120)
+def test_a_store_that_is_down_never_stops_training(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    _, warnings = _unreachable_store_run(tmp_path, uri)
+    # one line when it starts (the store did not answer), one at the end (what could not be logged)
+    assert len(warnings) == 2, warnings
+    assert uri in warnings[0] and "training goes on" in warnings[0] and "background" in warnings[0]
+    assert uri in warnings[1] and "not logged" in warnings[1] and "summary.json" in warnings[1]
+
+
+@pytest.mark.timeout(120)
+def test_a_store_that_never_answers_never_stops_training(tmp_path):
+    """A server that accepts connections and never replies: per-call timeouts bound every call."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # timeout, or closed
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        _, warnings = _unreachable_store_run(tmp_path, uri)
+        assert len(warnings) == 2, warnings
+        assert uri in warnings[0] and "training goes on" in warnings[0]
+        assert "not logged" in warnings[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+@pytest.mark.slow  # 15 s: a SQLite store made, then locked on purpose
+@pytest.mark.timeout(180)
+def test_a_store_that_answers_late_gets_the_whole_run(tmp_path):
+    """The store does not answer when the run starts (another process holds the database) and does from
+    round 1: the runs are created then, tracking.json names them, and every round is logged in them."""
+    import sqlite3
+    import time
+
+    from codistill.engine.report import Reporter
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    MlflowClient(uri).search_experiments()  # the store's tables exist
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    run_dir = tmp_path / "run"
+
+    class Unlock(_Events, Reporter):
+        def on_round(self, result) -> None:
+            if result.round == 1:
+                lock.execute("COMMIT")
+                lock.close()
+            if result.round == 2:  # the runs are made in the background: wait for them before training ends
+                deadline = time.monotonic() + 60
+                while not (run_dir / "tracking.json").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+
+    cfg = small_job(
+        "tracking.backend=mlflow",
+        f"tracking.uri={uri}",
+        "tracking.experiment=late",
+        "tracking.connect_timeout_s=1",
+        steps=40,
+    )
+    reporter = Unlock()
+    summary = run_job(cfg, run_dir, reporter)
+    warnings = _mlflow_warnings(reporter.events)
+    assert len(warnings) == 1 and "did not answer" in warnings[0] and "training goes on" in warnings[0], warnings
+    state = json.loads((run_dir / "tracking.json").read_text())
+    assert state["uri"] == uri and state["run_id"] == summary["mlflow_run_id"] is not None
+    assert sorted(state["peer_runs"]) == ["peer0-mlp", "peer1-cnn"]
+    client = MlflowClient(uri)
+    job = client.get_run(state["run_id"])
+    assert job.info.status == "FINISHED" and job.data.params["loss.alpha"] == "0.5"
+    # round 0 was queued before the runs existed: logged into them all the same
+    assert [m.step for m in client.get_metric_history(state["run_id"], "ensemble_accuracy")] == [10, 20, 30, 40]
+    for peer, run_id in state["peer_runs"].items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == state["run_id"]
+        assert run.data.tags["codistill.peer"] == peer and run.data.params["peer.model"] == peer.split("-")[1]
+        assert [m.step for m in client.get_metric_history(run_id, "step_loss")] == list(range(1, 41))
