@@ -23,7 +23,7 @@ from types import TracebackType
 from codistill.errors import CodistillError, ConfigError
 from codistill.storage import Storage
 
-__all__ = ["LOCK_FILE", "RunDirBusyError", "RunLock"]
+__all__ = ["LOCK_FILE", "RunDirBusyError", "RunLock", "recorded_run_id"]
 
 LOCK_FILE = ".codistill.lock"
 
@@ -199,3 +199,13 @@ def _owner(existing: bytes) -> dict:
 
 def _read_fd(fd: int) -> bytes:
     return os.pread(fd, 1 << 16, 0)
+
+
+def recorded_run_id(storage: Storage) -> str | None:
+    """The run id in `run.json`; None when it is missing or damaged."""
+    try:
+        info = json.loads(storage.read("run.json") or b"null")
+    except ValueError:
+        return None
+    run_id = info.get("run_id") if isinstance(info, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None

@@ -37,6 +37,7 @@ import yaml
 
 from codistill.config import RunConfig, to_dict
 from codistill.config.resume_changes import changed_fields, recorded_job
+from codistill.rundir import recorded_run_id
 from codistill.storage import CHECKPOINTS, Storage, checkpoint_path
 
 __all__ = [
@@ -132,16 +133,6 @@ def _check(storage: Storage, cfg: RunConfig, name: str, step: int, run_id: str |
     round_end = step % cfg.eval_every == 0 or step == total
     recorded = state.get("run_id")
     return _Checked(None, None if recorded is None else str(recorded), round_index, restarts, round_end)
-
-
-def recorded_run_id(storage: Storage) -> str | None:
-    """The run id in `run.json`; None when it is missing or damaged."""
-    try:
-        info = json.loads(storage.read("run.json") or b"null")
-    except ValueError:
-        return None
-    run_id = info.get("run_id") if isinstance(info, dict) else None
-    return run_id if isinstance(run_id, str) and run_id else None
 
 
 def _is_int(x: Any) -> bool:
