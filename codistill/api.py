@@ -31,7 +31,8 @@ from codistill.errors import CodistillError, ConfigError
 from codistill.locations import leave_a_deleted_working_directory, new_run_id, resolve_run_dir
 from codistill.rundir import RunLock
 from codistill.storage import Storage, checkpoint_path
-from codistill.tracking import ModelExample, make_tracker
+from codistill.tracking import make_tracker
+from codistill.tracking.example import _model_example
 
 __all__ = ["train", "run_job", "Result", "RunFinishedError", "job_config", "RUN_LOG"]
 
@@ -124,23 +125,6 @@ def train(
     return Result(
         summary, out_dir, summary.get("run_id", run_id), summary.get("mlflow_run_id"), summary.get("tracking_uri")
     )
-
-
-def _model_example(cfg: RunConfig, dataset: Any) -> ModelExample:
-    from codistill.models import build_model
-    from codistill.tasks import task_of
-
-    task = task_of(dataset)
-
-    def build_peer(i: int) -> Any:
-        pc = cfg.peers[i]
-        return build_model(pc.model, task.input_shape(dataset), dataset.num_classes, model_args=pc.model_args)
-
-    example = task.example_input(dataset)
-    # MLflow resolves a dataset source from a path or URI: the Parquet file, else the data root
-    source = cfg.data.train or cfg.data.root
-    source = source if "://" in source else str(Path(source).expanduser().absolute())
-    return ModelExample(build_peer, example, dataset, source)
 
 
 def _describe_text(meta: dict) -> str:

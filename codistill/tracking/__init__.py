@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from codistill.config import RunConfig
 from codistill.locations import resolve_tracking_uri
-from codistill.tracking.mlflow_run import ModelExample, NullTracker, Tracker
+from codistill.tracking.example import ModelExample
+from codistill.tracking.mlflow_run import NullTracker, Tracker
 from codistill.tracking.plots import plot_curves
 
 __all__ = ["make_tracker", "NullTracker", "Tracker", "ModelExample", "plot_curves", "resolve_tracking_uri"]

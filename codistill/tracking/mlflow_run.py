@@ -27,10 +27,11 @@ from codistill.config import RunConfig, flatten, to_dict
 from codistill.engine.report import Reporter, RoundResult, round_record
 from codistill.locations import artifact_location, resolve_tracking_uri
 from codistill.storage import Storage
+from codistill.tracking.example import ModelExample
 from codistill.tracking.plots import plot_curves
 from codistill.tracking.safe import SafeClient, is_transient
 
-__all__ = ["NullTracker", "Tracker", "ROUND_METRICS", "PEER_METRICS", "ModelExample"]
+__all__ = ["NullTracker", "Tracker", "ROUND_METRICS", "PEER_METRICS"]
 
 ROUND_METRICS = (  # those a round has (ensemble_accuracy: classification only)
     "churn",
@@ -58,16 +59,6 @@ PEER_METRICS = (
 )
 """Logged to each peer's run per round."""
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
-
-
-class ModelExample:
-    """What logging a peer's model needs: how to build it and an input example (a small batch)."""
-
-    def __init__(self, build: Callable[[int], Any], example_input: Any, dataset: Any, dataset_source: str):
-        self.build = build  # peer index -> an nn.Module with the peer's architecture
-        self.example_input = example_input  # torch.Tensor (2, ...)
-        self.dataset = dataset  # codistill.data.Dataset
-        self.dataset_source = dataset_source
 
 
 class NullTracker(Reporter):

@@ -5,10 +5,9 @@ data as a dataset input of every run of the job."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from codistill.tracking.mlflow_run import ModelExample
+from codistill.tracking.example import ModelExample
 
 __all__ = ["log_peer_model", "log_dataset"]
 
