@@ -11,7 +11,7 @@ from __future__ import annotations
 from codistill.config import RunConfig
 from codistill.engine.failure import Decision, FailurePolicy, PeerFailedError, PeerFailure
 from codistill.engine.local import LocalEngine
-from codistill.engine.ray_driver import RayEngine, RoundAssembler
+from codistill.engine.ray_driver import RayEngine
 from codistill.engine.report import (
     PeerReport,
     Reporter,
@@ -21,6 +21,7 @@ from codistill.engine.report import (
     evaluate_round,
     round_record,
 )
+from codistill.engine.rounds import RoundAssembler
 from codistill.errors import ConfigError
 from codistill.registry import Registry
 

@@ -1,7 +1,8 @@
 """RayEngine: one actor per peer in a placement group, a named board actor, rounds collected as they
 come. The driver only collects; peers run free and wait only where the exchange says.
 
-The assembly of rounds from the peers' reports (`RoundAssembler`) is plain Python, tested without Ray.
+The assembly of rounds from the peers' reports is `engine.rounds`; what the driver shows of its workers,
+`engine.worker_output`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,107 +32,17 @@ from codistill.engine.report import (
     staleness_warnings,
 )
 from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
+from codistill.engine.rounds import RoundAssembler, round_ends
+from codistill.engine.worker_output import _one_line, _worker_output_to_run_log
 from codistill.errors import CodistillError, ResourcesError
 from codistill.exchange import held_bytes_warning, new_board_state
 from codistill.registry import all_extras
 from codistill.storage import Storage
 from codistill.tasks import task_of
 
-__all__ = ["RayEngine", "RoundAssembler", "round_ends"]
+__all__ = ["RayEngine"]
 
 log = logging.getLogger("codistill")  # the run's log file (full tracebacks) when run through codistill.api
-
-
-def _one_line(e: BaseException) -> str:
-    """What a user needs of a remote failure: the cause's type and message, first line only."""
-    cause = getattr(e, "cause", None)
-    if cause is not None:
-        text = str(cause).strip().splitlines()
-        return f"{text[0] if text else type(cause).__name__}"
-    text = [line for line in str(e).strip().splitlines() if line.strip()]
-    return text[-1][:300] if text else type(e).__name__
-
-
-@contextlib.contextmanager
-def _worker_output_to_run_log() -> Iterator[None]:
-    """While a run that has a log file lasts (codistill.api), what its Ray workers print goes to that file and not
-    to the console: Ray forwards every worker's stdout and stderr to the driver, and a killed rank of a worker
-    group alone makes ~150 lines of gloo and Ray Train tracebacks there (the console has the run's one event line).
-    Ray's cluster notices (autoscaler) still print. Ray has no public hook for this: its driver prints through a
-    dispatcher whose printing handler is swapped here for the run's length and put back after."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # another Ray: its output stays where Ray puts it
-        yield
-        return
-    printer = dict(getattr(dispatcher, "handlers", [])).get("ray_print_logs")  # None: log_to_driver=False
-    if printer is None or not log.handlers:
-        yield
-        return
-    workers = log.getChild("workers")
-
-    def to_run_log(batch: dict) -> None:
-        if batch.get("pid") == "autoscaler":
-            printer(batch)
-            return
-        who = batch.get("actor_name") or batch.get("task_name") or ""
-        prefix = f"({who} pid={batch.get('pid')}, ip={batch.get('ip')}) "  # as Ray prints it, with the node
-        for line in batch.get("lines", []):
-            workers.info("%s%s", prefix, line)
-
-    dispatcher.add_handler("codistill_run_log", to_run_log)
-    dispatcher.remove_handler("ray_print_logs")
-    try:
-        yield
-    finally:
-        dispatcher.add_handler("ray_print_logs", printer)
-        dispatcher.remove_handler("codistill_run_log")
-
-
-R = TypeVar("R")  # a peer's round report (PeerReport in RayEngine)
-
-
-def round_ends(total_steps: int, eval_every: int) -> list[int]:
-    """The step at which each round ends (the last may be short)."""
-    return [min(e, total_steps) for e in range(eval_every, total_steps + eval_every, eval_every)]
-
-
-class RoundAssembler(Generic[R]):
-    """Turns per-peer reports, arriving in any order, into complete rounds in order.
-
-    `rounds_per_peer[i]` is how many rounds peer i runs (peers with a shorter shard run fewer); once a
-    peer has no round r, its last report stands for it. `first_round` skips rounds an earlier driver
-    finished.
-    """
-
-    def __init__(self, rounds_per_peer: Sequence[int], first_round: int = 0):
-        self.rounds_per_peer = list(rounds_per_peer)
-        self.num_rounds = max(self.rounds_per_peer)
-        self.next_round = first_round
-        self._by_round: dict[int, dict[int, R]] = {}
-        self._last: dict[int, R] = {}
-
-    def add(self, peer: int, round_index: int, report: R) -> list[tuple[int, list[R]]]:
-        """Record one report; returns the rounds it completed, in order, as (round, reports by peer)."""
-        self._by_round.setdefault(round_index, {})[peer] = report
-        done = []
-        while self.next_round < self.num_rounds:
-            got = self._by_round.get(self.next_round, {})
-            owed = [i for i, n in enumerate(self.rounds_per_peer) if n > self.next_round and i not in got]
-            if owed:
-                break
-            reports = dict(self._by_round.pop(self.next_round, {}))
-            for i in range(len(self.rounds_per_peer)):
-                if i not in reports:
-                    reports[i] = self._last[i]
-            self._last.update(reports)
-            done.append((self.next_round, [reports[i] for i in sorted(reports)]))
-            self.next_round += 1
-        return done
-
-    @property
-    def complete(self) -> bool:
-        return self.next_round >= self.num_rounds
 
 
 class RayEngine:
