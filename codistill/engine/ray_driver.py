@@ -33,7 +33,7 @@ from codistill.engine.report import (
 )
 from codistill.engine.resume import ResumePoint, apply_resume, plan_resume
 from codistill.engine.rounds import RoundAssembler, round_ends
-from codistill.engine.worker_output import _one_line, _worker_output_to_run_log
+from codistill.engine.worker_output import one_line, worker_output_to_run_log
 from codistill.errors import CodistillError, ResourcesError
 from codistill.exchange import held_bytes_warning, new_board_state
 from codistill.registry import all_extras
@@ -163,7 +163,7 @@ class RayEngine:
             self.prior_rounds = point.prior_rounds
             self.reporter.on_resume(self.prior_rounds)
         self.init_ray()
-        once_ray_runs.enter_context(_worker_output_to_run_log())
+        once_ray_runs.enter_context(worker_output_to_run_log())
         self._check_groups_fit()
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -287,7 +287,7 @@ class RayEngine:
             ray.get(board.__ray_ready__.remote())
         except ray.exceptions.ActorDiedError as e:
             log.error("the exchange board could not start:\n%s", e)
-            raise CodistillError(f"the exchange board could not start: {_one_line(e)}") from None
+            raise CodistillError(f"the exchange board could not start: {one_line(e)}") from None
         self._board, self._board_seen = board, ray.get(board.incarnation.remote())
 
     def _board_restarted(self) -> str | None:
@@ -330,7 +330,7 @@ class RayEngine:
             try:
                 infos.append(ray.get(actor.info.remote()))
             except ray.exceptions.RayTaskError as e:
-                failure = PeerFailure(self.cfg.peer_name(i), 0, "start_failed", _one_line(e))
+                failure = PeerFailure(self.cfg.peer_name(i), 0, "start_failed", one_line(e))
                 log.error("peer %s could not start:\n%s", failure.peer, e)
                 raise self.failure_policy.error(failure, self.failure_policy.decide(failure)[1]) from None
         return infos
@@ -396,10 +396,10 @@ class RayEngine:
                 )
             except ray.exceptions.RayActorError as e:
                 log.error("peer %s died in round %d:\n%s", cfg.peer_name(i), r, e)
-                failure = PeerFailure(cfg.peer_name(i), r, "died", _one_line(e))
+                failure = PeerFailure(cfg.peer_name(i), r, "died", one_line(e))
             except ray.exceptions.RayTaskError as e:
                 log.error("peer %s failed in round %d:\n%s", cfg.peer_name(i), r, e)
-                failure = PeerFailure(cfg.peer_name(i), r, "step_failed", _one_line(e))
+                failure = PeerFailure(cfg.peer_name(i), r, "step_failed", one_line(e))
             unavailable_since.pop(i, None)
             if report is not None and report.restarts > restarts[i]:
                 failure = PeerFailure(report.name, r, "restarted", self._restart_detail(actors[i]), report.restarts)

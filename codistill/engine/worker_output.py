@@ -7,12 +7,12 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-__all__ = ["_one_line", "_worker_output_to_run_log"]
+__all__ = ["one_line", "worker_output_to_run_log"]
 
 log = logging.getLogger("codistill")  # the run's log file (full tracebacks) when run through codistill.api
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """What a user needs of a remote failure: the cause's type and message, first line only."""
     cause = getattr(e, "cause", None)
     if cause is not None:
@@ -23,7 +23,7 @@ def _one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _worker_output_to_run_log() -> Iterator[None]:
+def worker_output_to_run_log() -> Iterator[None]:
     """While a run that has a log file lasts (codistill.api), what its Ray workers print goes to that file and not
     to the console: Ray forwards every worker's stdout and stderr to the driver, and a killed rank of a worker
     group alone makes ~150 lines of gloo and Ray Train tracebacks there (the console has the run's one event line).
