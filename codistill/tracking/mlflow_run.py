@@ -18,7 +18,6 @@ import json
 import os
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,36 +28,10 @@ from codistill.locations import artifact_location, resolve_tracking_uri
 from codistill.storage import Storage
 from codistill.tracking.example import ModelExample
 from codistill.tracking.plots import plot_curves
+from codistill.tracking.round_metrics import ROUND_METRICS, metric_batches, round_values
 from codistill.tracking.safe import SafeClient, is_transient
 
-__all__ = ["NullTracker", "Tracker", "ROUND_METRICS", "PEER_METRICS"]
-
-ROUND_METRICS = (  # those a round has (ensemble_accuracy: classification only)
-    "churn",
-    "mean_pairwise_kl",
-    "mean_peer_accuracy",
-    "mean_peer_loss",
-    "ensemble_loss",
-    "ensemble_accuracy",
-)
-"""Logged to the job's run per round (the first one is how a resumed driver finds what is logged)."""
-PEER_METRICS = (
-    "train_loss",
-    "test_loss",
-    "test_accuracy",
-    "perplexity",
-    "steps_per_s",
-    "samples_per_s",
-    "staleness_mean",
-    "staleness_max",
-    "teacher_lead_max",
-    "bytes_published",
-    "bytes_pulled",
-    "restarts",
-    "lr",
-)
-"""Logged to each peer's run per round."""
-MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+__all__ = ["NullTracker", "Tracker"]
 
 
 class NullTracker(Reporter):
@@ -249,16 +222,8 @@ class Tracker(NullTracker):
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self._batch(peer, params=items[i : i + 100])
 
-    @staticmethod
-    def _metric_batches(values: list[tuple[str, float | None, int]]) -> list[list[Any]]:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)  # when it happened, not when the store took it
-        metrics = [Metric(k, float(v), ts, step) for k, v, step in values if v is not None]
-        return [metrics[i : i + MAX_BATCH] for i in range(0, len(metrics), MAX_BATCH)]
-
     def _metrics(self, peer: str | None, values: list[tuple[str, float | None, int]]) -> None:
-        for batch in self._metric_batches(values):
+        for batch in metric_batches(values):
             self._batch(peer, metrics=batch)
 
     def on_round(self, result: RoundResult) -> None:
@@ -267,29 +232,16 @@ class Tracker(NullTracker):
             first = p.step - len(p.step_losses) + 1
             self._metrics(p.name, [("step_loss", v, first + k) for k, v in enumerate(p.step_losses)])
 
-    @staticmethod
-    def _round_values(record: dict) -> list[tuple[str | None, list[tuple[str, float | None, int]]]]:
-        """One round (a summary.json record) as (peer, metrics): the job's run (None), then each peer's."""
-        step = record["step"]
-        out: list[tuple[str | None, list[tuple[str, float | None, int]]]] = [
-            (None, [(k, record[k], step) for k in ROUND_METRICS if record.get(k) is not None])
-        ]
-        for name, p in record["peers"].items():
-            terms = [(k, v, p["step"]) for k, v in p.get("terms", {}).items()]  # term.<name>, influence_*
-            out.append((name, [(k, p.get(k), p["step"]) for k in PEER_METRICS] + terms))
-        return out
-
     def log_round(self, record: dict) -> None:
         """One round (a summary.json record) as metrics of the job's run and of each peer's run."""
-        for peer, values in self._round_values(record):
+        for peer, values in round_values(record):
             self._metrics(peer, values)
 
     def on_resume(self, prior_rounds: list[dict]) -> None:
         """A resumed driver logs the rounds an earlier driver recorded but did not get to log (it may be
         killed between the two)."""
         rounds = [  # timestamped now, as if logged now
-            (r["step"], [(peer, self._metric_batches(values)) for peer, values in self._round_values(r)])
-            for r in prior_rounds
+            (r["step"], [(peer, metric_batches(values)) for peer, values in round_values(r)]) for r in prior_rounds
         ]
 
         def log_missing() -> None:
