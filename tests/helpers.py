@@ -1,8 +1,13 @@
 """Small jobs and paths shared by tests."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codistill import config as C
+
+if TYPE_CHECKING:
+    from codistill.data import Dataset
+    from codistill.peer import Peer
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository checkout."""
@@ -26,6 +31,14 @@ def small_job(*overrides: str, steps: int = 20, models: tuple[str, ...] = ("mlp"
         "tracking": "none",
     }
     return C.build(C.apply_overrides(raw, list(overrides)))
+
+
+def make_peer(cfg: C.RunConfig, index: int, dataset: "Dataset") -> "Peer":
+    """Peer `index` of `cfg` in this process, started as LocalEngine starts it."""
+    from codistill.engine.peer_start import peer_start
+    from codistill.peer import Peer
+
+    return Peer(peer_start(cfg, index), dataset)
 
 
 def tiny_text() -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "check",
     "check_rounds",
     "is_safe_name",
+    "run_config_validations",
 ]
 
 MAX_STEPS = 10**9
@@ -534,6 +535,14 @@ DEFAULT_PEER_MODELS = ("mlp", "cnn")
 DEFAULT_STEPS = 500
 """A job that gives neither `steps` nor `epochs` trains this many steps."""
 
+_run_configs_validated = 0
+
+
+def run_config_validations() -> int:
+    """How many RunConfigs this process has validated (constructed): a run validates its job once, in the driver,
+    and its peers' processes receive the frozen object (unpickling validates nothing); tests count on it."""
+    return _run_configs_validated
+
 
 @dataclass(kw_only=True, frozen=True, slots=True)
 class RunConfig(_Section):
@@ -567,6 +576,8 @@ class RunConfig(_Section):
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        global _run_configs_validated
+        _run_configs_validated += 1
         # the run id, the run directory, the Tune sweep and experiment directories are made from it
         self._check(is_safe_name(self.name), "name", self.name, NAME_RULE)
         if self.steps is None and self.epochs is None:

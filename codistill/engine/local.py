@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from codistill.config import RunConfig
 from codistill.data import Dataset
+from codistill.engine.peer_start import peer_start
 from codistill.engine.preflight import check_job
 from codistill.engine.report import (
     PeerReport,
@@ -54,7 +55,7 @@ class LocalEngine:
         """Train all peers; write each peer's final weights to out_dir/peers/<name>.pt."""
         cfg = self.cfg
         dataset = dataset if dataset is not None else check_job(cfg)
-        peers = [Peer(cfg, i, dataset, self.device) for i in range(cfg.num_peers)]
+        peers = [Peer(peer_start(cfg, i), dataset, self.device) for i in range(cfg.num_peers)]
         board = self.board = in_memory_board(cfg)
         exchanges = [make_exchange(cfg, i, board) for i in range(cfg.num_peers)]
         total = max(p.total_steps for p in peers)

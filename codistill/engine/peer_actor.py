@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import torch
 
-from codistill.config import build
+from codistill.config.schema import run_config_validations
 from codistill.data import Dataset
 from codistill.engine.report import PeerReport, term_means
 from codistill.engine.resume import ForeignCheckpointError, foreign_checkpoint
@@ -27,6 +27,7 @@ from codistill.exchange.stats import ExchangeStats
 from codistill.exchange.topology import rank_slot
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
+from codistill.peer.start import PeerStart
 from codistill.registry import install_extras
 from codistill.storage import Storage, checkpoint_path
 
@@ -70,27 +71,15 @@ class GroupRank:
 
 
 class PeerActor:
-    def __init__(
-        self,
-        cfg_dict: dict,
-        index: int,
-        dataset: dict,
-        board_name: str,
-        namespace: str,
-        storage_uri: str,
-        resume_step: int | None,
-        prior_restarts: int,
-        extras: dict | None = None,
-        group: GroupRank | None = None,
-    ):
+    def __init__(self, start: PeerStart, group: GroupRank | None = None):
+        """`start` is the driver's (its `data` the ObjectRef of the dataset's arrays); a rank of a worker group
+        gets its rank's start and its `group`."""
         # A constructor that raises is restarted by Ray (max_restarts) only to fail the same way, with a
         # traceback per attempt: the error is kept and raised by the first call instead.
         self.start_error: str | None = None
-        self.peer_name = (cfg_dict.get("peers") or [{}])[index].get("name") or f"peer{index}"
+        self.peer_name = start.name
         try:
-            self._start(
-                cfg_dict, index, dataset, board_name, namespace, storage_uri, resume_step, prior_restarts, extras, group
-            )
+            self._start(start, group)
         except Exception as e:
             import traceback
 
@@ -100,30 +89,22 @@ class PeerActor:
         if self.start_error is not None:
             raise PeerStartError(self.start_error)
 
-    def _start(
-        self,
-        cfg_dict: dict,
-        index: int,
-        dataset: dict,
-        board_name: str,
-        namespace: str,
-        storage_uri: str,
-        resume_step: int | None,
-        prior_restarts: int,
-        extras: dict | None,
-        group: GroupRank | None,
-    ) -> None:
-        install_extras(extras or {})  # models and losses the driver's program registered
-        self.cfg = cfg = build(cfg_dict)
+    def _start(self, start: PeerStart, group: GroupRank | None) -> None:
+        install_extras(start.extras)  # models and losses the driver's program registered
+        self.cfg = cfg = start.config  # validated in the driver: unpickled, not built again
         self.group = group or GroupRank()
+        if (start.rank, start.world_size) != (self.group.rank, self.group.world_size):
+            where = f"rank {self.group.rank} of {self.group.world_size}"
+            raise ValueError(f"the start of rank {start.rank} of {start.world_size} given to {where}")
+        index, rank = start.index, start.rank
         torch.set_num_threads(cfg.peer_threads(index))
         self.index = index
-        self.storage = Storage(storage_uri)
-        self.run_id = board_name.removeprefix("codistill-").removesuffix("-board")
-        rank, world = self.group.rank, self.group.world_size
-        self.peer = Peer(cfg, index, Dataset.from_arrays(dataset), rank=rank, world_size=world)
+        self.storage = Storage(start.storage_uri)
+        self.run_id = start.board_name.removeprefix("codistill-").removesuffix("-board")
+        # the arrays in the object store (nested in the start, so not resolved by Ray): shared, not copied
+        self.peer = Peer(start, Dataset.from_arrays(ray.get(start.data)))
         self.board = RayBoardClient(
-            ray.get_actor(board_name, namespace=namespace),
+            ray.get_actor(start.board_name, namespace=start.namespace),
             rank_slot([pc.workers for pc in cfg.peers], index, rank),
             inline_max_bytes=cfg.exchange.inline_max_bytes,
             versions_kept=EXCHANGES[cfg.exchange.mode].versions_kept(cfg.exchange),
@@ -140,12 +121,12 @@ class PeerActor:
         self.group_stats: list[dict] = []  # every rank's exchange counters at the last checkpoint
         self.lr = 0.0
         ray_restarts = actor_restarts() if group is None else self.group.restarts
-        self.restarts = prior_restarts + ray_restarts
+        self.restarts = start.prior_restarts + ray_restarts
         self.resumed_from: int | None = None
         if ray_restarts:
             self._load_newest()
-        elif resume_step is not None:
-            self._load(resume_step)
+        elif start.resume_step is not None:
+            self._load(start.resume_step)
 
     def __repr__(self) -> str:  # what the Ray dashboard shows
         if self.start_error is not None:
@@ -237,6 +218,7 @@ class PeerActor:
             "device": str(self.peer.device),
             "gpu_ids": ray.get_gpu_ids(),
             "pid": os.getpid(),
+            "config_validations": run_config_validations(),  # 0: this process got the driver's job, built none
         }
 
     def run_round(self, until_step: int, round_index: int, keep_from: int) -> PeerReport | None:

@@ -19,9 +19,10 @@ from typing import Any, ClassVar
 import torch
 
 from codistill import trust
-from codistill.config import RunConfig, to_dict
+from codistill.config import RunConfig
 from codistill.data import Dataset
 from codistill.engine.failure import Decision, FailurePolicy, PeerFailure
+from codistill.engine.peer_start import peer_start
 from codistill.engine.preflight import check_job
 from codistill.engine.report import (
     PeerReport,
@@ -36,7 +37,7 @@ from codistill.engine.rounds import RoundAssembler, round_ends
 from codistill.engine.worker_output import one_line, worker_output_to_run_log
 from codistill.errors import CodistillError, ResourcesError
 from codistill.exchange import held_bytes_warning, new_board_state
-from codistill.registry import all_extras
+from codistill.peer.start import PeerStart
 from codistill.storage import Storage
 from codistill.tasks import task_of
 
@@ -184,9 +185,18 @@ class RayEngine:
         try:
             bundle = first_bundle
             for i, name in enumerate(names):
-                resume_step = None if point.steps is None else point.steps[name]
+                start = peer_start(  # the job itself, validated here once: the peers' processes build none
+                    cfg,
+                    i,
+                    resume_step=None if point.steps is None else point.steps[name],
+                    prior_restarts=point.restarts.get(name, 0),
+                    board_name=self.board_name,
+                    namespace=namespace,
+                    storage_uri=storage.uri,
+                    data=data_ref,
+                )
                 if cfg.peers[i].workers > 1:  # a Ray Train worker group behind a host actor of the same name
-                    actors.append(self._start_group(i, data_ref, namespace, storage, resume_step, point, actor_names))
+                    actors.append(self._start_group(start, actor_names[i]))
                     continue
                 strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
                 bundle += 1
@@ -200,17 +210,7 @@ class RayEngine:
                         max_restarts=res.max_restarts,
                         max_task_retries=-1,  # a round is re-run after a restart (it resumes from its checkpoint)
                         scheduling_strategy=strategy,
-                    ).remote(
-                        to_dict(cfg),
-                        i,
-                        data_ref,
-                        self.board_name,
-                        namespace,
-                        storage.uri,
-                        resume_step,
-                        point.restarts.get(name, 0),
-                        all_extras(),
-                    )
+                    ).remote(start)
                 )
             self.peer_info = self._started(actors)
             history = self._collect(actors, dataset.test_y, storage, point)
@@ -248,29 +248,19 @@ class RayEngine:
                         f"Use fewer workers or less per worker (peers.{i}.resources), or add nodes."
                     )
 
-    def _start_group(
-        self, i: int, data_ref: Any, namespace: str, storage: Storage, resume_step: int | None, point: Any, names: list
-    ) -> Any:
-        """Peer i as a Ray Train worker group (codistill.engine.train_group); Train reserves its workers."""
+    def _start_group(self, start: PeerStart, host_name: str) -> Any:
+        """A peer as a Ray Train worker group (codistill.engine.train_group); Train reserves its workers."""
         import ray
 
         from codistill.engine.train_group import TrainPeerHost, train_run_name
 
-        cfg, name = self.cfg, self.cfg.peer_name(i)
+        cfg, name = self.cfg, start.name
         return (
             ray.remote(concurrency_groups={"exchange": 1})(TrainPeerHost)  # type: ignore[call-overload]
-            .options(name=names[i], namespace=namespace, num_cpus=0, max_concurrency=64, max_restarts=0)
+            .options(name=host_name, namespace=start.namespace, num_cpus=0, max_concurrency=64, max_restarts=0)
             .remote(
-                to_dict(cfg),
-                i,
-                [data_ref],
-                self.board_name,
-                namespace,
-                storage.uri,
-                resume_step,
-                point.restarts.get(name, 0),
-                all_extras(),
-                names[i],
+                start,
+                host_name,
                 # a resumed driver's groups get Train runs of their own: a restart must never pick up a
                 # checkpoint an earlier driver's group reported beyond the step this driver resumed from
                 train_run_name(cfg.name, self.run_id, name)

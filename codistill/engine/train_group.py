@@ -23,11 +23,12 @@ from typing import Any
 import ray
 import torch
 
-from codistill.config import build
+from codistill.config.schema import run_config_validations
 from codistill.engine.peer_actor import GroupRank, PeerActor
 from codistill.engine.resume import foreign_checkpoint
 from codistill.exchange.ray_board import WeightOutbox
 from codistill.exchange.wire import WireWeights
+from codistill.peer.start import PeerStart
 from codistill.storage import Storage
 
 __all__ = ["TrainPeerHost", "TrainRank", "train_run_name"]
@@ -71,7 +72,7 @@ class TrainRank(GroupRank):
 
 def _train_loop(config: dict) -> None:
     """Every rank: build the peer (from the Train checkpoint after a restart), then run the host's commands."""
-    host: Any = ray.get_actor(config["host"], namespace=config["namespace"])
+    host: Any = ray.get_actor(config["host"], namespace=config["start"].namespace)
     rank = ray.train.get_context().get_world_rank()
     node_id, pid = ray.get_runtime_context().get_node_id(), os.getpid()
     restarts: int = ray.get(host.group_started.remote(rank, node_id, pid))
@@ -79,19 +80,9 @@ def _train_loop(config: dict) -> None:
     # follows the driver (fresh, or `--resume`'s step), even if an earlier driver's run left checkpoints.
     checkpoint = ray.train.get_checkpoint() if restarts > 0 else None
     group = TrainRank(host, restarts)
-    dataset = ray.get(config["data"][0])
-    actor = PeerActor(
-        config["cfg"],
-        config["index"],
-        dataset,
-        config["board_name"],
-        config["namespace"],
-        config["storage_uri"],
-        config["resume_step"],  # a restarted group loads its newest checkpoint instead
-        config["prior_restarts"],
-        config["extras"],
-        group,
-    )
+    # the driver's start as this rank's (a restarted group loads its newest checkpoint, not the start's step)
+    start: PeerStart = config["start"]
+    actor = PeerActor(start.with_rank(group.rank, group.world_size), group)
     actor._check_started()
     # After a restart PeerActor has loaded the peer's newest checkpoint file; Train's newest may be older (Train
     # registers a reported checkpoint at its next poll of the workers, and a worker can die before it). The
@@ -131,28 +122,15 @@ class TrainPeerHost:
     """One data-parallel peer as the driver and the board see it (see module docstring). Threaded: a
     driver call waits in its own thread while the ranks ask for commands in others."""
 
-    def __init__(
-        self,
-        cfg_dict: dict,
-        index: int,
-        data: list,
-        board_name: str,
-        namespace: str,
-        storage_uri: str,
-        resume_step: int | None,
-        prior_restarts: int,
-        extras: dict | None,
-        host_name: str,
-        run_name: str,
-    ):
+    def __init__(self, start: PeerStart, host_name: str, run_name: str):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        cfg = build(cfg_dict)
+        cfg, index = start.config, start.index  # the driver's job: unpickled, not built again
         pc = cfg.peers[index]
         self.name = cfg.peer_name(index)
         self.workers = pc.workers
-        self.prior_restarts = prior_restarts
+        self.prior_restarts = start.prior_restarts
         self.cond = threading.Condition()
         self.seq = -1
         self.command: tuple[str, tuple] | None = ("idle", ())
@@ -165,21 +143,11 @@ class TrainPeerHost:
         self.finished = False
         self.outbox = WeightOutbox()
         cpus, gpus = cfg.peer_resources(index)
-        storage = Storage(storage_uri)
+        storage = Storage(start.storage_uri)
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={
-                "cfg": cfg_dict,
-                "index": index,
-                "data": data,  # [ObjectRef]: in a list so Train passes the reference, not the arrays
-                "board_name": board_name,
-                "namespace": namespace,
-                "storage_uri": storage_uri,
-                "resume_step": resume_step,
-                "prior_restarts": prior_restarts,
-                "extras": extras,
-                "host": host_name,
-            },
+            # the start's data is the ObjectRef of the dataset's arrays: Train passes the reference, not the arrays
+            train_loop_config={"start": start, "host": host_name},
             scaling_config=ScalingConfig(
                 num_workers=pc.workers,
                 use_gpu=gpus > 0,
@@ -263,6 +231,7 @@ class TrainPeerHost:
             self._wait(lambda: self.rank0_info is not None)
             assert self.rank0_info is not None
             return self.rank0_info | {
+                "config_validations": self.rank0_info["config_validations"] + run_config_validations(),  # and mine
                 "workers": self.workers,
                 "node_ids": [self.node_ids[r] for r in sorted(self.node_ids)],
                 "pids": [self.pids[r] for r in sorted(self.pids)],

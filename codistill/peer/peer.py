@@ -41,7 +41,7 @@ from codistill.models import build_model
 from codistill.models.randomness import draws_random_numbers
 from codistill.models.taps import TapRecorder
 from codistill.peer.optim import make_optimizer, make_scheduler
-from codistill.registry import lookup
+from codistill.peer.start import PeerStart
 from codistill.tasks import EvalResult, task_of
 
 __all__ = ["EvalResult", "NonFiniteLossError", "Peer", "StepLoss", "StepStats", "resolve_device", "total_steps"]
@@ -103,18 +103,9 @@ def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
 
 
 class Peer:
-    def __init__(
-        self,
-        cfg: RunConfig,
-        index: int,
-        dataset: Dataset,
-        device: torch.device | str | None = None,
-        *,
-        shard_index: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.cfg = cfg
+    def __init__(self, start: PeerStart, dataset: Dataset, device: torch.device | str | None = None):
+        self.cfg = cfg = start.config
+        index, rank, world_size = start.index, start.rank, start.world_size
         # A data-parallel peer (Ray Train worker group): this process is rank `rank` of `world_size`; it trains
         # on its contiguous part of the global batch and DDP averages the gradients (docs/design.md).
         self.rank, self.world_size = rank, world_size
@@ -126,18 +117,15 @@ class Peer:
         self.amp = cfg.amp and self.device.type == "cuda"
         self.dataset = dataset
         self.task = task_of(dataset)
-        # An exchange that moves per-batch signals (logits) needs one batch order from the job seed;
-        # otherwise each peer has its own order (and, with shard: disjoint, its own part of the data).
-        shared_order = lookup("codistill.exchange", "EXCHANGES")[cfg.exchange.mode].shared_batch_order
-        disjoint = cfg.data.shard == "disjoint"
+        # the batch order and the shard are the engine's to decide (codistill.engine.peer_start)
         self.data = PeerData(
             dataset,
             cfg.data,
-            order_seed=cfg.seed if shared_order else self.seed,
+            order_seed=start.order_seed,
             aug_seed=self.seed,
             shard_seed=cfg.seed,
-            shard_index=index if shard_index is None else shard_index,
-            num_shards=cfg.num_peers if disjoint else 1,
+            shard_index=start.shard_index,
+            num_shards=start.num_shards,
             device=self.device,
         )
         self.total_steps = total_steps(cfg, self.data.steps_per_epoch)

@@ -43,6 +43,23 @@ def test_a_two_worker_peer_gives_the_one_worker_answer_in_checkpoint_mode(ray_se
     assert [d.name for d in (tmp_path / "ray" / "train").iterdir()] == [f"test-{remote.run_id}-peer0-mlp"]
 
 
+def test_the_peers_processes_are_given_the_driver_s_job_and_validate_none(ray_session, tmp_path):
+    """The driver validates the job once; an actor, a worker group's host and its rank 0 each get the frozen
+    RunConfig in their PeerStart and build none of their own."""
+    cfg = small_job(
+        "engine=ray",
+        "peers.0.workers=2",
+        "resources.num_cpus=0.25",
+        "resources.threads_per_peer=1",
+        steps=4,
+        models=("mlp", "mlp"),
+    )
+    remote = RayEngine(cfg)
+    remote.run(tmp_path / "ray")
+    assert remote.peer_info[0]["workers"] == 2 and "workers" not in remote.peer_info[1]
+    assert [info["config_validations"] for info in remote.peer_info] == [0, 0]
+
+
 def same_weights(local_dir, ray_dir, cfg) -> None:
     for wl, wr in zip(final_weights(local_dir, cfg), final_weights(ray_dir, cfg)):
         for k in wl:

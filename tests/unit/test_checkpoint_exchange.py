@@ -12,15 +12,14 @@ from codistill.data import load_dataset
 from codistill.engine.report import staleness_warnings
 from codistill.errors import ConfigError
 from codistill.exchange import ExchangeStats, TeacherUnavailable, in_memory_board, make_exchange
-from codistill.peer import Peer
-from tests.helpers import small_job
+from tests.helpers import make_peer, small_job
 
 
 def make(*overrides):
     cfg = small_job("exchange.mode=checkpoint", *overrides)
     ds = load_dataset(cfg.data)
     board = in_memory_board(cfg)
-    peers = [Peer(cfg, i, ds) for i in range(cfg.num_peers)]
+    peers = [make_peer(cfg, i, ds) for i in range(cfg.num_peers)]
     return cfg, peers, [make_exchange(cfg, i, board) for i in range(cfg.num_peers)], board
 
 

@@ -14,8 +14,7 @@ from codistill.errors import ConfigError
 from codistill.exchange import in_memory_board, make_exchange
 from codistill.losses.hidden import attention_kl, attention_mse, hidden_mse, layer_map, projection, relation_scores
 from codistill.losses.weighting import distillation_influence, normalized
-from codistill.peer import Peer
-from tests.helpers import lm_job, small_job
+from tests.helpers import lm_job, make_peer, small_job
 
 TERMS = "loss.terms=[{name: logits}, {name: hidden_mse, weight: 0.1}, {name: attention_kl}, {name: attention_mse}]"
 
@@ -150,16 +149,16 @@ def test_terms_configs_are_checked_before_training(tmp_path):
         small_job("loss.weighting=influence", "data.validation_fraction=0.1", "exchange.topology=ring")
     cfg = small_job("loss.terms=[{name: attention_kl}]")  # an MLP has no attention layers: one line at the peer
     with pytest.raises(ConfigError, match=r"loss.terms: .*attention_kl needs attention layers"):
-        Peer(cfg, 0, load_dataset(cfg.data))
+        make_peer(cfg, 0, load_dataset(cfg.data))
     cfg = lm_job(tmp_path, "loss.terms=[{name: attention_kl, relation_heads: 5}]")
     with pytest.raises(ConfigError, match=r"5 relation heads do not divide the widths \[32, 48\]"):
-        Peer(cfg, 0, load_dataset(cfg.data))
+        make_peer(cfg, 0, load_dataset(cfg.data))
 
 
 def test_projections_are_trained_and_kept_in_training_checkpoints(tmp_path):
     cfg = lm_job(tmp_path, TERMS, steps=4)
     ds = load_dataset(cfg.data)
-    peers = [Peer(cfg, i, ds) for i in range(2)]
+    peers = [make_peer(cfg, i, ds) for i in range(2)]
     assert peers[0].publish_taps and peers[0].student_taps  # what the other's terms read, and its own
     heads = dict(peers[0].heads.named_parameters())
     assert heads and all(
@@ -177,7 +176,7 @@ def test_projections_are_trained_and_kept_in_training_checkpoints(tmp_path):
             p.train_step(t)
     assert any(not torch.equal(before[k], v) for k, v in peers[0].heads.named_parameters())  # trained
     state = peers[0].training_state()
-    fresh = Peer(cfg, 0, ds)
+    fresh = make_peer(cfg, 0, ds)
     fresh.load_training_state(state)
     for k, v in peers[0].heads.state_dict().items():
         assert torch.equal(fresh.heads.state_dict()[k], v)
@@ -204,7 +203,7 @@ def test_every_term_and_influence_runs_with_both_exchanges(tmp_path, mode):
 def test_a_job_without_terms_reads_no_taps_and_has_no_heads():
     cfg = small_job()
     assert cfg.loss.default_terms
-    peer = Peer(cfg, 0, load_dataset(cfg.data))
+    peer = make_peer(cfg, 0, load_dataset(cfg.data))
     assert not peer.student_taps and not peer.publish_taps and len(peer.heads) == 0 and not peer.extra_names
 
 

@@ -22,13 +22,13 @@ from codistill.exchange import (
     make_exchange,
     teachers_of,
 )
-from codistill.peer import NonFiniteLossError, Peer
-from tests.helpers import small_job
+from codistill.peer import NonFiniteLossError
+from tests.helpers import make_peer, small_job
 
 
 def make(cfg):
     ds = load_dataset(cfg.data)
-    peers = [Peer(cfg, i, ds) for i in range(cfg.num_peers)]
+    peers = [make_peer(cfg, i, ds) for i in range(cfg.num_peers)]
     board = in_memory_board(cfg)
     return peers, [make_exchange(cfg, i, board) for i in range(cfg.num_peers)], board
 

@@ -11,7 +11,7 @@ from codistill.data.order import PeerData
 from codistill.models import build_model
 from codistill.models.randomness import draws_random_numbers
 from codistill.peer import Peer
-from tests.helpers import small_job
+from tests.helpers import make_peer, small_job
 
 
 class Noisy(nn.Module):  # a user's model: its forward could draw anything
@@ -57,7 +57,7 @@ def _generator_states_in_forward(peer: Peer) -> list[torch.Tensor]:
 
 def test_a_deterministic_model_trains_without_touching_the_global_generator():
     cfg = small_job(models=("cnn", "cnn"))
-    peer = Peer(cfg, 0, load_dataset(cfg.data))
+    peer = make_peer(cfg, 0, load_dataset(cfg.data))
     seen = _generator_states_in_forward(peer)
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -74,7 +74,7 @@ def test_a_deterministic_model_trains_without_touching_the_global_generator():
 def test_dropout_steps_seed_the_cpu_generator_only_and_restore_it():
     """torch.manual_seed would queue a CUDA seeding with the caller's formatted stack on every step."""
     cfg = small_job(models=("mlp", "mlp"))
-    peer = Peer(cfg, 0, load_dataset(cfg.data))
+    peer = make_peer(cfg, 0, load_dataset(cfg.data))
     tracker = torch.cuda._lazy_seed_tracker
     tracker.manual_seed_cb = tracker.manual_seed_all_cb = None  # what was queued before is not this test's
     tracker.call_order = []
@@ -87,7 +87,7 @@ def test_dropout_steps_seed_the_cpu_generator_only_and_restore_it():
     queued = ["".join(call[1]) for call in tracker.get_calls() if call is not None]
     assert queued and not any("codistill/peer/peer.py" in stack for stack in queued), queued
     # and the draws are the peer's own: the same step again gives the same loss
-    again = Peer(cfg, 0, load_dataset(cfg.data))
+    again = make_peer(cfg, 0, load_dataset(cfg.data))
     _steps(again, 3)
     assert [s.loss for s in peer.take_losses()] == [s.loss for s in again.take_losses()]
 
