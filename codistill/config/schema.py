@@ -399,7 +399,7 @@ class ExchangeConfig(_Section):
     """Exchange registry key (codistill.exchange.EXCHANGES): logits (DML, logit shards per step) or
     checkpoint (Anil, weights every `period` steps)."""
     topology: str = "all"
-    """Topology registry key (codistill.exchange.TOPOLOGIES): all, ring."""
+    """Topology registry key (codistill.peer.topology.TOPOLOGIES): all, ring."""
     staleness: int = 0
     """logits: how many steps a peer may run ahead of the slowest before it waits."""
     period: int = 50
@@ -427,7 +427,7 @@ class ExchangeConfig(_Section):
 
     def __post_init__(self) -> None:
         self._registered("codistill.exchange", "EXCHANGES", self.mode, "mode")
-        self._registered("codistill.exchange", "TOPOLOGIES", self.topology, "topology")
+        self._registered("codistill.peer.topology", "TOPOLOGIES", self.topology, "topology")
         self._check(1 <= self.topk <= 1_000_000, "topk", self.topk, "an integer in [1, 1000000]")
         self._check(0 <= self.staleness <= MAX_STEPS, "staleness", self.staleness, "an integer >= 0")
         self._check(

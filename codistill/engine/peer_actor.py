@@ -24,10 +24,10 @@ from codistill.engine.resume import ForeignCheckpointError, foreign_checkpoint
 from codistill.exchange import EXCHANGES, make_exchange
 from codistill.exchange.ray_board import RayBoardClient, actor_restarts
 from codistill.exchange.stats import ExchangeStats
-from codistill.exchange.topology import rank_slot
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
 from codistill.peer.start import PeerStart
+from codistill.peer.topology import rank_slot
 from codistill.registry import install_extras
 from codistill.storage import Storage, checkpoint_path
 

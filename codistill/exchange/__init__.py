@@ -31,9 +31,9 @@ _EXPORTS = {
     "LogitExchange": "logits",
     "TeacherMismatch": "logits",
     "ExchangeStats": "stats",
-    "TOPOLOGIES": "topology",
-    "consumers_of": "topology",
-    "teachers_of": "topology",
+    "TOPOLOGIES": "codistill.peer.topology",  # a peer's, exported here as before
+    "consumers_of": "codistill.peer.topology",
+    "teachers_of": "codistill.peer.topology",
     "LogitShard": "wire",
     "WireWeights": "wire",
     "decode_array": "wire",
@@ -59,20 +59,21 @@ if TYPE_CHECKING:
     from codistill.exchange.modes import make_exchange as make_exchange
     from codistill.exchange.modes import new_board_state as new_board_state
     from codistill.exchange.stats import ExchangeStats as ExchangeStats
-    from codistill.exchange.topology import TOPOLOGIES as TOPOLOGIES
-    from codistill.exchange.topology import consumers_of as consumers_of
-    from codistill.exchange.topology import teachers_of as teachers_of
     from codistill.exchange.wire import LogitShard as LogitShard
     from codistill.exchange.wire import WireWeights as WireWeights
     from codistill.exchange.wire import decode_array as decode_array
     from codistill.exchange.wire import decode_weights as decode_weights
     from codistill.exchange.wire import encode_tensor as encode_tensor
     from codistill.exchange.wire import encode_weights as encode_weights
+    from codistill.peer.topology import TOPOLOGIES as TOPOLOGIES
+    from codistill.peer.topology import consumers_of as consumers_of
+    from codistill.peer.topology import teachers_of as teachers_of
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name] if "." in _EXPORTS[name] else f"{__name__}.{_EXPORTS[name]}"
+        value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

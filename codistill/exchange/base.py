@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.board import Board
 from codistill.exchange.stats import ExchangeStats
-from codistill.exchange.topology import consumers_of, rank_slot, teachers_of
+from codistill.peer.topology import consumers_of, rank_slot, teachers_of
 
 if TYPE_CHECKING:
     import torch

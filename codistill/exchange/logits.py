@@ -20,12 +20,13 @@ from codistill.config import ExchangeConfig, RunConfig
 from codistill.data.dataset import as_tensor
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
-from codistill.exchange.topology import consumers_of, influence_slot, overlapping_ranks, part_bounds, rank_slot
+from codistill.exchange.slots import influence_slot, overlapping_ranks
 from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype, join_shards
 from codistill.losses.distill import TeacherSignal
 from codistill.losses.divergences import zscore
 from codistill.losses.terms import TeacherOutput
 from codistill.losses.topk import TopKLogits, topk_logits
+from codistill.peer.topology import consumers_of, part_bounds, rank_slot
 
 if TYPE_CHECKING:
     from codistill.peer import Peer

@@ -8,7 +8,7 @@ from codistill.exchange.base import Exchange
 from codistill.exchange.board import Board, BoardState, InMemoryBoard
 from codistill.exchange.checkpoint import CheckpointExchange
 from codistill.exchange.logits import LogitExchange
-from codistill.exchange.topology import influence_slot, shard_consumers
+from codistill.exchange.slots import influence_slot, shard_consumers
 from codistill.registry import Registry
 
 __all__ = [
@@ -29,7 +29,7 @@ def make_exchange(cfg: RunConfig, index: int, board: Board, rank: int = 0) -> Ex
 
 def new_board_state(cfg: RunConfig) -> BoardState:
     """An empty board's bookkeeping for this job (who consumes whom, how many versions are kept)."""
-    # Addressed by rank slot (codistill.exchange.topology.rank_slot): slot i is peer i's rank 0, so with
+    # Addressed by rank slot (codistill.peer.topology.rank_slot): slot i is peer i's rank 0, so with
     # one worker per peer a slot is a peer. Weights are published by rank 0 slots only.
     workers = [pc.workers for pc in cfg.peers]
     consumers = shard_consumers(workers, cfg.data.batch_size, cfg.exchange.topology)

@@ -23,7 +23,6 @@ from torch.func import functional_call
 from codistill.config import RunConfig, TermConfig
 from codistill.data import Dataset, PeerData, mix_seed
 from codistill.errors import CodistillError, ConfigError
-from codistill.exchange.topology import consumers_of, part_bounds, teachers_of
 from codistill.losses import total_loss
 from codistill.losses.distill import TeacherSignal, cross_entropy, flat_targets, position_mask
 from codistill.losses.terms import (
@@ -42,6 +41,7 @@ from codistill.models.randomness import draws_random_numbers
 from codistill.models.taps import TapRecorder
 from codistill.peer.optim import make_optimizer, make_scheduler
 from codistill.peer.start import PeerStart
+from codistill.peer.topology import consumers_of, part_bounds, teachers_of
 from codistill.tasks import EvalResult, task_of
 
 __all__ = ["EvalResult", "NonFiniteLossError", "Peer", "StepLoss", "StepStats", "resolve_device", "total_steps"]

@@ -6,8 +6,9 @@ import torch
 
 from codistill.errors import ConfigError
 from codistill.exchange import new_board_state
-from codistill.exchange.topology import overlapping_ranks, part_bounds, rank_slot, shard_consumers
+from codistill.exchange.slots import overlapping_ranks, shard_consumers
 from codistill.exchange.wire import LogitShard, join_shards
+from codistill.peer.topology import part_bounds, rank_slot
 from tests.helpers import small_job
 
 

@@ -1,5 +1,6 @@
 """Who learns from whom (`exchange.topology`): registry TOPOLOGIES of `(index, num_peers) -> teachers`; and,
-for data-parallel peers, the board address (*slot*) of each rank and which ranks' logit shards a rank needs."""
+for data-parallel peers, the board address (*slot*) of each rank and the part of the batch each rank trains on.
+Below the exchange: a peer plans its loss terms from its teachers and consumers."""
 
 from __future__ import annotations
 
@@ -7,16 +8,7 @@ from collections.abc import Callable, Sequence
 
 from codistill.registry import Registry
 
-__all__ = [
-    "TOPOLOGIES",
-    "consumers_of",
-    "influence_slot",
-    "overlapping_ranks",
-    "part_bounds",
-    "rank_slot",
-    "shard_consumers",
-    "teachers_of",
-]
+__all__ = ["TOPOLOGIES", "consumers_of", "part_bounds", "rank_slot", "teachers_of"]
 
 
 def _all_others(index: int, num_peers: int) -> list[int]:
@@ -57,39 +49,7 @@ def rank_slot(workers: Sequence[int], peer: int, rank: int) -> int:
     return peer if rank == 0 else len(workers) + sum(w - 1 for w in workers[:peer]) + rank - 1
 
 
-def influence_slot(workers: Sequence[int], slot: int) -> int:
-    """Where rank slot `slot` publishes its influence weights (loss.weighting influence, teacher side): after
-    every rank slot, so logit shards and weights of one batch step never share an address."""
-    return sum(workers) + slot
-
-
 def part_bounds(batch_size: int, world_size: int, rank: int) -> tuple[int, int]:
     """[lo, hi): the examples of the global batch that rank `rank` of `world_size` trains on (contiguous)."""
     part = batch_size // world_size
     return rank * part, (rank + 1) * part
-
-
-def overlapping_ranks(batch_size: int, teacher_workers: int, lo: int, hi: int) -> list[int]:
-    """The teacher's ranks whose parts of the batch cover some of the examples [lo, hi)."""
-    return [q for q in range(teacher_workers) if _overlap(part_bounds(batch_size, teacher_workers, q), (lo, hi))]
-
-
-def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
-
-
-def shard_consumers(workers: Sequence[int], batch_size: int, topology: str) -> dict[int, list[int]]:
-    """For every rank slot, the rank slots that read its logit shards: each rank of each consumer peer
-    reads the publisher's ranks whose parts overlap its own (shard by shard, never through rank 0)."""
-    n = len(workers)
-    out: dict[int, list[int]] = {}
-    for j in range(n):
-        for q in range(workers[j]):
-            mine = part_bounds(batch_size, workers[j], q)
-            out[rank_slot(workers, j, q)] = [
-                rank_slot(workers, i, r)
-                for i in consumers_of(j, n, topology)
-                for r in range(workers[i])
-                if _overlap(mine, part_bounds(batch_size, workers[i], r))
-            ]
-    return out
