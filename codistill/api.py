@@ -32,7 +32,6 @@ from codistill.locations import leave_a_deleted_working_directory, new_run_id, r
 from codistill.rundir import RunLock
 from codistill.storage import Storage, checkpoint_path
 from codistill.tracking import make_tracker
-from codistill.tracking.example import _model_example
 
 __all__ = ["train", "run_job", "Result", "RunFinishedError", "job_config", "RUN_LOG"]
 
@@ -223,7 +222,9 @@ def run_job(
             run_id = recorded_id or run_name or new_run_id(cfg.name)
             t_load = time.perf_counter()
             dataset = check_job(cfg)
-            example = _model_example(cfg, dataset)  # its data source made absolute while the working dir exists
+            # MLflow (a Reporter): its runs open when the run starts; its model example is made now, while the
+            # working directory its data source may name exists
+            tracker = make_tracker(cfg, run_id, parent_run_id, run_dir=out_dir, dataset=dataset, warn=reporter.on_event)
             reporter.on_event(
                 f"data: {dataset.name}, {len(dataset.train_y)} train / {len(dataset.test_y)} test "
                 f"{'sequences' if dataset.meta else 'examples'}, loaded and checked in "
@@ -235,24 +236,14 @@ def run_job(
                 storage.write("run.json", json.dumps({"run_id": run_id}).encode())
                 if dataset.meta.get("tokenizer_json"):  # what reloads the trained tokenizer exactly
                     storage.write("tokenizer.json", dataset.meta["tokenizer_json"].encode())
-            previous = json.loads(storage.read("tracking.json") or b"null") if resume else None
-            # tracking.json (the MLflow runs a resumed driver continues) once the runs exist: now, or later from
-            # the tracker's thread when the store did not answer in time
-            tracker = make_tracker(
-                cfg,
-                run_id,
-                parent_run_id,
-                resume=previous,
-                warn=reporter.on_event,
-                on_state=lambda state: storage.write("tracking.json", json.dumps(state).encode()),
-            )
             t0 = time.perf_counter()
-            engine = make_engine(cfg, Reporters(tracker, reporter), resume=resume, run_id=run_id)  # logged, then shown
+            reporters = Reporters(tracker, reporter)  # logged, then shown
+            engine = make_engine(cfg, reporters, resume=resume, run_id=run_id)
             try:
                 history = engine.run(out_dir, dataset)
             except BaseException as e:
                 # stopped from outside (a Tune scheduler, Ctrl-C) is KILLED; an error in the run is FAILED
-                tracker.fail("FAILED" if isinstance(e, Exception) else "KILLED")
+                reporters.on_fail("FAILED" if isinstance(e, Exception) else "KILLED")
                 raise
             summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds, engine.final)
             summary.update(run_id=run_id, run_dir=out_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
@@ -260,7 +251,7 @@ def run_job(
                 summary["data"] = {k: v for k, v in dataset.meta.items() if k != "tokenizer_json"}
             storage.write("summary.json", json.dumps(summary, indent=2).encode())
             leave_a_deleted_working_directory()
-            tracker.finish(summary, out_dir, example if tracker.run_id else None)
+            reporters.on_end(summary)
             return summary
         except CodistillError as e:
             log.error("%s\n%s", e, traceback.format_exc())

@@ -85,8 +85,10 @@ class RoundResult:
 
 
 class Reporter:
-    """Hooks called by the engines, in order: `on_start` once, `on_event` whenever something notable
-    happens, `on_round` after each round. Each does nothing unless overridden."""
+    """Hooks called by the engines: `on_start` once, `on_event` whenever something notable happens,
+    `on_round` after each round (a resumed run: `on_resume` first, before `on_start`); then by `run_job`:
+    `on_end` when the run finished, or `on_fail` when it stopped before its end. Each does nothing unless
+    overridden."""
 
     def on_start(self, cfg: RunConfig, total_steps: int) -> None:
         pass
@@ -99,6 +101,13 @@ class Reporter:
 
     def on_event(self, message: str) -> None:
         pass
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        """The run finished: its summary, as summary.json (written before this is called) holds it."""
+
+    def on_fail(self, status: str) -> None:
+        """The run stopped before its end: "FAILED" (an error in the run) or "KILLED" (stopped from outside:
+        a Tune scheduler, Ctrl-C); it may not have started (`on_start`) yet."""
 
 
 class Reporters(Reporter):
@@ -122,6 +131,14 @@ class Reporters(Reporter):
     def on_event(self, message: str) -> None:
         for r in self.reporters:
             r.on_event(message)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.on_end(summary)
+
+    def on_fail(self, status: str) -> None:
+        for r in self.reporters:
+            r.on_fail(status)
 
 
 def staleness_warnings(cfg: RunConfig, reports: Sequence[PeerReport], warned: set[str]) -> list[str]:

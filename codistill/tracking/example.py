@@ -1,27 +1,30 @@
-"""What logging a peer's model needs (`ModelExample`), made from the job and its data."""
+"""What logging a peer's model needs (`ModelExample`), made from the job and its data when the run starts."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from codistill.config import RunConfig
 
-__all__ = ["ModelExample"]
+__all__ = ["ModelExample", "model_example"]
 
 
+@dataclass(frozen=True)
 class ModelExample:
     """What logging a peer's model needs: how to build it and an input example (a small batch)."""
 
-    def __init__(self, build: Callable[[int], Any], example_input: Any, dataset: Any, dataset_source: str):
-        self.build = build  # peer index -> an nn.Module with the peer's architecture
-        self.example_input = example_input  # torch.Tensor (2, ...)
-        self.dataset = dataset  # codistill.data.Dataset
-        self.dataset_source = dataset_source
+    build: Callable[[int], Any]  # peer index -> an nn.Module with the peer's architecture
+    example_input: Any  # torch.Tensor (2, ...)
+    dataset: Any  # codistill.data.Dataset
+    dataset_source: str
 
 
-def _model_example(cfg: RunConfig, dataset: Any) -> ModelExample:
+def model_example(cfg: RunConfig, dataset: Any) -> ModelExample:
+    """The job's ModelExample; made before the run, while the working directory it may name exists (a run
+    that ends in a deleted one still knows where its data came from)."""
     from codistill.models import build_model
     from codistill.tasks import task_of
 

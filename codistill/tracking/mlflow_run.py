@@ -2,7 +2,8 @@
 the sweep's). Only the driver logs, through MlflowClient with explicit run ids, and every call goes
 through `SafeClient`: made in order on a worker thread, retried in the background while the store fails,
 bounded in time (`tracking.connect_timeout_s`, `tracking.request_timeout_s`): MLflow failing or down
-never stops training, nor holds it up.
+never stops training, nor holds it up. The tracker is one of the run's Reporters: the runs open when the
+run starts (`on_start`), take its rounds (`on_resume`, `on_round`) and close at its end (`on_end`, `on_fail`).
 
 What a run holds: params = the flattened config; tags = codistill kind, exchange, run id and MLflow's
 own source, user and git tags; per round: ensemble metrics (job run), per-peer metrics and the
@@ -35,7 +36,7 @@ __all__ = ["NullTracker", "Tracker"]
 
 
 class NullTracker(Reporter):
-    """tracking: none."""
+    """tracking: none: no runs (the summary names no MLflow run)."""
 
     run_id: str | None = None
     uri: str | None = None
@@ -43,40 +44,39 @@ class NullTracker(Reporter):
     def state(self) -> dict | None:
         return None
 
-    def finish(self, summary: dict, out_dir: str, example: ModelExample | None = None) -> None:
-        pass
-
-    def fail(self, status: str = "FAILED") -> None:
-        pass
-
 
 class Tracker(NullTracker):
-    """Logs a run to MLflow (see module docstring). Every call is queued to `SafeClient`'s worker thread,
-    the runs' creation included: the tracker waits `tracking.connect_timeout_s` for the runs to exist,
-    then training goes on whether or not the store answered. `run_id` and `state()` are None until the
-    runs exist; `on_state` is called with the state once they do (at once, or later from the worker)."""
+    """Logs a run to MLflow (see module docstring). The runs open when the run starts (`on_start`; a
+    sweep's at once, `open`); every call is queued to `SafeClient`'s worker thread, the runs' creation
+    included: the tracker waits `tracking.connect_timeout_s` for the runs to exist, then training goes on
+    whether or not the store answered. `run_id` and `state()` are None until the runs exist; once they do
+    (at once, or later from the worker) the state is kept in the run directory's tracking.json, where a
+    resumed driver's tracker finds the runs to go on in."""
+
+    uri: str
 
     def __init__(
         self,
         cfg: RunConfig,
         run_name: str,
         parent_run_id: str | None = None,
-        resume: dict | None = None,
         *,
+        run_dir: str | None = None,
+        example: ModelExample | None = None,
         kind: str = "job",
         warn: Callable[[str], None] = print,
-        on_state: Callable[[dict], None] | None = None,
     ):
-        import mlflow
+        """`run_dir`: the job's run directory (None for a sweep's run); `example`: what logging the peers'
+        models needs (None: no models are logged)."""
         from mlflow.tracking import MlflowClient
 
         self.cfg = cfg
+        self.run_name, self.parent_run_id, self.kind = run_name, parent_run_id, kind
         self.uri = resolve_tracking_uri(cfg.tracking.uri)
-        # MLflow's fluent calls (log_model, the system-metrics monitor) write to the process's tracking
-        # URI, and setting it also sets MLFLOW_TRACKING_URI, which the next run's default would follow:
-        # point it at this run's store while the run lasts and give the program its own back after.
-        self._program_uri = _current_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
+        self.run_dir, self.example = run_dir, example
+        self.storage = Storage(run_dir) if run_dir is not None else None
+        # a resumed driver keeps logging into the runs the first one created (a new run's directory is empty)
+        self.previous = json.loads(self.storage.read("tracking.json") or b"null") if self.storage else None
         uri = self.uri
         self.mlflow = SafeClient(
             lambda: MlflowClient(uri), self.uri, warn, request_timeout_s=cfg.tracking.request_timeout_s
@@ -85,32 +85,55 @@ class Tracker(NullTracker):
         self.job_run: str | None = None
         self.peer_runs: dict[str, str] = {}
         self._monitors: list[Any] = []
-        self._ending = False  # finish or fail began: no system-metrics monitor starts any more
-        self._opened = threading.Event()
-        self._on_state = on_state
-        if resume:  # a resumed driver keeps logging into the runs the first one created
-            self.job_run, self.peer_runs = resume["run_id"], dict(resume["peer_runs"])
+        self._ending = False  # the end or a failure began: no system-metrics monitor starts any more
+        self._started = False  # open() was called
+        self._opened = threading.Event()  # the runs exist
+        self._program_uri: str | None = None
+        self._prior_rounds: list[dict] = []  # given to on_resume before the runs were opened
+
+    def on_start(self, cfg: RunConfig, total_steps: int) -> None:
+        self.open()
+
+    def open(self, *, wait: bool = True) -> None:
+        """Queue the runs' creation (a resumed driver's: their status RUNNING again) and wait up to
+        `tracking.connect_timeout_s` for them (`wait`); then the earlier rounds of a resumed run (`on_resume`
+        came first). Once only."""
+        import mlflow
+
+        if self._started:
+            return
+        self._started = True
+        # MLflow's fluent calls (log_model, the system-metrics monitor) write to the process's tracking
+        # URI, and setting it also sets MLFLOW_TRACKING_URI, which the next run's default would follow:
+        # point it at this run's store while the run lasts and give the program its own back after.
+        self._program_uri = _current_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        if self.previous:
+            self.job_run, self.peer_runs = self.previous["run_id"], dict(self.previous["peer_runs"])
             self.run_id = self.job_run
             for run_id in [self.job_run, *self.peer_runs.values()]:
                 self.mlflow.call("update_run", run_id, status="RUNNING")
             self.mlflow.submit(self._start_system_metrics, "system metrics")
         else:
-            self._create_runs(uri, run_name, parent_run_id, kind)
+            self._create_runs(self.uri, self.run_name, self.parent_run_id, self.kind)
         self.mlflow.submit(self._runs_exist, "create_run")
-        if not self.mlflow.wait_until(self._opened.is_set, cfg.tracking.connect_timeout_s):
-            if kind == "sweep":  # the trials start now without a parent run: one made later would stay empty
+        timeout_s = self.cfg.tracking.connect_timeout_s
+        if wait and not self.mlflow.wait_until(self._opened.is_set, timeout_s):
+            if self.kind == "sweep":  # the trials start now without a parent run: one made later would stay empty
                 self.mlflow.warn_failing(
-                    f"warning: MLflow ({self.uri}) did not answer within {cfg.tracking.connect_timeout_s:g}s: the "
+                    f"warning: MLflow ({self.uri}) did not answer within {timeout_s:g}s: the "
                     f"sweep goes on without its parent run (each trial logs its own runs when the store answers)"
                 )
                 self.mlflow.close()
             else:
                 self.mlflow.warn_failing(
-                    f"warning: MLflow ({self.uri}) did not answer within {cfg.tracking.connect_timeout_s:g}s; "
+                    f"warning: MLflow ({self.uri}) did not answer within {timeout_s:g}s; "
                     f"training goes on and tracking is retried in the background (summary.json in the run "
                     f"directory stays the record)"
                 )
         self.mlflow.say_notes()
+        if self._prior_rounds:
+            self._log_missing(self._prior_rounds)
 
     def _create_runs(self, uri: str, run_name: str, parent_run_id: str | None, kind: str) -> None:
         """Queue the creation of the experiment (if new), the job's run and each peer's run, with params."""
@@ -155,13 +178,14 @@ class Tracker(NullTracker):
             self.mlflow.submit(self._start_system_metrics, "system metrics")
 
     def _runs_exist(self) -> None:
-        """Queued after the runs' creation: `run_id` and `state()` hold them now."""
+        """Queued after the runs' creation: `run_id` and `state()` hold them now, and tracking.json names
+        them (the MLflow runs a resumed driver goes on in)."""
         self.run_id = self.job_run
         self._opened.set()
         state = self.state()
-        if state is not None and self._on_state is not None:
+        if state is not None and self.storage is not None:
             try:
-                self._on_state(state)
+                self.storage.write("tracking.json", json.dumps(state).encode())
             except Exception as e:  # the run directory refuses: tracking.json is a convenience for --resume
                 self.mlflow.note(f"warning: the MLflow run ids were not kept ({type(e).__name__}: {e})")
 
@@ -239,7 +263,13 @@ class Tracker(NullTracker):
 
     def on_resume(self, prior_rounds: list[dict]) -> None:
         """A resumed driver logs the rounds an earlier driver recorded but did not get to log (it may be
-        killed between the two)."""
+        killed between the two): once the runs are open (the engines tell of them before `on_start`)."""
+        if self._started:
+            self._log_missing(prior_rounds)
+        else:
+            self._prior_rounds = list(prior_rounds)
+
+    def _log_missing(self, prior_rounds: list[dict]) -> None:
         rounds = [  # timestamped now, as if logged now
             (r["step"], [(peer, metric_batches(values)) for peer, values in round_values(r)]) for r in prior_rounds
         ]
@@ -256,12 +286,14 @@ class Tracker(NullTracker):
 
         self.mlflow.submit(log_missing, "get_metric_history")
 
-    def finish(self, summary: dict, out_dir: str, example: ModelExample | None = None) -> None:
+    def on_end(self, summary: dict[str, Any]) -> None:
         """Artifacts, models, the dataset input and final metrics are queued after everything before (the
         store may be back); the tracker waits for them (bounded when the store keeps failing), then the
         runs close."""
+        assert self.storage is not None, "a job's tracker has its run directory"
+        self.open(wait=False)  # opened by on_start
+        storage, example = self.storage, self.example if self.run_id else None  # models: into runs that exist
         self._stop_system_metrics()
-        storage = Storage(out_dir)
         for p in summary["peers"]:  # where each peer ran: its workers and their nodes (a worker group has several)
             self._tag(p["name"], "codistill.workers", str(p.get("workers", 1)))
             self._tag(p["name"], "codistill.node_ids", ",".join(p.get("node_ids") or []))
@@ -301,7 +333,7 @@ class Tracker(NullTracker):
             self._metrics(None, final)
             if example is not None:
                 self._log_inputs_and_models(summary, storage, example)
-            self._close_runs("FINISHED", f"summary.json in {out_dir} has every result")
+            self._close_runs("FINISHED", f"summary.json in {self.run_dir} has every result")
 
     def _tag(self, peer: str, key: str, value: str) -> None:
         def tag() -> None:
@@ -368,7 +400,10 @@ class Tracker(NullTracker):
             self.mlflow.warn(f"warning: MLflow ({self.uri}) is still failing: {left} calls not logged; {record}")
         self._restore_tracking_uri()
 
-    def fail(self, status: str = "FAILED") -> None:
+    def on_fail(self, status: str) -> None:
+        """The runs end FAILED or KILLED; a run that stopped before it started leaves them all the same (their
+        params say what failed)."""
+        self.open(wait=False)
         self._stop_system_metrics()
         self._close_runs(status, "the run directory has what was recorded")
 
