@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.board import Board
 from codistill.exchange.stats import ExchangeStats
+from codistill.peer.influence import measure_influence
 from codistill.peer.topology import consumers_of, rank_slot, teachers_of
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class Exchange(ABC):
         teachers need them sends them)."""
         peer.influence = None
         if teachers and self.influence_step(step):
-            peer.measure_influence(step, teachers)
+            peer.influence = measure_influence(peer, step, teachers)
 
     def teacher_side_weights(self, peer: Peer, step: int) -> list[torch.Tensor]:
         """(B_part,) per teacher: the influence each teacher measured as this peer's student."""

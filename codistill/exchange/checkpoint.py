@@ -22,6 +22,7 @@ from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.base import Exchange
 from codistill.exchange.board import Board
 from codistill.exchange.wire import decode_weights, encode_weights
+from codistill.peer.influence import teacher_influence
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +110,7 @@ class CheckpointExchange(Exchange):
 
     def teacher_side_weights(self, peer: Peer, step: int) -> list[torch.Tensor]:
         # No per-step traffic: this peer estimates each student's influence on its local copy of that student.
-        return [peer.teacher_influence(j) for j in sorted(peer.teachers)]
+        return [teacher_influence(peer, j) for j in sorted(peer.teachers)]
 
     def end_step(self, peer: Peer, step: int) -> None:
         version = step + 1
