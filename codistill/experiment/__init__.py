@@ -1,22 +1,2 @@
-"""Seeded experiments: one job with and without a change over several seeds, as Ray Tune trials, with a
-report of spreads and paired differences (`python -m codistill.experiment`)."""
-
-from codistill.experiment.cli import fit_to_cluster, main, run_experiment
-from codistill.experiment.plan import Arm, ExperimentPlan, make_plan
-from codistill.experiment.report import build_report, format_table, to_markdown
-from codistill.experiment.stats import Spread, paired_difference, spread
-
-__all__ = [
-    "Arm",
-    "ExperimentPlan",
-    "Spread",
-    "build_report",
-    "fit_to_cluster",
-    "format_table",
-    "main",
-    "make_plan",
-    "paired_difference",
-    "run_experiment",
-    "spread",
-    "to_markdown",
-]
+"""`python -m codistill.experiment`: the experiment command, kept where the README and scripts call it
+(codistill/sweeps/experiment)."""

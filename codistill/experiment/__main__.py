@@ -1,5 +1,5 @@
 import sys
 
-from codistill.experiment.cli import main
+from codistill.sweeps.experiment.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import yaml
 
-from codistill.experiment import main
+from codistill.sweeps.experiment import main
 
 pytestmark = pytest.mark.slow
 

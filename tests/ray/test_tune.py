@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from codistill import config as C
-from codistill.tune import load_sweep, main
+from codistill.sweeps.tune import load_sweep, main
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import pytest
 
 from codistill.config import read_yaml
 from codistill.errors import ResourcesError
-from codistill.experiment import build_report, fit_to_cluster, format_table, make_plan, spread, to_markdown
-from codistill.experiment.plot import plot_report
-from codistill.experiment.stats import paired_difference
+from codistill.sweeps.experiment import build_report, fit_to_cluster, format_table, make_plan, spread, to_markdown
+from codistill.sweeps.experiment.plot import plot_report
+from codistill.sweeps.experiment.stats import paired_difference
 from tests.helpers import ROOT
 
 QUICKSTART = read_yaml(ROOT / "jobs" / "quickstart.yaml")

@@ -37,6 +37,9 @@ ALL = sorted(
         "codistill.tune",
         "codistill.run",
         "codistill.experiment",
+        "codistill.sweeps.tune",
+        "codistill.sweeps.trial",
+        "codistill.sweeps.experiment",
     }
 )
 

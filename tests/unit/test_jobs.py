@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from codistill import config as C
-from codistill.tune import load_sweep
+from codistill.sweeps.settings import load_sweep
 from tests.helpers import ROOT
 
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))

@@ -2,7 +2,7 @@
 
 import json
 
-from codistill.tune_trial import _restore, trial_title
+from codistill.sweeps.trial import _restore, trial_title
 
 
 def make_checkpoint(tmp_path, made_by: str):

@@ -176,7 +176,7 @@ def test_a_name_cannot_leave_the_storage_root(tmp_path, capsys, monkeypatch):
     from codistill.locations import under
     from codistill.run import main
     from codistill.storage import Storage
-    from codistill.tune import SweepConfig
+    from codistill.sweeps.settings import SweepConfig
 
     root = tmp_path / "a" / "b" / "store"
     monkeypatch.setenv("CODISTILL_STORAGE", str(root))

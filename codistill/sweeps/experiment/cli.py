@@ -27,10 +27,10 @@ from typing import Any
 from codistill.config import RunConfig, apply_overrides, build, job_path, read_yaml
 from codistill.config.schema import NAME_RULE, is_safe_name
 from codistill.errors import CodistillError, ConfigError, ResourcesError
-from codistill.experiment.plan import ExperimentPlan, make_plan
-from codistill.experiment.plot import plot_report
-from codistill.experiment.report import build_report, format_table, to_markdown
 from codistill.locations import new_run_id, resolve_tracking_uri, storage_root
+from codistill.sweeps.experiment.plan import ExperimentPlan, make_plan
+from codistill.sweeps.experiment.plot import plot_report
+from codistill.sweeps.experiment.report import build_report, format_table, to_markdown
 from codistill.trust import add_trust_flag, allow_remote_code
 
 __all__ = ["main", "run_experiment", "fit_to_cluster"]
@@ -83,7 +83,8 @@ def run_experiment(
     import ray
 
     from codistill.engine import RayEngine
-    from codistill.tune import ARM_KEY, SweepConfig, run_sweep
+    from codistill.sweeps.settings import ARM_KEY, SweepConfig
+    from codistill.sweeps.tune import run_sweep
 
     RayEngine.init_ray()
     base_raw, note = fit_to_cluster(plan.base_raw, float(ray.cluster_resources().get("CPU", 0)), trial_cpus)

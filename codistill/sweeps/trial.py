@@ -94,7 +94,7 @@ def trainable(
     from ray import tune
 
     from codistill.api import run_job
-    from codistill.tune import trial_job
+    from codistill.sweeps.settings import trial_job
 
     cfg = build(trial_job(base_raw, config, arms))
     ctx = tune.get_context()

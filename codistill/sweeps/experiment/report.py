@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from codistill.experiment.plan import ExperimentPlan
-from codistill.experiment.stats import Spread, paired_difference, spread
+from codistill.sweeps.experiment.plan import ExperimentPlan
+from codistill.sweeps.experiment.stats import Spread, paired_difference, spread
 from codistill.table import text_table
 
 __all__ = ["metric_columns", "build_report", "format_table", "to_markdown", "glance_markdown"]

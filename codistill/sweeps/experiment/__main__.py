@@ -1,0 +1,5 @@
+import sys
+
+from codistill.sweeps.experiment.cli import main
+
+sys.exit(main())
