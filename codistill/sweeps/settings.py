@@ -3,16 +3,15 @@ read and checked before any trial starts (codistill.sweeps.tune runs it)."""
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from codistill.config import apply_overrides, build, check, from_dict, job_path, read_yaml
+from codistill.config import build, check, from_dict, job_path, read_yaml
+from codistill.config.overrides import apply, parse_set
 from codistill.config.schema import NAME_RULE, is_safe_name
 from codistill.errors import ConfigError
 
-__all__ = ["DOMAINS", "SweepConfig", "load_sweep"]
+__all__ = ["DOMAINS", "SweepConfig", "domain_kind", "load_sweep", "search_domain"]
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -80,6 +79,16 @@ def _spec(spec: dict) -> tuple[str, Any]:
     return kind, args
 
 
+def domain_kind(spec: dict) -> str:
+    """`grid`, `uniform`, ... of a checked search spec."""
+    return _spec(spec)[0]
+
+
+def search_domain(key: str, spec: dict) -> Any:
+    """The Tune domain of one searched key (its spec checked by load_sweep)."""
+    return _domain(*_spec(spec), f"search.{key}")
+
+
 def _representatives(spec: dict) -> list[Any]:
     kind, args = _spec(spec)
     return [args[0], args[-1]] if kind in ("uniform", "loguniform", "randint") else list(args)
@@ -88,7 +97,7 @@ def _representatives(spec: dict) -> list[Any]:
 def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig]:
     """(base raw job, search spec, sweep settings); every searched key is checked against the job schema.
     `path` is a sweep file or the name of a bundled one."""
-    raw = apply_overrides(read_yaml(job_path(path)), overrides)
+    raw = apply(read_yaml(job_path(path)), parse_set(overrides))
     search = raw.pop("search", None) or {}
     settings = from_dict(SweepConfig, raw.pop("tune", None) or {}, "tune")
     if not isinstance(search, dict) or not search:
@@ -100,10 +109,10 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[dict, dict, SweepConfig
     for key, spec in search.items():
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(f"search.{key}", spec, f"one of {', '.join(DOMAINS)} with a list")
-        _domain(*_spec(spec), f"search.{key}")
+        search_domain(key, spec)
         for value in _representatives(spec):  # unknown keys and impossible values fail before any trial
             try:
-                build(set_dotted_value(raw, key, value))
+                build(apply(raw, {key: value}))
             except ConfigError as e:
                 raise ConfigError(f"search.{key}", message=str(e)) from None
     return raw, search, settings
@@ -121,22 +130,3 @@ def _flatten_search(search: dict, prefix: str = "") -> dict:
         else:
             raise ConfigError(f"search.{path}", spec, f"one of {', '.join(DOMAINS)} with a list")
     return flat
-
-
-def set_dotted_value(raw: dict, dotted: str, value: Any) -> dict:
-    """A copy of raw with one dotted key set to an already-typed value."""
-    return apply_overrides(raw, [f"{dotted}={json.dumps(value)}"])
-
-
-ARM_KEY = "arm"
-"""A searched key that names a set of overrides (`arms`) instead of one job field (codistill.experiment)."""
-
-
-def trial_job(base_raw: dict, sample: dict[str, Any], arms: dict[str, list[str]] | None = None) -> dict:
-    raw = copy.deepcopy(base_raw)
-    for key, value in sample.items():
-        if key == ARM_KEY and arms is not None:
-            raw = apply_overrides(raw, arms[value])
-        else:
-            raw = set_dotted_value(raw, key, value)
-    return raw

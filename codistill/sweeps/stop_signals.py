@@ -10,6 +10,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+__all__ = ["stop_signals"]
+
 
 class _NoRestoreHint(logging.Filter):
     """Drops Tune's "Resume experiment with: Tuner.restore(...)": a sweep is resumed with --resume."""
@@ -19,7 +21,7 @@ class _NoRestoreHint(logging.Filter):
 
 
 @contextlib.contextmanager
-def _stop_signals() -> Iterator[list[int]]:
+def stop_signals() -> Iterator[list[int]]:
     """The signals that stopped the sweep (empty: it ran to its end). On Ctrl-C Tune saves its state, stops the
     trials and returns from fit() as if the sweep had finished; so that the sweep knows, SIGINT comes here (Tune's
     own SIGINT handler is kept off) and is passed to the handler Tune keeps for SIGUSR1, which stops it the same

@@ -19,13 +19,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from codistill.config import build, to_dict
+from codistill.config import to_dict
+from codistill.config.overrides import parse_set
 from codistill.engine.report import Reporter, RoundResult
+from codistill.run_plan import prepare_run
 from codistill.storage import Storage, checkpoint_path
 
-__all__ = ["TuneReporter", "trainable", "trial_title", "fmt"]
+__all__ = ["ARM_KEY", "TuneReporter", "fmt", "trainable", "trial_overrides", "trial_title"]
 
 RUN_FILES = ("progress.json", "job.yaml", "run.json", "tracking.json")
+
+ARM_KEY = "arm"
+"""A searched key that names a set of overrides (`arms`) instead of one job field (codistill.sweeps.experiment)."""
+
+
+def trial_overrides(sample: dict[str, Any], arms: dict[str, list[str]] | None = None) -> list[tuple[str, Any]]:
+    """What a trial changes in the sweep's base job, as (dotted key, value) pairs for config.overrides.apply:
+    each searched key's sampled value, and in place of the `arm` key its arm's --set items."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in sample.items():
+        if key == ARM_KEY and arms is not None:
+            pairs += parse_set(arms[value])
+        else:
+            pairs.append((key, value))
+    return pairs
 
 
 def fmt(v: Any) -> str:
@@ -34,7 +51,7 @@ def fmt(v: Any) -> str:
 
 def trial_title(config: dict) -> str:
     """What a trial tries, short: `alpha=0.41,temperature=2.53`."""
-    return ",".join(fmt(v) if k == "arm" else f"{k.split('.')[-1]}={fmt(v)}" for k, v in sorted(config.items()))
+    return ",".join(fmt(v) if k == ARM_KEY else f"{k.split('.')[-1]}={fmt(v)}" for k, v in sorted(config.items()))
 
 
 class TuneReporter(Reporter):
@@ -94,15 +111,13 @@ def trainable(
     from ray import tune
 
     from codistill.api import run_job
-    from codistill.sweeps.settings import trial_job
 
-    cfg = build(trial_job(base_raw, config, arms))
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     run_dir = os.path.join(ctx.get_trial_dir(), "run")  # Tune writes its own files beside
+    cfg = prepare_run(base_raw, trial_overrides(config, arms), run_dir=run_dir).config  # the trial's job
     run_name = f"{cfg.name}-{trial_id}-{trial_title(config)}"  # MLflow, actor names and run.json alike
     checkpoint = tune.get_checkpoint()
-    resume = False
     if checkpoint is None:  # from step 0: what an attempt cut off before its first checkpoint left is replaced
         shutil.rmtree(run_dir, ignore_errors=True)  # Tune gives a restored trial the same directory
         if parent_run_id is not None and cfg.tracking.backend == "mlflow":
@@ -115,9 +130,17 @@ def trainable(
             _restore(d, run_dir, trial_id)
         # this trial's settings (PBT may have just changed them) over the checkpoint's
         Path(run_dir, "job.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        resume = True
-    reporter = TuneReporter(run_dir, trial_id, checkpoints=cfg.engine == "ray")
-    summary = run_job(cfg, run_dir, reporter, resume=resume, parent_run_id=parent_run_id, run_name=run_name)
+    # planned after job.yaml holds this trial's settings: a resume is checked against them, not the checkpoint's
+    plan = prepare_run(cfg, (), checkpoint is not None, run_dir=run_dir, run_name=run_name)
+    reporter = TuneReporter(plan.run_dir, trial_id, checkpoints=plan.config.engine == "ray")
+    summary = run_job(
+        plan.config,
+        plan.run_dir,
+        reporter,
+        resume=plan.resume,
+        parent_run_id=parent_run_id,
+        run_name=plan.run_id,
+    )
     tune.report(
         {
             **(

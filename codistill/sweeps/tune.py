@@ -37,15 +37,16 @@ from typing import Any
 import yaml
 
 from codistill.config import RunConfig, build, to_dict
+from codistill.config.overrides import apply
 from codistill.errors import ConfigError
 from codistill.locations import resolve_tracking_uri, storage_root, under
-from codistill.sweeps.settings import DOMAINS, SweepConfig, _domain, _spec, load_sweep, set_dotted_value, trial_job
-from codistill.sweeps.stop_signals import _stop_signals
-from codistill.sweeps.trial import fmt, trainable, trial_title
+from codistill.sweeps.settings import SweepConfig, domain_kind, load_sweep, search_domain
+from codistill.sweeps.stop_signals import stop_signals
+from codistill.sweeps.trial import fmt, trainable, trial_overrides, trial_title
 from codistill.table import text_table
 from codistill.trust import add_trust_flag, allow_remote_code
 
-__all__ = ["DOMAINS", "SweepConfig", "load_sweep", "main", "run_sweep"]
+__all__ = ["format_ranking", "main", "run_sweep"]
 
 
 DATA_PATH_FIELDS = ("root", "train", "test")
@@ -78,7 +79,7 @@ def make_scheduler(settings: SweepConfig, search: dict, seed: int) -> Any:
     if settings.scheduler == "asha":
         return tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=settings.grace_period)
     if settings.scheduler == "pbt":
-        mutations = {k: _domain(*_spec(v), f"search.{k}") for k, v in search.items() if _spec(v)[0] != "grid"}
+        mutations = {k: search_domain(k, v) for k, v in search.items() if domain_kind(v) != "grid"}
         if not mutations:
             raise ConfigError("tune.scheduler", "pbt", "a search with at least one key that is not a grid")
         return tune.schedulers.PopulationBasedTraining(
@@ -143,7 +144,7 @@ def run_sweep(
     storage_path = str(root.absolute())
     sweep_dir = str(under(Path(storage_path), name, "tune.name"))
     if base_cfg.tracking.backend == "mlflow" and not base_cfg.tracking.uri:
-        base_raw = set_dotted_value(base_raw, "tracking.uri", resolve_tracking_uri(None))  # absolute for trials
+        base_raw = apply(base_raw, {"tracking.uri": resolve_tracking_uri(None)})  # absolute for trials
         base_cfg = build(base_raw)
     state_file = Path(sweep_dir) / "sweep.json"
     parent_run_id = None
@@ -154,7 +155,7 @@ def run_sweep(
         parent_run_id = sweep_tracker.run_id
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps({"mlflow_run_id": parent_run_id}))
-    param_space = {k: _domain(*_spec(v), f"search.{k}") for k, v in search.items()}
+    param_space = {k: search_domain(k, v) for k, v in search.items()}
     trial_fn = tune.with_resources(
         tune.with_parameters(trainable, base_raw=base_raw, parent_run_id=parent_run_id, arms=arms),
         trial_resources(base_cfg, settings.trial_cpus),
@@ -181,7 +182,7 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
         )
-    with _stop_signals() as stopped_by:
+    with stop_signals() as stopped_by:
         grid = tuner.fit()
     rows: list[dict[str, Any]] = []
     for result in (grid[i] for i in range(len(grid))):
@@ -212,7 +213,7 @@ def run_sweep(
         "interrupted": stopped_by[0] if stopped_by else None,  # the signal that stopped the sweep
     }
     if best is not None:
-        best_raw = trial_job(base_raw, best["params"], arms)
+        best_raw = apply(base_raw, trial_overrides(best["params"], arms))
         best_raw["name"] = f"{base_cfg.name}-best"
         best_path = Path(sweep_dir) / "best_job.yaml"
         header = (

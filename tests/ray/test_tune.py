@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from codistill import config as C
-from codistill.sweeps.tune import load_sweep, main
+from codistill.sweeps.settings import load_sweep
+from codistill.sweeps.tune import main
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,13 @@ import math
 import pytest
 
 from codistill.config import read_yaml
+from codistill.config.overrides import parse_set
 from codistill.errors import ResourcesError
+from codistill.run_plan import prepare_run
 from codistill.sweeps.experiment import build_report, fit_to_cluster, format_table, make_plan, spread, to_markdown
 from codistill.sweeps.experiment.plot import plot_report
 from codistill.sweeps.experiment.stats import paired_difference
+from codistill.sweeps.trial import ARM_KEY, trial_overrides
 from tests.helpers import ROOT
 
 QUICKSTART = read_yaml(ROOT / "jobs" / "quickstart.yaml")
@@ -38,6 +41,20 @@ def test_named_arms_set_several_fields_and_cross_with_vary():
     assert [a.label for a in plan.arms][:2] == ["independent/temperature=1", "independent/temperature=3"]
     assert plan.arms[2].overrides == ("exchange.mode=checkpoint", "exchange.period=50", "loss.temperature=1")
     assert plan.varied == ("loss.temperature", "loss.alpha", "exchange.mode", "exchange.period")
+
+
+@pytest.mark.parametrize(("vary", "arms"), [(["steps=40,80"], []), ([], ["as_is:", "short: steps=20"])])
+def test_arms_that_set_steps_run_a_job_that_counts_epochs(vary, arms, tmp_path):
+    """`steps` and `epochs` are exclusive: an arm that sets steps replaces the job's epochs, in the plan's check and
+    in every trial's job (planned as the trial plans it)."""
+    job = {**{k: v for k, v in QUICKSTART.items() if k != "steps"}, "epochs": 2}
+    plan = make_plan(job, vary, arms, seeds=2)
+    for arm in plan.arms:
+        steps = dict(parse_set(arm.overrides)).get("steps")
+        for seed in plan.seeds:
+            sample = trial_overrides({ARM_KEY: arm.label, "seed": seed}, plan.arm_overrides())
+            cfg = prepare_run(plan.base_raw, sample, run_dir=str(tmp_path)).config
+            assert (cfg.steps, cfg.epochs, cfg.seed) == (steps, None if steps else 2, seed)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from codistill.config import RunConfig, apply_overrides, build, job_path, read_yaml
+from codistill.config import RunConfig, build, job_path, read_yaml
+from codistill.config.overrides import apply, parse_set
 from codistill.config.schema import NAME_RULE, is_safe_name
 from codistill.errors import CodistillError, ConfigError, ResourcesError
 from codistill.locations import new_run_id, resolve_tracking_uri, storage_root
@@ -53,7 +54,7 @@ def fit_to_cluster(raw: dict, cluster_cpus: float, trial_cpus: float) -> tuple[d
             f"{cluster_cpus:g}; lower resources.num_cpus (or the peers' own) with --set"
         )
     threads = cfg.peer_threads(single[0])  # the job's resources: no peer has its own here
-    fitted = apply_overrides(raw, [f"resources.num_cpus={per_peer}", f"resources.threads_per_peer={threads}"])
+    fitted = apply(raw, {"resources.num_cpus": per_peer, "resources.threads_per_peer": threads})
     note = (
         f"one trial needs {need:g} CPUs and the cluster has {cluster_cpus:g}: each peer reserves {per_peer:g} CPUs "
         f"(torch threads stay {threads})"
@@ -83,7 +84,8 @@ def run_experiment(
     import ray
 
     from codistill.engine import RayEngine
-    from codistill.sweeps.settings import ARM_KEY, SweepConfig
+    from codistill.sweeps.settings import SweepConfig
+    from codistill.sweeps.trial import ARM_KEY
     from codistill.sweeps.tune import run_sweep
 
     RayEngine.init_ray()
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--resume", message="needs --name: the experiment to finish")
         if args.name is not None and not is_safe_name(args.name):  # a directory under the storage root
             raise ConfigError("--name", args.name, NAME_RULE)
-        raw = apply_overrides(read_yaml(job_path(args.config)), args.overrides)
+        raw = apply(read_yaml(job_path(args.config)), parse_set(args.overrides))
         job_name = build(raw).name  # the job itself is valid before its arms are checked
         plan = make_plan(raw, args.vary, args.arm, args.seeds, args.first_seed)
         name = args.name or new_run_id(f"{job_name}-experiment")

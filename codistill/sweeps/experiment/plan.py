@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from codistill.config import apply_overrides, build
+from codistill.config import build
+from codistill.config.overrides import apply, parse_set
 from codistill.errors import ConfigError
 
 __all__ = ["Arm", "ExperimentPlan", "make_plan", "parse_vary", "parse_arm", "split_values"]
@@ -131,7 +132,7 @@ def make_plan(
     )
     for arm in plan.arms:
         try:
-            build(apply_overrides(base_raw, list(arm.overrides)))
+            build(apply(base_raw, parse_set(arm.overrides)))
         except ConfigError as e:
             raise ConfigError("--vary" if not named else "--arm", message=f"arm {arm.label!r}: {e}") from None
     return plan
