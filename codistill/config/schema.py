@@ -355,8 +355,9 @@ class LossConfig(_Section):
     """The distillation part as weighted terms (codistill.losses.LOSS_TERMS); the default is the logit
     divergence alone, as before terms existed."""
     weighting: Literal["none", "influence"] = "none"
-    """Per-sample weights on the distillation part: `influence` weights each training sample by its
-    distillation influence (LGTM, Ren et al., ACL 2023; docs/design.md "Influence-weighted distillation")."""
+    """Per-sample weights on the distillation part (codistill.losses.weighting.WEIGHTINGS): `influence` weights
+    each training sample by its distillation influence (LGTM, Ren et al., ACL 2023; docs/design.md
+    "Influence-weighted distillation")."""
     influence_every: int = 1
     """influence: measure the weights every N steps (the steps between are unweighted)."""
     influence_eps: float = 0.01
@@ -388,7 +389,9 @@ class LossConfig(_Section):
     @property
     def default_terms(self) -> bool:
         """The logit divergence alone at weight 1 and no weighting: the loss as it was before terms."""
-        return self.weighting == "none" and len(self.terms) == 1 and self.terms[0] == TermConfig()
+        if len(self.terms) != 1 or self.terms[0] != TermConfig():
+            return False
+        return not lookup("codistill.losses.weighting", "WEIGHTINGS")[self.weighting].weights_examples
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -628,28 +631,7 @@ class RunConfig(_Section):
                 gpus,
                 "0 or whole GPUs per worker for a data-parallel peer (NCCL cannot put two ranks on one GPU)",
             )
-        if self.loss.weighting == "influence":
-            self._check(
-                self.data.validation_fraction > 0,
-                "data.validation_fraction",
-                self.data.validation_fraction,
-                "a number in (0, 1) with loss.weighting=influence (the influence is measured on held-out data)",
-            )
-            if self.loss.influence_side != "student":
-                self._check(
-                    self.exchange.topology == "all",
-                    "loss.influence_side",
-                    self.loss.influence_side,
-                    "student with exchange.topology=ring (the teacher side weights a peer's term toward its own "
-                    "student: every teacher must also be a student, topology all)",
-                )
-                self._check(
-                    self.loss.teacher_reduce == "each",
-                    "loss.influence_side",
-                    self.loss.influence_side,
-                    f"student with loss.teacher_reduce={self.loss.teacher_reduce} (the teacher side weights each "
-                    f"teacher's term by that teacher's weights: teacher_reduce each)",
-                )
+        lookup("codistill.losses.weighting", "WEIGHTINGS")[self.loss.weighting].check(self)  # what it needs of the job
         if self.exchange.logits == "topk" and shared_order and self.loss.teacher_reduce != "each":
             raise ConfigError(
                 "loss.teacher_reduce",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.board import Board
 from codistill.exchange.stats import ExchangeStats
+from codistill.losses.weighting import WEIGHTINGS
 from codistill.peer.influence import measure_influence
 from codistill.peer.topology import consumers_of, rank_slot, teachers_of
 
@@ -63,6 +64,7 @@ class Exchange(ABC):
         self.teachers = teachers_of(index, cfg.num_peers, cfg.exchange.topology)
         self.publishes = bool(consumers_of(index, cfg.num_peers, cfg.exchange.topology)) and cfg.loss.alpha > 0
         self.stats = ExchangeStats()
+        self.weighting = WEIGHTINGS[cfg.loss.weighting]
 
     def distills_at(self, step: int) -> bool:
         return bool(self.teachers) and self.cfg.loss.alpha > 0 and step >= self.cfg.loss.burn_in
@@ -81,9 +83,8 @@ class Exchange(ABC):
         return None if signals is None else [t.logits for t in signals]
 
     def influence_step(self, step: int) -> bool:
-        """Whether influence weights are measured at `step` (loss.weighting influence, every influence_every)."""
-        loss = self.cfg.loss
-        return loss.weighting == "influence" and self.distills_at(step) and step % loss.influence_every == 0
+        """Whether influence weights are measured at `step` (a step that distills, where loss.weighting measures)."""
+        return self.distills_at(step) and self.weighting.measures_at(self.cfg.loss, step)
 
     def measure_influence(self, peer: Peer, step: int, teachers: list[TeacherOutput] | None) -> None:
         """At an influence step, the peer's own influence weights (kept on the peer; an exchange whose
@@ -97,16 +98,13 @@ class Exchange(ABC):
         raise NotImplementedError
 
     def sample_weights(self, peer: Peer, step: int, teachers: list[TeacherOutput] | None) -> list[torch.Tensor] | None:
-        """Per teacher, the (B_part,) weights of this step's distillation terms (loss.influence_side), or None."""
+        """Per teacher, the (B_part,) weights of this step's distillation terms (loss.weighting), or None."""
         if not teachers or not self.influence_step(step):
             return None
-        side = self.cfg.loss.influence_side
         own = peer.influence
         assert own is not None, "measure_influence first"
-        if side == "student":
-            return [own] * len(teachers)
-        theirs = self.teacher_side_weights(peer, step)
-        return theirs if side == "teacher" else [(own + w) / 2 for w in theirs]
+        theirs = lambda: self.teacher_side_weights(peer, step)
+        return self.weighting.example_weights(self.cfg.loss, own, theirs, len(teachers))
 
     def train(self, peer: Peer, step: int) -> float:
         """The middle of one peer's step when it runs alone (a Ray actor or rank): teachers' signals, influence

@@ -168,7 +168,7 @@ class LogitExchange(Exchange):
 
     def measure_influence(self, peer: Peer, step: int, teachers: list[TeacherOutput] | None) -> None:
         super().measure_influence(peer, step, teachers)
-        if peer.influence is None or self.cfg.loss.influence_side == "student":
+        if peer.influence is None or not self.weighting.publishes_to_teachers(self.cfg.loss):
             return
         # Beside the logit shards, at a slot of their own: the consumers' teacher-side terms wait for them.
         t0 = time.perf_counter()

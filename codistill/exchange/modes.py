@@ -9,6 +9,7 @@ from codistill.exchange.board import Board, BoardState, InMemoryBoard
 from codistill.exchange.checkpoint import CheckpointExchange
 from codistill.exchange.logits import LogitExchange
 from codistill.exchange.slots import influence_slot, shard_consumers
+from codistill.losses.weighting import WEIGHTINGS
 from codistill.registry import Registry
 
 __all__ = [
@@ -33,10 +34,8 @@ def new_board_state(cfg: RunConfig) -> BoardState:
     # one worker per peer a slot is a peer. Weights are published by rank 0 slots only.
     workers = [pc.workers for pc in cfg.peers]
     consumers = shard_consumers(workers, cfg.data.batch_size, cfg.exchange.topology)
-    loss = cfg.loss
     if (
-        loss.weighting == "influence"
-        and loss.influence_side != "student"
+        WEIGHTINGS[cfg.loss.weighting].publishes_to_teachers(cfg.loss)
         and EXCHANGES[cfg.exchange.mode].shared_batch_order
     ):
         # A student's influence weights go to its teachers, which (topology all) are its consumers.

@@ -14,15 +14,24 @@ a central finite difference along the validation gradient g (eq. 7): with u = g 
 one backward pass (for g) and two forward passes (at theta +- eps u) per batch. `eps` is a distance in
 parameter space, independent of the gradient's scale. `normalized` scales the weights so that their mean
 absolute value is 1 (the distillation term keeps its size; signs are kept, as in LGTM). No ray, no mlflow.
+
+`loss.weighting` names an entry of WEIGHTINGS: what the rest of the package asks of a weighting (when it
+measures, what it logs, what it needs of the job, where its weights travel, how they combine per teacher), so
+nothing outside this module branches on the name. `none` is the base: no weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-__all__ = ["distillation_influence", "normalized", "weight_stats"]
+from codistill.config import LossConfig, RunConfig, check
+from codistill.registry import Registry
+
+__all__ = ["WEIGHTINGS", "InfluenceWeighting", "Weighting", "distillation_influence", "normalized", "weight_stats"]
 
 
 def distillation_influence(
@@ -68,3 +77,93 @@ def weight_stats(weights: torch.Tensor) -> torch.Tensor:
     """(3,) [mean, standard deviation, fraction negative] of the weights applied."""
     w = weights.float().reshape(-1)
     return torch.stack([w.mean(), w.std(unbiased=False), (w < 0).float().mean()])
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """`loss.weighting: none`, and what every weighting answers: per-example weights on the distillation terms.
+
+    A peer measures its own weights at the steps of `measures_at` (the exchange asks, and runs the peer's
+    measurement), logs `extra_names` (the names of `weight_stats`' values) each step, and trains on
+    `example_weights`; where `publishes_to_teachers`, its weights travel to its teachers (beside the logit
+    shards), which weight their terms toward it with them."""
+
+    weights_examples: ClassVar[bool] = False
+    """False: no step is weighted (with the logit term alone, the loss as it was before terms)."""
+    extra_names: ClassVar[tuple[str, ...]] = ()
+    """Per-step values logged besides total, ce and distill (NaN at a step without weights)."""
+
+    def check(self, cfg: RunConfig) -> None:
+        """ConfigError where the job cannot use this weighting."""
+
+    def measures_at(self, loss: LossConfig, step: int) -> bool:
+        """Whether weights are measured at `step` (of a step that distills)."""
+        return False
+
+    def publishes_to_teachers(self, loss: LossConfig) -> bool:
+        """Whether a student's weights go to its teachers (their terms toward it are weighted with them)."""
+        return False
+
+    def example_weights(
+        self,
+        loss: LossConfig,
+        own: torch.Tensor,
+        teacher_side: Callable[[], list[torch.Tensor]],
+        num_teachers: int,
+    ) -> list[torch.Tensor]:
+        """Per teacher, the (B,) weights of a measuring step's distillation terms, from the peer's `own` weights and
+        (called only where needed: it may wait or compute) `teacher_side()`, each teacher's weights as its student."""
+        raise NotImplementedError(f"{type(self).__name__} measures no weights")
+
+
+@dataclass(frozen=True)
+class InfluenceWeighting(Weighting):
+    """`loss.weighting: influence` (LGTM; module docstring): every `influence_every` steps, on the side
+    `influence_side` says (the student's own weights, its teachers', or their mean)."""
+
+    weights_examples: ClassVar[bool] = True
+    extra_names: ClassVar[tuple[str, ...]] = ("influence_mean", "influence_std", "influence_negative")
+
+    def check(self, cfg: RunConfig) -> None:
+        check(
+            cfg.data.validation_fraction > 0,
+            "data.validation_fraction",
+            cfg.data.validation_fraction,
+            "a number in (0, 1) with loss.weighting=influence (the influence is measured on held-out data)",
+        )
+        if self.publishes_to_teachers(cfg.loss):
+            check(
+                cfg.exchange.topology == "all",
+                "loss.influence_side",
+                cfg.loss.influence_side,
+                "student with exchange.topology=ring (the teacher side weights a peer's term toward its own "
+                "student: every teacher must also be a student, topology all)",
+            )
+            check(
+                cfg.loss.teacher_reduce == "each",
+                "loss.influence_side",
+                cfg.loss.influence_side,
+                f"student with loss.teacher_reduce={cfg.loss.teacher_reduce} (the teacher side weights each "
+                f"teacher's term by that teacher's weights: teacher_reduce each)",
+            )
+
+    def measures_at(self, loss: LossConfig, step: int) -> bool:
+        return step % loss.influence_every == 0
+
+    def publishes_to_teachers(self, loss: LossConfig) -> bool:
+        return loss.influence_side != "student"
+
+    def example_weights(
+        self,
+        loss: LossConfig,
+        own: torch.Tensor,
+        teacher_side: Callable[[], list[torch.Tensor]],
+        num_teachers: int,
+    ) -> list[torch.Tensor]:
+        if loss.influence_side == "student":
+            return [own] * num_teachers
+        theirs = teacher_side()
+        return theirs if loss.influence_side == "teacher" else [(own + w) / 2 for w in theirs]
+
+
+WEIGHTINGS: Registry[Weighting] = Registry("weighting", {"none": Weighting(), "influence": InfluenceWeighting()})

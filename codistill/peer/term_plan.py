@@ -29,7 +29,7 @@ from codistill.losses.terms import (
     distill_terms,
     model_info,
 )
-from codistill.losses.weighting import weight_stats
+from codistill.losses.weighting import WEIGHTINGS, weight_stats
 from codistill.models import build_model
 from codistill.tasks import Task
 
@@ -72,7 +72,7 @@ class LossPlan:
         ce, targets = cross_entropy(student.logits, y, mask)
         nan = torch.full((), float("nan"), device=ce.device)
         alpha = loss.alpha if (teachers and step >= loss.burn_in) else 0.0
-        stats = [nan, nan, nan] if loss.weighting == "influence" else []
+        stats = [nan] * len(WEIGHTINGS[loss.weighting].extra_names)  # weight_stats' values, where there are weights
         if alpha == 0.0 or not teachers:
             return TermsLoss(ce, ce, None, 0.0, [nan] * len(loss.terms) + stats)
         weights = None
@@ -117,9 +117,7 @@ def plan_loss(
     initialised from the peer's `seed` and placed on `device`."""
     if cfg.loss.default_terms:
         return LossPlan()
-    extra_names = [f"term.{t.name}" for t in cfg.loss.terms]
-    if cfg.loss.weighting == "influence":
-        extra_names += ["influence_mean", "influence_std", "influence_negative"]
+    extra_names = [f"term.{t.name}" for t in cfg.loss.terms] + list(WEIGHTINGS[cfg.loss.weighting].extra_names)
     infos = _model_infos(cfg, task, dataset)
     heads = nn.ModuleDict()
     plans: dict[str, list[TermPlan]] = {}
