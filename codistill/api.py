@@ -12,7 +12,6 @@ the CLI and Tune trials call.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import time
@@ -23,12 +22,13 @@ from typing import Any
 
 import yaml
 
-from codistill.config import RunConfig, build, bundled_jobs, job_path, read_yaml, to_dict
+from codistill.config import RunConfig, to_dict
+from codistill.config.overrides import dotted
 from codistill.engine import Reporter, Reporters, build_summary, make_engine
 from codistill.engine.preflight import check_job
-from codistill.engine.resume import recorded_run_id
-from codistill.errors import CodistillError, ConfigError
-from codistill.locations import leave_a_deleted_working_directory, new_run_id, resolve_run_dir
+from codistill.errors import CodistillError
+from codistill.locations import leave_a_deleted_working_directory
+from codistill.run_plan import RunFinishedError, RunPlan, prepare_run
 from codistill.rundir import RunLock
 from codistill.storage import Storage, checkpoint_path
 from codistill.tracking import make_tracker
@@ -38,10 +38,6 @@ __all__ = ["train", "run_job", "Result", "RunFinishedError", "job_config", "RUN_
 RUN_LOG = "codistill.log"
 """The run's log file in its directory: full tracebacks of what went wrong (the console shows one line)."""
 log = logging.getLogger("codistill")
-
-
-class RunFinishedError(CodistillError, RuntimeError):
-    """--resume of a run that already finished: nothing to do, and nothing is changed."""
 
 
 @dataclass
@@ -80,26 +76,10 @@ class Result:
         return pd.DataFrame(rows)
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def job_config(job: str | Path | RunConfig | None = None, **overrides: Any) -> RunConfig:
     """A RunConfig from a job file, a bundled job's name or a RunConfig, with overrides as fields
     (`steps=60`) and nested sections as dicts (`loss={"alpha": 0}`)."""
-    if isinstance(job, RunConfig):
-        raw = to_dict(job)
-    elif job is None or str(job) in bundled_jobs() or Path(str(job)).exists():
-        raw = read_yaml(job_path(job))
-    else:
-        raise ConfigError("job", str(job), f"a job file or a bundled job: {' | '.join(bundled_jobs())}")
-    return build(_merge(raw, overrides))
+    return prepare_run(job, dotted(overrides), job_field="job").config
 
 
 def train(
@@ -110,19 +90,14 @@ def train(
     **overrides: Any,
 ) -> Result:
     """Run a job (see module docstring); with `resume=True`, `job` is the run directory to continue."""
-    if resume:
-        storage = Storage(str(job))
-        text = storage.read("job.yaml")
-        if text is None:
-            raise ConfigError("--resume", str(job), "a run directory codistill wrote (it has job.yaml)")
-        cfg = build(_merge(yaml.safe_load(text), {**overrides, "output": {"dir": storage.uri}}))
-    else:
-        cfg = job_config(job, **overrides)
-    run_id = new_run_id(cfg.name)
-    out_dir = resolve_run_dir(cfg.output.dir, run_id)
-    summary = run_job(cfg, out_dir, reporter, resume=resume, run_name=run_id)
+    plan = prepare_run(job, dotted(overrides), resume, job_field="job")
+    summary = run_job(plan, reporter=reporter)
     return Result(
-        summary, out_dir, summary.get("run_id", run_id), summary.get("mlflow_run_id"), summary.get("tracking_uri")
+        summary,
+        plan.run_dir,
+        summary.get("run_id", plan.run_id),
+        summary.get("mlflow_run_id"),
+        summary.get("tracking_uri"),
     )
 
 
@@ -184,42 +159,35 @@ def _import_what_a_run_needs() -> None:
 
 
 def run_job(
-    cfg: RunConfig,
-    out_dir: str | Path,
+    plan: RunPlan | RunConfig,
+    out_dir: str | Path | None = None,
     reporter: Reporter | None = None,
     resume: bool = False,
     parent_run_id: str | None = None,
     run_name: str | None = None,
 ) -> dict:
-    """Run a validated job into `out_dir` (a path or a pyarrow.fs URI); return the summary.
+    """Run a planned job (codistill.run_plan.prepare_run) and return the summary. Given a RunConfig, the job is
+    planned here: into `out_dir` (a path or a pyarrow.fs URI), continuing the run there with `resume`.
 
     Before anything is started or logged: the run directory is locked (one run per directory; a new
     run needs an empty one) and the job's data is loaded and checked. MLflow failures never stop the
     run; tracebacks go to DIR/codistill.log."""
-    out_dir = str(out_dir)
+    if isinstance(plan, RunConfig):
+        where = None if out_dir is None else str(out_dir)
+        plan = prepare_run(plan, (), resume, run_dir=where, run_name=run_name)
+    cfg, out_dir, resume = plan.config, plan.run_dir, plan.resume
     storage = Storage(out_dir)
     reporter = reporter or Reporter()
     _import_what_a_run_needs()
-    if resume:
-        from codistill.config.resume_changes import check_resume_changes, recorded_job
-
-        recorded = storage.read("job.yaml")
-        if recorded is None:
-            raise ConfigError("--resume", out_dir, "a run directory codistill wrote (it has job.yaml)")
-        if storage.read("summary.json") is not None:
-            raise RunFinishedError(f"{out_dir} finished already (its summary.json is there): nothing to resume")
-        # the one check of both front doors (CLI --set, train(resume=True, **overrides)), before anything is touched:
-        # what is trained must stay what job.yaml recorded; what may change (more steps, tracking, ...) is a line each
-        for note in check_resume_changes(recorded_job(recorded, f"{out_dir}/job.yaml"), cfg):
-            reporter.on_event(f"resume changes {note}")
+    for note in plan.changes:  # what a resume changes in the recorded job (checked by prepare_run)
+        reporter.on_event(f"resume changes {note}")
     with RunLock(storage, resume=resume) as lock:
         handler = _run_log(storage)
         written = resume  # whether the directory holds this run's files yet: a failed start leaves nothing
         try:
             for note in lock.notes:
                 reporter.on_event(note)
-            recorded_id = recorded_run_id(storage) if resume else None  # a damaged run.json: a new id
-            run_id = recorded_id or run_name or new_run_id(cfg.name)
+            run_id = plan.run_id
             t_load = time.perf_counter()
             dataset = check_job(cfg)
             # MLflow (a Reporter): its runs open when the run starts; its model example is made now, while the

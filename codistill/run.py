@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
-
-from codistill.config import RunConfig, apply_overrides, build, default_job_path, job_path, read_yaml
+from codistill.config import RunConfig, default_job_path
+from codistill.config.overrides import parse_set
 from codistill.engine.report import Reporter, RoundResult
 from codistill.errors import CodistillError, ConfigError
 from codistill.exchange import EXCHANGES
-from codistill.locations import new_run_id, resolve_run_dir
+from codistill.run_plan import RunFinishedError, prepare_run
 from codistill.table import text_table
 from codistill.tasks import TASKS
 from codistill.trust import add_trust_flag, allow_remote_code
@@ -170,43 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.trust_remote_code:
         allow_remote_code()
     try:
-        if args.resume:
-            from codistill.storage import Storage
-
-            job = Storage(args.resume).read("job.yaml")
-            if job is None:
-                raise ConfigError("--resume", args.resume, "a run directory codistill wrote (it has job.yaml)")
-            raw = apply_overrides(yaml.safe_load(job), args.overrides)
-            raw.setdefault("output", {})["dir"] = args.resume
-        else:
-            raw = apply_overrides(read_yaml(job_path(args.config)), args.overrides)
-            if args.output:
-                raw.setdefault("output", {})["dir"] = args.output
-        cfg = build(raw)
-        run_id = new_run_id(cfg.name)
-        out_dir = resolve_run_dir(cfg.output.dir, run_id)
+        overrides = [*parse_set(args.overrides), *([("output.dir", args.output)] if args.output else [])]
+        plan = prepare_run(args.resume or args.config, overrides, resume=bool(args.resume))
+    except RunFinishedError as e:  # nothing to do is not an error
+        print(f"codistill: {e}")
+        return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from codistill.api import RUN_LOG, RunFinishedError, run_job  # torch, ray and mlflow only to train
+    from codistill.api import RUN_LOG, run_job  # torch, ray and mlflow only to train
 
     reporter = ConsoleReporter()
     try:
-        summary = run_job(cfg, out_dir, reporter, resume=bool(args.resume), run_name=run_id)
-    except RunFinishedError as e:  # nothing to do is not an error
-        reporter.close()
-        print(f"codistill: {e}")
-        return 0
+        summary = run_job(plan, reporter=reporter)
     except CodistillError as e:  # what the user caused or can fix; anything else keeps its traceback
         reporter.close()
-        log_file = Path(out_dir) / RUN_LOG
+        log_file = Path(plan.run_dir) / RUN_LOG
         where = f" (details: {log_file})" if log_file.exists() and log_file.stat().st_size else ""
         print(f"error: {e}{where}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     finally:
         reporter.close()
     print(format_table(summary))
-    print(where_it_is(summary, out_dir))
+    print(where_it_is(summary, plan.run_dir))
     return 0
 
 

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from codistill.config.schema import DEFAULT_PEER_MODELS, OptimConfig, PeerConfig, RunConfig, TrackingConfig
+from codistill.config.overrides import apply, default_raw_peers, parse_set
+from codistill.config.schema import OptimConfig, PeerConfig, RunConfig, TrackingConfig
 from codistill.errors import ConfigError
 
 __all__ = [
@@ -160,10 +161,6 @@ def from_dict(cls: type, raw: Any, path: str = "") -> Any:
         raise e.relocated(getattr(cls, "SECTION", ""), path) from None
 
 
-def _default_raw_peers() -> list[dict]:
-    return [{"model": m} for m in DEFAULT_PEER_MODELS]
-
-
 def _peers_from_raw(raw: dict) -> dict:
     """Merge job-level `optim` into each peer's `optim` (a peer's own keys win)."""
     raw = copy.deepcopy(raw)
@@ -172,7 +169,7 @@ def _peers_from_raw(raw: dict) -> dict:
         raise ConfigError("optim", job_optim, f"a mapping of {', '.join(_fields(OptimConfig))}")
     peers = raw.get("peers")
     if peers is None:
-        peers = _default_raw_peers()
+        peers = default_raw_peers()
     if not isinstance(peers, list) or not peers:
         raise ConfigError("peers", peers, "a list of peer mappings (at least one)")
     merged = []
@@ -196,44 +193,9 @@ def build(raw: Any) -> RunConfig:
     return typing.cast(RunConfig, from_dict(RunConfig, _peers_from_raw(raw)))
 
 
-def _set_dotted(raw: dict, dotted: str, value: str) -> None:
-    parts = dotted.split(".")
-    node: Any = raw
-    for depth, part in enumerate(parts[:-1]):
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(here, message=f"no such peer index; allowed: 0..{len(node) - 1}")
-            if isinstance(node[int(part)], str):
-                node[int(part)] = {"model": node[int(part)]}
-            node = node[int(part)]
-        else:
-            if part == "peers" and part not in node:
-                node[part] = _default_raw_peers()
-            if part == "tracking" and isinstance(node.get(part), str):
-                node[part] = {"backend": node[part]}
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(here, message=f"is a value, not a section; cannot set {dotted}")
-    if isinstance(node, list):
-        raise ConfigError(dotted, message="set a peer's field, e.g. peers.0.model=cnn")
-    # YAML parsing turns "[1, 2]", "null", "3e-4" into values; plain strings stay strings.
-    try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        parsed = value
-    node[parts[-1]] = parsed
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides to a raw job mapping (a copy is returned)."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError("--set", item, "KEY=VALUE with a dotted key, e.g. loss.alpha=0")
-        key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), value.strip())
-    return raw
+    """Apply `a.b=value` overrides (--set) to a raw job mapping (a copy is returned; config/overrides.py)."""
+    return apply(raw, parse_set(overrides))
 
 
 def _jobs_dir() -> Path:

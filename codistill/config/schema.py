@@ -550,6 +550,8 @@ def run_config_validations() -> int:
 @dataclass(kw_only=True, frozen=True, slots=True)
 class RunConfig(_Section):
     SECTION: ClassVar[str] = ""
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("steps", "epochs"),)
+    """Fields of which a job gives at most one: an override of one clears the others (config/overrides.py)."""
 
     name: str = "codistill"
     seed: int = 0
