@@ -39,7 +39,7 @@ def test_setting_one_of_an_exclusive_pair_clears_the_other():
 
 
 def test_nested_overrides_merge_into_their_section():
-    raw = {"loss": {"alpha": 0.5, "temperature": 3.0}, "tracking": "none"}
+    raw: dict[str, Any] = {"loss": {"alpha": 0.5, "temperature": 3.0}, "tracking": "none"}
     out = apply(raw, dotted({"loss": {"alpha": 0}, "tracking": {"backend": "mlflow"}, "data": {}}))
     assert out == {"loss": {"alpha": 0, "temperature": 3.0}, "tracking": {"backend": "mlflow"}}
     assert raw["loss"]["alpha"] == 0.5  # a copy
