@@ -13,7 +13,7 @@ from collections.abc import Callable
 from codistill.config import DataConfig
 from codistill.data import text, vision
 from codistill.data.dataset import Dataset, channel_stats, mix_seed
-from codistill.data.order import PeerData, random_crop_flip
+from codistill.data.order import random_crop_flip
 from codistill.data.tokenizers import TOKENIZERS
 from codistill.registry import Registry
 
@@ -21,7 +21,6 @@ __all__ = [
     "DATASETS",
     "TOKENIZERS",
     "Dataset",
-    "PeerData",
     "channel_stats",
     "load_dataset",
     "mix_seed",

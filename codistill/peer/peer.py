@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from codistill.config import RunConfig
-from codistill.data import Dataset, PeerData, mix_seed
+from codistill.data import Dataset, mix_seed
 from codistill.errors import ConfigError
 from codistill.losses import total_loss
 from codistill.losses.distill import TeacherSignal
@@ -27,6 +27,7 @@ from codistill.losses.terms import StudentOutput, TeacherOutput
 from codistill.models import build_model
 from codistill.models.randomness import draws_random_numbers
 from codistill.models.taps import TapRecorder
+from codistill.peer.batches import PeerData
 from codistill.peer.forward_context import norm_stats_kept, seeded_generators
 from codistill.peer.ledger import LossLedger, NonFiniteLossError, StepLoss
 from codistill.peer.local_teachers import LocalTeachers

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from codistill.data import Dataset, PeerData
+    from codistill.data import Dataset
+    from codistill.peer.batches import PeerData
 
 from codistill.losses.distill import IGNORE_INDEX  # padding: no loss, no metric
 

@@ -9,7 +9,8 @@ import torch
 from codistill.tasks.base import EvalResult, Task
 
 if TYPE_CHECKING:
-    from codistill.data import Dataset, PeerData
+    from codistill.data import Dataset
+    from codistill.peer.batches import PeerData
 
 __all__ = ["Classification"]
 

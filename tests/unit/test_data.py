@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from codistill.config import DataConfig
-from codistill.data import DATASETS, PeerData, load_dataset, random_crop_flip
+from codistill.data import DATASETS, load_dataset, random_crop_flip
+from codistill.peer.batches import PeerData
 from tests.helpers import SHARED_DATASETS
 
 

@@ -7,10 +7,10 @@ import torch.nn as nn
 import torchvision
 
 from codistill.data import load_dataset
-from codistill.data.order import PeerData
 from codistill.models import build_model
 from codistill.models.randomness import draws_random_numbers
 from codistill.peer import Peer
+from codistill.peer.batches import PeerData
 from tests.helpers import make_peer, small_job
 
 

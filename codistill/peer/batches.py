@@ -1,0 +1,131 @@
+"""PeerData: a peer's view of a dataset (its shard, batch order and augmentation), made by its task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from codistill.config import DataConfig
+from codistill.data.dataset import Dataset, mix_seed
+from codistill.data.order import shard_sample_ids
+from codistill.errors import ConfigError
+from codistill.tasks import task_of
+
+__all__ = ["PeerData"]
+
+
+class PeerData:
+    """A peer's view of a dataset: its training shard on its device, its batch order and augmentation.
+
+    `order_seed` fixes the batch order (shared by all peers when the exchange needs it); `aug_seed` is
+    the peer's own. Sample ids returned by `batch` are indices into the full training set.
+    """
+
+    def __init__(
+        self,
+        ds: Dataset,
+        cfg: DataConfig,
+        *,
+        order_seed: int,
+        aug_seed: int,
+        shard_seed: int = 0,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        self.ds = ds
+        self.batch_size = cfg.batch_size
+        self.eval_batch_size = cfg.eval_batch_size
+        self.order_seed = order_seed
+        self.aug_seed = aug_seed
+        self.augment = ds.augment if cfg.augment is None else cfg.augment
+        self.device = torch.device(device)
+        self.task = task_of(ds)
+        # A held-out validation split (data.validation_fraction), the same for every peer, is never trained on.
+        n = len(ds.train_y)
+        self.validation_ids = torch.zeros(0, dtype=torch.long)
+        pool = torch.arange(n)
+        if cfg.validation_fraction > 0:
+            self.validation_ids = self.task.validation_rows(n, cfg.validation_fraction, mix_seed(shard_seed, 11))
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[self.validation_ids] = False
+            pool = pool[keep]
+        self.validation_seed = shard_seed
+        # Anil et al.: with several shards, peers train on disjoint parts of the training set
+        self.sample_ids = pool[shard_sample_ids(len(pool), shard_seed, shard_index, num_shards)]
+        if len(self.sample_ids) < self.batch_size:
+            raise ConfigError(
+                "data.batch_size",
+                self.batch_size,
+                f"at most the shard size {len(self.sample_ids)} of peer shard {shard_index}",
+            )
+        self.train_x = ds.train_x[self.sample_ids].to(self.device)
+        self.train_y = ds.train_y[self.sample_ids].to(self.device)
+        self.test_x = ds.test_x.to(self.device)
+        self.test_y = ds.test_y.to(self.device)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # images: per-channel mean, std on the device
+        self._identity_normalization = ds.scale == 1.0 and all(m == 0 for m in ds.mean) and all(s == 1 for s in ds.std)
+        self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sample_ids) // self.batch_size  # the last partial batch is dropped
+
+    def positions(self, step: int) -> torch.Tensor:
+        """Positions (within this shard) of the batch at `step`: a pure function of (order_seed, step)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(mix_seed(self.order_seed, epoch))
+            perm = self._perms[epoch] = torch.randperm(len(self.sample_ids), generator=g)
+            for old in sorted(self._perms)[:-2]:
+                del self._perms[old]
+        return perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def batch_ids(self, step: int) -> torch.Tensor:
+        """The sample ids (indices into the full training set) of the batch at `step`."""
+        return self.sample_ids[self.positions(step)]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self._identity_normalization and x.is_floating_point():
+            return x  # stored normalised already (mean 0, std 1, scale 1): three passes over the batch saved
+        if self._stats is None:
+            self._stats = (
+                torch.tensor(self.ds.mean, device=self.device).view(1, -1, 1, 1),
+                torch.tensor(self.ds.std, device=self.device).view(1, -1, 1, 1),
+            )
+        mean, std = self._stats
+        return (x.float() * self.ds.scale - mean) / std  # as normalize(ds, x), with cached tensors
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample_ids, inputs, targets) for `step`, as the dataset's task makes them (images: normalised
+        and augmented with the peer's own randomness; text: a window and the same window shifted by one)."""
+        pos = self.positions(step)
+        pos_dev = pos.to(self.device)
+        x, y = self.task.prepare(self, self.train_x[pos_dev], self.train_y[pos_dev], step)
+        return self.sample_ids[pos], x, y
+
+    def validation_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of a batch of `batch_size` rows of the validation split drawn for `step` from the
+        job's seed (the same for every peer and rank; no augmentation)."""
+        if len(self.validation_ids) == 0:
+            raise ConfigError("data.validation_fraction", 0, "a number in (0, 1) to draw validation batches")
+        g = torch.Generator().manual_seed(mix_seed(self.validation_seed, step, 13))
+        rows = self.validation_ids[torch.randint(len(self.validation_ids), (self.batch_size,), generator=g)]
+        x, y = self.task.prepare(
+            self, self.ds.train_x[rows].to(self.device), self.ds.train_y[rows].to(self.device), None
+        )
+        return x, y
+
+    @property
+    def num_test_positions(self) -> int:
+        """Target positions in the evaluation set (examples, or tokens for language models)."""
+        return len(self.test_y) * self.task.positions_per_row(self.ds)
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.test_y), self.eval_batch_size):
+            x, y = self.task.prepare(
+                self, self.test_x[i : i + self.eval_batch_size], self.test_y[i : i + self.eval_batch_size], None
+            )
+            yield x, y
