@@ -220,6 +220,9 @@ def run_job(
             storage.write("summary.json", json.dumps(summary, indent=2).encode())
             leave_a_deleted_working_directory()
             reporters.on_end(summary)
+            if tracker.run_id != summary["mlflow_run_id"]:  # the store answered only after the run's start wait
+                summary.update(mlflow_run_id=tracker.run_id)
+                storage.write("summary.json", json.dumps(summary, indent=2).encode())
             return summary
         except CodistillError as e:
             log.error("%s\n%s", e, traceback.format_exc())

@@ -148,9 +148,13 @@ class Tracker(NullTracker):
                 else self.mlflow.client.create_experiment(name, artifact_location=artifact_location(uri, name))
             )
 
+        # resolved here, on the caller's thread: MLflow's context providers import IPython, and an import on
+        # the worker thread races the main thread's matplotlib (it reads a half-imported IPython module)
+        source_tags = _source_tags()
+
         def job_run() -> None:
             tags = {
-                **_source_tags(),
+                **source_tags,
                 "codistill.kind": kind,
                 "codistill.exchange": cfg.exchange.mode,
                 "codistill.run_id": run_name,

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 
 __all__ = ["plot_curves"]
 
 
 def plot_curves(summary: dict, path: Path) -> None:
-    import matplotlib
+    """Drawn on a Figure of its own with the Agg canvas, not pyplot: pyplot's global state and
+    `matplotlib.use` would change the backend of the program that called `codistill.train` (a notebook)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A canvas reads sys.modules["IPython"].version_info when it is made; another thread may be importing
+    # IPython at that moment (half made: AttributeError). Importing it here waits for that import.
+    if "IPython" in sys.modules:
+        importlib.import_module("IPython")
 
     rounds = summary["rounds"]
     if not rounds:
         return
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     steps = [r["step"] for r in rounds]
     # classification: accuracies; language models (no ensemble accuracy): losses in nats per token
     peer_key, ensemble_key, label = (
@@ -34,4 +43,3 @@ def plot_curves(summary: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

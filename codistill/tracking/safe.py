@@ -92,6 +92,8 @@ class SafeClient:
         self._failing = False  # the last try failed (the store has not answered since)
         self._last_done = time.monotonic()  # when a call last succeeded
         self._retry_now = False
+        self._draining = False  # drain waits: a failed call is tried again soon, not after the longest pause
+        self._failed_try_began: float | None = None  # when the try that failed last began
         self._notes: list[str] = []  # warnings from the worker, said on the caller's thread
         self._failure_note: str | None = None  # the first failure's warning, not said yet
         self._warned_failing = False
@@ -140,6 +142,7 @@ class SafeClient:
                     return
                 item = self._queue[0]
             fn, what = item
+            began = time.monotonic()
             try:
                 with http_limits(self.request_timeout_s):
                     fn()
@@ -147,14 +150,14 @@ class SafeClient:
                 transient = is_transient(e)
                 with self._cv:
                     if transient:
-                        self._failing = True
+                        self._failing, self._failed_try_began = True, began
                         self._note_failure(what, e, "failing")
                     else:
                         self._pop(item)
                         self._note_failure(what, e, "refused")
                     self._cv.notify_all()
                     if transient:  # pause, then try the same call again (drain and close wake it up)
-                        deadline = time.monotonic() + delay
+                        deadline = time.monotonic() + (self.FIRST_RETRY_S if self._draining else delay)
                         while not (self._closed or self._retry_now) and time.monotonic() < deadline:
                             self._cv.wait(deadline - time.monotonic())
                         self._retry_now = False
@@ -222,17 +225,21 @@ class SafeClient:
     def drain(self, patience_s: float) -> bool:
         """Wait for every queued call to be made; give up once the store has failed for `patience_s`
         with no call succeeding (a store that answers, however slowly, is waited for). True if none is
-        left."""
+        left. Only a try begun while draining counts as failing: a call that began while the store was
+        down and failed late (a SQLite lock held for minutes, released at the end) is tried again."""
         with self._cv:
             start = time.monotonic()
             self._retry_now = True  # a worker pausing after a failure tries again now
+            self._draining = True
             self._cv.notify_all()
             while self._queue and not self._closed:
                 if self._thread is None:  # the worker died (of what is not an Exception): nothing will run
                     break
-                if self._failing and time.monotonic() - max(start, self._last_done) >= patience_s:
+                failed_now = self._failing and (self._failed_try_began or 0.0) >= start
+                if failed_now and time.monotonic() - max(start, self._last_done) >= patience_s:
                     break
                 self._cv.wait(0.2)
+            self._draining = False
             left = not self._queue
         self.say_notes()
         return left
