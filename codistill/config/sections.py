@@ -57,6 +57,8 @@ class DataConfig(_Section):
     """text only: the share of the corpus (its end) held out for validation and test."""
     max_chars: int | None = 3_000_000
     """text only: use the first N characters of the corpus (null: all of it)."""
+    image_size: tuple[int, int] | None = None
+    """prepare: resize every image to [H, W] (null: keep the first image's size; all images must have it)."""
     validation_fraction: float = 0.0
     """The share of the training data held out as a validation split (never the test set), for
     `loss.weighting: influence`; every peer holds out the same examples and never trains on them."""
@@ -89,6 +91,12 @@ class DataConfig(_Section):
             "synthetic_shape",
             self.synthetic_shape,
             "three positive integers [C, H, W]",
+        )
+        self._check(
+            self.image_size is None or (len(self.image_size) == 2 and all(1 <= d <= 65_536 for d in self.image_size)),
+            "image_size",
+            self.image_size,
+            "null or two integers [H, W] in [1, 65536]",
         )
         self._check(
             self.num_classes is None or 2 <= self.num_classes <= 1_000_000,

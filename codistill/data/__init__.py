@@ -1,5 +1,7 @@
 """Datasets as in-memory tensors, per-peer shards and deterministic batch order.
 
+Prepared data (codistill.data.prepared) is read lazily from its shards instead.
+
 Registry: DATASETS maps a name to a loader `(DataConfig) -> Dataset`; adding a dataset is one
 function and one entry here. Small datasets live on the peer's device as tensors (uint8 images are
 normalised per batch), so no DataLoader workers are needed. This package imports neither ray nor
@@ -11,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from codistill.config import DataConfig
-from codistill.data import text, vision
+from codistill.data import prepared, text, vision
 from codistill.data.dataset import Dataset, channel_stats, mix_seed
 from codistill.data.order import random_crop_flip
+from codistill.data.shards import PreparedFolder
 from codistill.data.tokenizers import TOKENIZERS
 from codistill.registry import Registry
 
@@ -48,10 +51,14 @@ DATASETS: Registry[Callable[[DataConfig], Dataset]] = Registry(
         ),
         "parquet": vision.parquet,
         "text": text.text,
+        "prepared": prepared.prepared,
     },
 )
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    loader = DATASETS.get_entry(cfg.name, "data.name")
+    # a prepared folder (python -m codistill.prepare) is read the same way whatever source it was made from
+    loader = (
+        prepared.prepared if PreparedFolder.holds_manifest(cfg.train) else DATASETS.get_entry(cfg.name, "data.name")
+    )
     return loader(cfg).limited(cfg.limit_train, cfg.limit_test)

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "as_tensor", "channel_stats", "mix_seed"]
+__all__ = ["Dataset", "Rows", "as_tensor", "channel_stats", "mix_seed"]
+
+
+class Rows(Protocol):
+    """What a dataset's arrays are: a tensor held in memory, or rows of prepared shards read when indexed
+    (codistill.data.shards) -- the subset of a tensor that datasets use."""
+
+    @property
+    def shape(self) -> Any: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
+
+    def to(self, device: Any) -> Any: ...
+
+    def numpy(self) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -23,10 +42,10 @@ class Dataset:
     """
 
     name: str
-    train_x: torch.Tensor
-    train_y: torch.Tensor  # int64 (N,)
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train_x: Rows
+    train_y: Rows  # int64 (N,)
+    test_x: Rows
+    test_y: Rows
     num_classes: int
     mean: tuple[float, ...]  # per channel, after scaling to [0, 1]
     std: tuple[float, ...]
@@ -38,6 +57,15 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
+
+    def test_labels(self) -> torch.Tensor:
+        """The evaluation set's targets as one tensor (what the ensemble's numbers are scored against)."""
+        return self.test_y[: len(self.test_y)]
+
+    @property
+    def lazy(self) -> bool:
+        """Rows read from prepared shards when a batch needs them (not held in memory)."""
+        return not isinstance(self.train_x, torch.Tensor)
 
     def to_arrays(self) -> dict:
         """The dataset as numpy arrays and plain values: what travels through Ray's object store
@@ -59,10 +87,10 @@ class Dataset:
             return self
         return Dataset(
             self.name,
-            self.train_x[:limit_train],
-            self.train_y[:limit_train],
-            self.test_x[:limit_test],
-            self.test_y[:limit_test],
+            _head(self.train_x, limit_train),
+            _head(self.train_y, limit_train),
+            _head(self.test_x, limit_test),
+            _head(self.test_y, limit_test),
             self.num_classes,
             self.mean,
             self.std,
@@ -71,6 +99,12 @@ class Dataset:
             self.task,
             self.meta,
         )
+
+
+def _head(rows: Rows, n: int | None) -> Rows:
+    """The first `n` rows; prepared rows stay lazy."""
+    head = getattr(rows, "head", None)
+    return head(n) if head is not None else rows[:n]
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:

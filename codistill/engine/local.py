@@ -119,7 +119,7 @@ class LocalEngine:
                     evaluate_round(
                         len(history),
                         reports,
-                        dataset.test_y,
+                        dataset.test_labels(),
                         events,
                         task=dataset.task,
                         num_classes=dataset.num_classes,

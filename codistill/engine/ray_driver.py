@@ -213,7 +213,7 @@ class RayEngine:
                     ).remote(start)
                 )
             self.peer_info = self._started(actors)
-            history = self._collect(actors, dataset.test_y, storage, point)
+            history = self._collect(actors, dataset.test_labels(), storage, point)
             finals = ray.get([a.final_weights.remote() for a in actors])
             for name, w in zip(names, finals):
                 storage.write_torch(f"peers/{name}.pt", w)

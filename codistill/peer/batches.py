@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from codistill.config import DataConfig
 from codistill.data.dataset import Dataset, mix_seed
 from codistill.data.order import shard_sample_ids
+from codistill.data.permutation import LazyPermutation
+from codistill.data.sample_ids import IdMap, lazy_pool_and_validation, lazy_shard
 from codistill.errors import ConfigError
 from codistill.tasks import task_of
+from codistill.tasks.base import held_out_rows
 
 __all__ = ["PeerData"]
 
@@ -44,26 +48,45 @@ class PeerData:
         self.task = task_of(ds)
         # A held-out validation split (data.validation_fraction), the same for every peer, is never trained on.
         n = len(ds.train_y)
-        self.validation_ids = torch.zeros(0, dtype=torch.long)
-        pool = torch.arange(n)
-        if cfg.validation_fraction > 0:
-            self.validation_ids = self.task.validation_rows(n, cfg.validation_fraction, mix_seed(shard_seed, 11))
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[self.validation_ids] = False
-            pool = pool[keep]
         self.validation_seed = shard_seed
-        # Anil et al.: with several shards, peers train on disjoint parts of the training set
-        self.sample_ids = pool[shard_sample_ids(len(pool), shard_seed, shard_index, num_shards)]
+        # Data read from prepared shards stays on disk: ids are computed on demand (codistill.data.sample_ids) and
+        # each batch reads its rows, the next one on a background thread while this one trains.
+        self.lazy = not isinstance(ds.train_x, torch.Tensor)
+        self.sample_ids: torch.Tensor | IdMap
+        self.validation_ids: torch.Tensor | IdMap
+        if self.lazy:
+            held_out = held_out_rows(n, cfg.validation_fraction)
+            pool, self.validation_ids = lazy_pool_and_validation(
+                n, held_out, mix_seed(shard_seed, 11), self.task.holds_out_the_tail
+            )
+            self.sample_ids = lazy_shard(pool, shard_seed, shard_index, num_shards)
+        else:
+            validation_ids = torch.zeros(0, dtype=torch.long)
+            kept = torch.arange(n)
+            if cfg.validation_fraction > 0:
+                validation_ids = self.task.validation_rows(n, cfg.validation_fraction, mix_seed(shard_seed, 11))
+                keep = torch.ones(n, dtype=torch.bool)
+                keep[validation_ids] = False
+                kept = kept[keep]
+            self.validation_ids = validation_ids
+            # Anil et al.: with several shards, peers train on disjoint parts of the training set
+            self.sample_ids = kept[shard_sample_ids(len(kept), shard_seed, shard_index, num_shards)]
         if len(self.sample_ids) < self.batch_size:
             raise ConfigError(
                 "data.batch_size",
                 self.batch_size,
                 f"at most the shard size {len(self.sample_ids)} of peer shard {shard_index}",
             )
-        self.train_x = ds.train_x[self.sample_ids].to(self.device)
-        self.train_y = ds.train_y[self.sample_ids].to(self.device)
-        self.test_x = ds.test_x.to(self.device)
-        self.test_y = ds.test_y.to(self.device)
+        if self.lazy:  # indexed by sample id when a batch is read
+            self.train_x, self.train_y, self.test_x, self.test_y = ds.train_x, ds.train_y, ds.test_x, ds.test_y
+        else:  # indexed by position in this peer's shard
+            assert isinstance(self.sample_ids, torch.Tensor)
+            self.train_x = ds.train_x[self.sample_ids].to(self.device)
+            self.train_y = ds.train_y[self.sample_ids].to(self.device)
+            self.test_x = ds.test_x.to(self.device)
+            self.test_y = ds.test_y.to(self.device)
+        self._reader: ThreadPoolExecutor | None = None
+        self._read_ahead: tuple[int, Future] | None = None  # (step, its rows being read)
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # images: per-channel mean, std on the device
         self._identity_normalization = ds.scale == 1.0 and all(m == 0 for m in ds.mean) and all(s == 1 for s in ds.std)
         self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
@@ -75,6 +98,9 @@ class PeerData:
     def positions(self, step: int) -> torch.Tensor:
         """Positions (within this shard) of the batch at `step`: a pure function of (order_seed, step)."""
         epoch, k = divmod(step, self.steps_per_epoch)
+        if self.lazy:  # a permutation of the shard per epoch, evaluated for this batch only
+            order = LazyPermutation(len(self.sample_ids), mix_seed(self.order_seed, epoch))
+            return order(torch.arange(k * self.batch_size, (k + 1) * self.batch_size))
         perm = self._perms.get(epoch)
         if perm is None:
             g = torch.Generator().manual_seed(mix_seed(self.order_seed, epoch))
@@ -101,10 +127,23 @@ class PeerData:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample_ids, inputs, targets) for `step`, as the dataset's task makes them (images: normalised
         and augmented with the peer's own randomness; text: a window and the same window shifted by one)."""
+        if self.lazy:
+            ahead, self._read_ahead = self._read_ahead, None
+            ids, x, y = ahead[1].result() if ahead is not None and ahead[0] == step else self._read_rows(step)
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="codistill-read-ahead")
+            self._read_ahead = (step + 1, self._reader.submit(self._read_rows, step + 1))
+            x, y = self.task.prepare(self, x.to(self.device, non_blocking=True), y.to(self.device), step)
+            return ids, x, y
         pos = self.positions(step)
         pos_dev = pos.to(self.device)
         x, y = self.task.prepare(self, self.train_x[pos_dev], self.train_y[pos_dev], step)
         return self.sample_ids[pos], x, y
+
+    def _read_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample ids, raw inputs, raw targets) of the batch at `step`, read from the shards (lazy data)."""
+        ids = self.sample_ids[self.positions(step)]
+        return ids, self.train_x[ids], self.train_y[ids]
 
     def validation_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of a batch of `batch_size` rows of the validation split drawn for `step` from the
@@ -125,7 +164,6 @@ class PeerData:
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.test_y), self.eval_batch_size):
-            x, y = self.task.prepare(
-                self, self.test_x[i : i + self.eval_batch_size], self.test_y[i : i + self.eval_batch_size], None
-            )
+            rows = slice(i, i + self.eval_batch_size)
+            x, y = self.task.prepare(self, self.test_x[rows].to(self.device), self.test_y[rows].to(self.device), None)
             yield x, y

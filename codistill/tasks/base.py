@@ -62,7 +62,10 @@ class EvalResult:
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
-def _held_out(num_rows: int, fraction: float) -> int:
+def held_out_rows(num_rows: int, fraction: float) -> int:
+    """How many of `num_rows` training rows `data.validation_fraction` holds out (0 when it is 0)."""
+    if fraction <= 0:
+        return 0
     return min(num_rows - 1, max(1, round(num_rows * fraction)))
 
 
@@ -71,6 +74,7 @@ class Task:
 
     name: ClassVar[str]
     topk_eval: ClassVar[int] = 0  # top-k probabilities kept per position for the ensemble's accuracy (0: none)
+    holds_out_the_tail: ClassVar[bool] = False  # validation rows: the last ones (True) or a random subset
 
     def input_shape(self, ds: Dataset) -> tuple[int, ...]:
         """What a model of this task is built for (`build_model`'s input_shape)."""
@@ -87,7 +91,7 @@ class Task:
         """The training rows held out as the validation split (`data.validation_fraction`): a random subset
         from the job's seed, the same for every peer."""
         g = torch.Generator().manual_seed(seed)
-        return torch.randperm(num_rows, generator=g)[: _held_out(num_rows, fraction)].sort().values
+        return torch.randperm(num_rows, generator=g)[: held_out_rows(num_rows, fraction)].sort().values
 
     def example_input(self, ds: Dataset) -> torch.Tensor:
         """Two evaluation inputs as a model takes them (MLflow's input example and signature)."""

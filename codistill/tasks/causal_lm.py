@@ -18,6 +18,7 @@ __all__ = ["CausalLM"]
 
 class CausalLM(Task):
     name = "causal_lm"
+    holds_out_the_tail = True
 
     def input_shape(self, ds: Dataset) -> tuple[int, ...]:
         return (int(ds.train_x.shape[1]) - 1,)  # (block_size,)
@@ -29,9 +30,9 @@ class CausalLM(Task):
     def validation_rows(self, num_rows: int, fraction: float, seed: int) -> torch.Tensor:
         """The last windows of the training text: windows are consecutive, so a random subset would share
         text with its neighbours in training; a contiguous tail shares one token."""
-        from codistill.tasks.base import _held_out
+        from codistill.tasks.base import held_out_rows
 
-        return torch.arange(num_rows - _held_out(num_rows, fraction), num_rows)
+        return torch.arange(num_rows - held_out_rows(num_rows, fraction), num_rows)
 
     def positions_per_row(self, ds: Dataset) -> int:
         return int(ds.train_x.shape[1]) - 1

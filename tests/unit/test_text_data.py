@@ -75,11 +75,11 @@ def test_text_file_windows_and_tail_split(tmp_path):
     assert ds.name == "input" and ds.task == "causal_lm" and ds.num_classes == 256
     assert ds.train_x.dtype == torch.int64 and ds.train_x.shape == ((len(train_tokens) - 1) // 16, 17)
     assert ds.test_x.shape == ((len(test_tokens) - 1) // 16, 17)
-    for x, tokens in ((ds.train_x, train_tokens), (ds.test_x, test_tokens)):
+    for x, tokens in ((ds.train_x[:], train_tokens), (ds.test_x[:], test_tokens)):
         for i in range(len(x)):
             assert x[i].tolist() == tokens[i * 16 : i * 16 + 17].tolist()
-    assert torch.equal(ds.train_y, torch.zeros(len(ds.train_x), dtype=torch.int64))
-    assert torch.equal(ds.test_y, torch.zeros(len(ds.test_x), dtype=torch.int64))
+    assert torch.equal(ds.train_y[:], torch.zeros(len(ds.train_x), dtype=torch.int64))
+    assert torch.equal(ds.test_y[:], torch.zeros(len(ds.test_x), dtype=torch.int64))
     assert (ds.mean, ds.std, ds.scale, ds.augment) == ((0.0,), (1.0,), 1.0, False)
     # the held-out split is the end of the text
     assert ByteTokenizer().decode(ds.test_x[0].numpy()) == text[cut : cut + 17]
@@ -126,7 +126,7 @@ def test_bpe_trains_caches_and_reloads_exactly(tmp_path, caplog):
     cache = bpe_cache_path(tmp_path / "cache", 400, train_text)
     assert cache.is_file() and cache.name.startswith("bpe-400-") and len(cache.stem.split("-")[-1]) == 16
     assert 257 <= ds.num_classes == ds.meta["vocab_size"] <= 400
-    assert int(ds.train_x.max()) < ds.num_classes and int(ds.test_x.max()) < ds.num_classes
+    assert int(ds.train_x[:].max()) < ds.num_classes and int(ds.test_x[:].max()) < ds.num_classes
     mtime = cache.stat().st_mtime_ns
 
     caplog.clear()
@@ -134,7 +134,7 @@ def test_bpe_trains_caches_and_reloads_exactly(tmp_path, caplog):
         again = load_dataset(cfg)
     assert "loaded from cache" in caplog.text and "trained" not in caplog.text
     assert cache.stat().st_mtime_ns == mtime
-    assert torch.equal(again.train_x, ds.train_x) and torch.equal(again.test_x, ds.test_x)
+    assert torch.equal(again.train_x[:], ds.train_x[:]) and torch.equal(again.test_x[:], ds.test_x[:])
 
     json = ds.meta["tokenizer_json"]
     assert isinstance(json, str) and json == cache.read_text(encoding="utf-8")
@@ -210,7 +210,7 @@ def test_default_corpus_is_the_python_stdlib_and_stable(tmp_path):
     b = load_dataset(_cfg(tmp_path, max_chars=200_000))
     assert a.meta["source"].startswith("python-stdlib 3.") and a.name == "text"
     assert a.meta["num_chars"] == 200_000 and len(a.meta["corpus_sha256"]) == 64
-    assert a.meta["corpus_sha256"] == b.meta["corpus_sha256"] and torch.equal(a.train_x, b.train_x)
+    assert a.meta["corpus_sha256"] == b.meta["corpus_sha256"] and torch.equal(a.train_x[:], b.train_x[:])
     head = ByteTokenizer().decode(a.train_x[:4, :-1].reshape(-1).numpy())
     assert head.startswith("# ---- ") and ".py ----\n" in head
     text = ByteTokenizer().decode(np.concatenate([a.train_x[:, :-1].reshape(-1), a.test_x[:, :-1].reshape(-1)]))

@@ -1,0 +1,5 @@
+import sys
+
+from codistill.prepare.cli import main
+
+sys.exit(main())
