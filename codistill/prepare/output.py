@@ -61,10 +61,8 @@ class Output:
         except OSError as e:
             self._remove(tmp)
             if e.errno == errno.ENOSPC:
-                raise PrepareError(
-                    f"no space left writing {self._path(name)}: free space (or choose another --out) and run the same "
-                    "command again; finished shards are kept"
-                ) from None
+                what = f"no space left writing {self._path(name)}: free space or choose another --out"
+                raise PrepareError(what) from None
             raise PrepareError(f"cannot write {self._path(name)} ({e})") from None
         return size, h.hexdigest()
 

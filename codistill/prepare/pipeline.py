@@ -206,7 +206,7 @@ def prepare(
     try:
         for rec in RUNNERS[runner](todo, spec):
             if "error" in rec:
-                raise PrepareError(f"{rec['error']} (the shards written so far are kept: fix it and run again)")
+                raise PrepareError(f"{rec['error']} (finished shards are kept: fix it and run the same command again)")
             records[(rec["split"], rec["index"])] = rec
             progress.update(rec["shard"]["count"])
     finally:

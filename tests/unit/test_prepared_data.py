@@ -230,3 +230,32 @@ def test_a_run_trains_from_a_prepared_folder_through_the_front_door(tmp_path):
     summary = run_job(cfg, tmp_path / "run")
     assert [p["steps"] for p in summary["peers"]] == [20, 20]
     assert summary["data"]["prepared"] == str(out)
+
+
+def test_a_disk_that_fills_during_a_prepare_is_one_line_and_a_rerun_keeps_the_finished_shards(tmp_path):
+    """A 400 KB tmpfs takes the first shards of a 600 KB corpus: one line that says what to do, no temporary
+    file and no manifest left; on a larger disk the same command goes on from the finished shards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        src = corpus(tmp_path, 40_000)
+        assert src.stat().st_size > 500_000
+        with pytest.raises(PrepareError) as e:
+            prepare(text_cfg(src), str(disk / "prep"), shard_mb=0.05, runner="local", say=lambda s: None)
+        message = str(e.value)
+        assert "\n" not in message and "no space left" in message and "run the same command again" in message
+        left = sorted(p.name for p in (disk / "prep").rglob("*"))
+        assert not any(n.endswith(".part") for n in left) and "manifest.json" not in left, left
+        finished = len(list((disk / "prep" / "parts").glob("*.json")))
+        assert finished >= 1
+        subprocess.run(["cp", "-a", str(disk / "prep"), str(tmp_path / "prep")], check=True)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    said: list[str] = []
+    m = prepare(text_cfg(src), str(tmp_path / "prep"), shard_mb=0.05, runner="local", say=said.append)
+    assert (
+        f"resuming: {finished} of" in said[0] and m.splits["train"].count + m.splits["test"].count == src.stat().st_size
+    )
