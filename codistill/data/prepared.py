@@ -12,7 +12,8 @@ from pathlib import Path
 
 from codistill.config import DataConfig
 from codistill.data.dataset import Dataset
-from codistill.data.shards import ImageRows, LabelRows, PreparedFolder, TokenWindows, ZeroRows
+from codistill.data.shards import PreparedFolder, TokenWindows, ZeroRows, image_rows, label_rows
+from codistill.data.text import language_model_dataset
 from codistill.errors import ConfigError
 
 __all__ = ["prepared"]
@@ -55,40 +56,28 @@ def prepared(cfg: DataConfig) -> Dataset:
                     f"at most {m.splits[split].count - 1}: the prepared {split} split of {folder.location} has "
                     f"{m.splits[split].count} tokens, not one window of block_size + 1",
                 )
+        vocab_size = int(m.tokenizer["vocab_size"])
         meta = {
             "source": folder.location,
             "prepared": folder.location,
             "corpus_sha256": m.key,
             "tokenizer": m.tokenizer["name"],
-            "vocab_size": int(m.tokenizer["vocab_size"]),
+            "vocab_size": vocab_size,
             "num_train_tokens": m.splits["train"].count,
             "num_test_tokens": m.splits["test"].count,
             "tokenizer_json": m.tokenizer.get("json"),
             "block_size": T,
         }
-        return Dataset(
-            name,
-            train,
-            ZeroRows(len(train)),
-            test,
-            ZeroRows(len(test)),
-            int(m.tokenizer["vocab_size"]),
-            (0.0,),
-            (1.0,),
-            scale=1.0,
-            augment=False,
-            task="causal_lm",
-            meta=meta,
-        )
+        return language_model_dataset(name, train, ZeroRows(len(train)), test, ZeroRows(len(test)), vocab_size, meta)
     for split in ("train", "test"):
         if m.splits[split].count == 0:
             raise ConfigError("data.train", message=f"the prepared {split} split of {folder.location} has no images")
     return Dataset(
         name,
-        ImageRows(folder, "train"),
-        LabelRows(folder, "train"),
-        ImageRows(folder, "test"),
-        LabelRows(folder, "test"),
+        image_rows(folder, "train"),
+        label_rows(folder, "train"),
+        image_rows(folder, "test"),
+        label_rows(folder, "test"),
         m.num_classes,
         m.mean,
         m.std,

@@ -13,6 +13,7 @@ cache the kernel keeps for `pread` does not. No ray, no mlflow.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -26,9 +27,10 @@ import numpy as np
 import torch
 
 from codistill.data.manifest import MANIFEST, Manifest, Shard
+from codistill.data.text import TABLE_SUFFIXES
 from codistill.errors import ConfigError
 
-__all__ = ["ImageRows", "LabelRows", "PreparedFolder", "TokenWindows", "ZeroRows", "is_uri", "sha256_of"]
+__all__ = ["PreparedFolder", "TokenWindows", "ZeroRows", "image_rows", "is_uri", "label_rows", "sha256_of"]
 
 OPEN_FILES = 128  # descriptors one process keeps open per folder (least recently used are closed)
 HASH_CHUNK = 8 << 20
@@ -77,14 +79,7 @@ class PreparedFolder:
         if not location:
             return False
         if is_uri(location):  # not listed here: a name with a file's suffix is a file
-            return Path(location.split("://", 1)[1]).suffix.lower() not in (
-                ".parquet",
-                ".arrow",
-                ".feather",
-                ".txt",
-                ".jsonl",
-                ".json",
-            )
+            return Path(location.split("://", 1)[1]).suffix.lower() not in (*TABLE_SUFFIXES, ".txt", ".jsonl", ".json")
         return (Path(location).expanduser() / MANIFEST).is_file()
 
     def _remote_read(self, name: str) -> bytes:
@@ -134,8 +129,6 @@ class PreparedFolder:
                     while chunk := src.read(HASH_CHUNK):
                         h.update(chunk)
                         dst.write(chunk)
-            except ConfigError:
-                raise
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise ConfigError(
@@ -310,8 +303,12 @@ class _LazyRows:
         return out if rest is None else out[(slice(None), *rest)]
 
     def head(self, n: int | None) -> _LazyRows:
-        """The first `n` rows (data.limit_train / limit_test), still lazy."""
-        raise NotImplementedError
+        """The first `n` rows (data.limit_train / limit_test), still lazy (sharing this one's open files)."""
+        if n is None or n >= len(self):
+            return self
+        out = copy.copy(self)
+        out.shape = (n, *self.shape[1:])
+        return out
 
     def to(self, device: Any) -> _LazyRows:  # rows stay on disk until a batch reads them
         return self
@@ -323,21 +320,12 @@ class _LazyRows:
 class TokenWindows(_LazyRows):
     """Window i = tokens[i*T : i*T + T + 1] of a split's stream (int64 (N, T + 1)), as `text.windows`."""
 
-    def __init__(self, folder: PreparedFolder, split: str, block_size: int, limit: int | None = None):
+    def __init__(self, folder: PreparedFolder, split: str, block_size: int):
         m = folder.manifest
         self.stream = _Stream(folder, m.splits[split].shards, False, m.element_bytes)
         self.np_dtype = np.dtype(m.dtype).newbyteorder("<")
         self.block_size = block_size
-        n = max(0, (self.stream.count - 1) // block_size)
-        self.shape = (n if limit is None else min(n, limit), block_size + 1)
-
-    def head(self, n: int | None) -> TokenWindows:
-        if n is None or n >= len(self):
-            return self
-        out = object.__new__(TokenWindows)
-        out.__dict__.update(self.__dict__)
-        out.shape = (n, self.shape[1])
-        return out
+        self.shape = (max(0, (self.stream.count - 1) // block_size), block_size + 1)
 
     def _read(self, ids: np.ndarray) -> torch.Tensor:
         T = self.block_size
@@ -359,68 +347,36 @@ class TokenWindows(_LazyRows):
         return torch.from_numpy(view.astype(np.int64))
 
 
-class ImageRows(_LazyRows):
-    """uint8 images (N, C, H, W) of a split."""
+class _ElementRows(_LazyRows):
+    """Row i = element i of a split's stream: an image (uint8 (C, H, W)) or a label (int64)."""
 
-    dtype = torch.uint8
-
-    def __init__(self, folder: PreparedFolder, split: str, limit: int | None = None):
-        m = folder.manifest
-        self.stream = _Stream(folder, m.splits[split].shards, False, m.element_bytes)
-        n = self.stream.count
-        self.shape = (n if limit is None else min(n, limit), *m.shape)
-
-    def head(self, n: int | None) -> ImageRows:
-        if n is None or n >= len(self):
-            return self
-        out = object.__new__(ImageRows)
-        out.__dict__.update(self.__dict__)
-        out.shape = (n, *self.shape[1:])
-        return out
+    def __init__(self, stream: _Stream, np_dtype: str, row_shape: tuple[int, ...], dtype: torch.dtype):
+        self.stream, self.np_dtype, self.dtype = stream, np.dtype(np_dtype), dtype
+        self.shape = (stream.count, *row_shape)
 
     def _read(self, ids: np.ndarray) -> torch.Tensor:
-        buf = np.empty((len(ids), *self.shape[1:]), dtype=np.uint8)
-        view = buf.data.cast("B")
-        size = int(np.prod(self.shape[1:]))
+        buf = np.empty((len(ids), *self.shape[1:]), dtype=self.np_dtype)
+        view, size = buf.data.cast("B"), self.stream.element_bytes
         for k, i in enumerate(ids.tolist()):
             self.stream.read(i, 1, view[k * size : (k + 1) * size])
-        return torch.from_numpy(buf)
+        return torch.from_numpy(buf).to(self.dtype)
 
     def _slice(self, start: int, stop: int) -> torch.Tensor:
-        buf = np.empty((max(0, stop - start), *self.shape[1:]), dtype=np.uint8)
+        buf = np.empty((max(0, stop - start), *self.shape[1:]), dtype=self.np_dtype)
         if len(buf):
             self.stream.read(start, len(buf), buf.data.cast("B"))
-        return torch.from_numpy(buf)
+        return torch.from_numpy(buf).to(self.dtype)
 
 
-class LabelRows(_LazyRows):
+def image_rows(folder: PreparedFolder, split: str) -> _ElementRows:
+    """uint8 images (N, C, H, W) of a split."""
+    m = folder.manifest
+    return _ElementRows(_Stream(folder, m.splits[split].shards, False, m.element_bytes), "u1", m.shape, torch.uint8)
+
+
+def label_rows(folder: PreparedFolder, split: str) -> _ElementRows:
     """int64 labels (N,) of a split of images."""
-
-    def __init__(self, folder: PreparedFolder, split: str, limit: int | None = None):
-        self.stream = _Stream(folder, folder.manifest.splits[split].shards, True, 8)
-        n = self.stream.count
-        self.shape = (n if limit is None else min(n, limit),)
-
-    def head(self, n: int | None) -> LabelRows:
-        if n is None or n >= len(self):
-            return self
-        out = object.__new__(LabelRows)
-        out.__dict__.update(self.__dict__)
-        out.shape = (n,)
-        return out
-
-    def _read(self, ids: np.ndarray) -> torch.Tensor:
-        buf = np.empty(len(ids), dtype="<i8")
-        view = buf.data.cast("B")
-        for k, i in enumerate(ids.tolist()):
-            self.stream.read(i, 1, view[k * 8 : (k + 1) * 8])
-        return torch.from_numpy(buf.astype(np.int64))
-
-    def _slice(self, start: int, stop: int) -> torch.Tensor:
-        buf = np.empty(max(0, stop - start), dtype="<i8")
-        if len(buf):
-            self.stream.read(start, len(buf), buf.data.cast("B"))
-        return torch.from_numpy(buf.astype(np.int64))
+    return _ElementRows(_Stream(folder, folder.manifest.splits[split].shards, True, 8), "<i8", (), torch.int64)
 
 
 class ZeroRows(_LazyRows):
@@ -428,9 +384,6 @@ class ZeroRows(_LazyRows):
 
     def __init__(self, n: int):
         self.shape = (n,)
-
-    def head(self, n: int | None) -> ZeroRows:
-        return self if n is None or n >= len(self) else ZeroRows(n)
 
     def _read(self, ids: np.ndarray) -> torch.Tensor:
         return torch.zeros(len(ids), dtype=torch.int64)

@@ -34,11 +34,19 @@ import numpy as np
 import torch
 
 from codistill.config import DataConfig
-from codistill.data.dataset import Dataset
+from codistill.data.dataset import Dataset, Rows
 from codistill.data.tokenizers import TOKENIZERS, Tokenizer
 from codistill.errors import ConfigError
 
-__all__ = ["FOLDER_SUFFIXES", "TABLE_SUFFIXES", "read_source", "stdlib_corpus", "text", "windows"]
+__all__ = [
+    "FOLDER_SUFFIXES",
+    "TABLE_SUFFIXES",
+    "language_model_dataset",
+    "read_source",
+    "stdlib_corpus",
+    "text",
+    "windows",
+]
 
 log = logging.getLogger("codistill")
 
@@ -235,13 +243,22 @@ def text(cfg: DataConfig) -> Dataset:
         "tokenizer_json": tokenizer.to_json(),
         "block_size": T,
     }
+    zeros = (torch.zeros(len(train_x), dtype=torch.int64), torch.zeros(len(test_x), dtype=torch.int64))
+    return language_model_dataset(name, train_x, zeros[0], test_x, zeros[1], tokenizer.vocab_size, meta)
+
+
+def language_model_dataset(
+    name: str, train_x: Rows, train_y: Rows, test_x: Rows, test_y: Rows, vocab_size: int, meta: dict
+) -> Dataset:
+    """A `causal_lm` Dataset of token windows (N, block_size + 1); the targets are the windows shifted by one,
+    so `train_y`/`test_y` are zeros; token ids are stored as they are (no scaling, no normalisation)."""
     return Dataset(
         name,
         train_x,
-        torch.zeros(len(train_x), dtype=torch.int64),
+        train_y,
         test_x,
-        torch.zeros(len(test_x), dtype=torch.int64),
-        tokenizer.vocab_size,
+        test_y,
+        vocab_size,
         (0.0,),
         (1.0,),
         scale=1.0,

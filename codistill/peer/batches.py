@@ -51,7 +51,7 @@ class PeerData:
         self.validation_seed = shard_seed
         # Data read from prepared shards stays on disk: ids are computed on demand (codistill.data.sample_ids) and
         # each batch reads its rows, the next one on a background thread while this one trains.
-        self.lazy = not isinstance(ds.train_x, torch.Tensor)
+        self.lazy = ds.lazy
         self.sample_ids: torch.Tensor | IdMap
         self.validation_ids: torch.Tensor | IdMap
         if self.lazy:

@@ -37,26 +37,22 @@ class Output:
 
     def write(self, name: str, parts: list[bytes | memoryview]) -> tuple[int, str]:
         """Write `parts` as file `name` (atomically); (its size, its SHA-256)."""
-        h, size = hashlib.sha256(), 0
+        h, size = hashlib.sha256(), sum(memoryview(part).nbytes for part in parts)
         folder, _, base = name.rpartition("/")
         tmp = self._path(f"{folder + '/' if folder else ''}.{base}.{os.getpid()}.part")
         try:
             if self._fs is None:
                 Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-                with open(tmp, "wb") as f:
-                    for part in parts:
-                        f.write(part)
-                        h.update(part)
-                        size += len(part) if isinstance(part, bytes) else part.nbytes
+            with open(tmp, "wb") if self._fs is None else self._fs.open_output_stream(tmp) as f:
+                for part in parts:
+                    f.write(part)
+                    h.update(part)
+                if self._fs is None:  # on the disk before the rename makes it a finished shard
                     f.flush()
                     os.fsync(f.fileno())
+            if self._fs is None:
                 os.replace(tmp, self._path(name))
             else:
-                with self._fs.open_output_stream(tmp) as f:
-                    for part in parts:
-                        f.write(part)
-                        h.update(part)
-                        size += len(part) if isinstance(part, bytes) else part.nbytes
                 self._fs.move(tmp, self._path(name))
         except OSError as e:
             self._remove(tmp)

@@ -35,7 +35,7 @@ __all__ = ["PREPARED_KINDS", "prepare"]
 
 log = logging.getLogger("codistill")
 
-PREPARED_KINDS = {"text": "tokens", "parquet": "images", "prepared": None}
+PREPARED_KINDS = {"text": "tokens", "parquet": "images"}
 """What each dataset prepares into (`data.name` -> kind); the others are small and loaded in memory."""
 BPE_SAMPLE_CHARS = 20_000_000  # a BPE vocabulary is trained on the first 20 M characters of the training text
 
@@ -58,9 +58,9 @@ def _tokenizer_spec(cfg: DataConfig, chunks: list[dict]) -> dict[str, Any]:
     return {"name": cfg.tokenizer, "vocab_size": trained.vocab_size, "json": trained.to_json()}
 
 
-def _image_shape(cfg: DataConfig, chunks: list[dict]) -> tuple[int, int, int]:
-    """(C, H, W): 1 channel if the first image is greyscale, else 3 (RGB); H, W from `data.image_size` or it."""
-    first = chunks[0]
+def _image_shape(cfg: DataConfig, first: dict) -> tuple[int, int, int]:
+    """(C, H, W) of a source's first unit: 1 channel if its first image is greyscale, else 3 (RGB); H, W from
+    `data.image_size` or that image."""
     if first["kind"] == "image_files":
         path, _ = first["items"][0]
         img = _open_image(path, path)
@@ -90,10 +90,9 @@ def _run_with_ray_data(todo: list[dict], spec: dict) -> Iterator[dict]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the prepare's own progress line says tokens per second
     ctx.execution_options.preserve_order = False
-    spec_json = json.dumps(spec)
 
-    def one(row: dict) -> dict:
-        return {"result": json.dumps(run_chunk(json.loads(row["chunk"]), json.loads(spec_json)))}
+    def one(row: dict) -> dict:  # chunks and records travel as JSON text: nested lists are not Arrow columns
+        return {"result": json.dumps(run_chunk(json.loads(row["chunk"]), spec))}
 
     items = [{"chunk": json.dumps(c)} for c in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(one, num_cpus=1)
@@ -147,8 +146,7 @@ def prepare(
     """Prepare the sources of `cfg` into shards and a manifest at `out` (module docstring)."""
     kind = PREPARED_KINDS.get(cfg.name)
     if kind is None:
-        allowed = ", ".join(k for k, v in PREPARED_KINDS.items() if v)
-        raise ConfigError("data.name", cfg.name, f"a dataset that is prepared into shards: {allowed}")
+        raise ConfigError("data.name", cfg.name, f"a dataset that is prepared into shards: {', '.join(PREPARED_KINDS)}")
     if runner not in RUNNERS:
         raise ConfigError("runner", runner, f"one of {', '.join(RUNNERS)}")
     shard_bytes = max(1, int(shard_mb * (1 << 20)))
@@ -160,11 +158,9 @@ def prepare(
         settings["tokenizer_sha256"] = _key(tokenizer)
         class_names = None
     else:
-        # a first pass with a guess of the shard's image count, then the real one from the image shape
-        probe, _, _ = sources.plan_images(cfg, 1024)
-        shape = _image_shape(cfg, probe)
-        shard_images = max(1, shard_bytes // (shape[0] * shape[1] * shape[2]))
-        chunks, fingerprints, class_names = sources.plan_images(cfg, shard_images)
+        chunks, fingerprints, class_names, shape = sources.plan_images(
+            cfg, shard_bytes, lambda first: _image_shape(cfg, first)
+        )
         spec = {"kind": kind, "shape": list(shape)}
         settings = {"shape": list(shape), "num_classes": cfg.num_classes}
     settings.update(kind=kind, shard_mb=shard_mb, format=FORMAT)
@@ -232,17 +228,10 @@ def _manifest(
     for split in ("train", "test"):
         shards = tuple(Shard(**records[(c["split"], c["index"])]["shard"]) for c in chunks if c["split"] == split)
         splits[split] = Split(sum(s.count for s in shards), shards)
+    common: dict[str, Any] = {"kind": kind, "key": key, "splits": splits, "sources": fingerprints, "settings": settings}
     if kind == "tokens":
         tok = spec["tokenizer"]
-        return Manifest(
-            kind=kind,
-            key=key,
-            splits=splits,
-            sources=fingerprints,
-            settings=settings,
-            dtype=token_dtype(int(tok["vocab_size"])),
-            tokenizer=tok,
-        )
+        return Manifest(**common, dtype=token_dtype(int(tok["vocab_size"])), tokenizer=tok)
     stats = [r["stats"] for (split, _), r in records.items() if split == "train"]
     c = spec["shape"][0]
     pixels = sum(s["pixels"] for s in stats)
@@ -258,11 +247,7 @@ def _manifest(
     if lowest < 0 or highest >= num_classes:
         raise PrepareError(f"labels lie in [{lowest}, {highest}], outside [0, {num_classes}) (set data.num_classes)")
     return Manifest(
-        kind=kind,
-        key=key,
-        splits=splits,
-        sources=fingerprints,
-        settings=settings,
+        **common,
         shape=tuple(spec["shape"]),
         num_classes=max(2, num_classes),
         mean=tuple(mean),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +163,10 @@ def _numbered(pieces: dict[str, list[dict]], test_field: str, what: str) -> list
 
 
 def _image_source(
-    location: str, field: str, shard_images: int, class_names: list[str] | None
+    location: str, field: str, class_names: list[str] | None
 ) -> tuple[list[dict], list[dict], list[str] | None]:
-    """(chunks, fingerprints, class names of a folder) of one image source: Hugging Face Parquet file(s) (a
-    chunk per row group, cut to `shard_images` rows) or a folder of class folders."""
+    """(units, fingerprints, class names of a folder) of one image source: Hugging Face Parquet file(s) (a unit
+    per row group) or a folder of class folders (one unit of every image); `_cut_units` makes them chunks."""
     path = Path(location).expanduser()
     if path.is_dir() and not any(path.glob("*.parquet")):
         names = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -185,36 +186,46 @@ def _image_source(
                     for f in sorted(folder.rglob("*"))
                     if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
                 )
-        chunks = [
-            {"kind": "image_files", "items": items[a : a + shard_images]} for a in range(0, len(items), shard_images)
-        ]
         # a folder's fingerprint: its file list and sizes (hashing every image would read the whole set)
         h = hashlib.sha256("\n".join(f"{f}|{os.path.getsize(f)}" for f, _ in items).encode())
-        return chunks, [{"path": str(path), "files": len(items), "list_sha256": h.hexdigest()}], names
-    root, files = _files(location, field, (".parquet",))
-    del root
-    table_chunks: list[dict[str, Any]] = []
-    for p in files:
-        for group, rows in _table_units(p, field):
-            for a in range(0, rows, shard_images):
-                table_chunks.append(
-                    {
-                        "kind": "image_table",
-                        "path": str(p),
-                        "group": group,
-                        "start": a,
-                        "end": min(rows, a + shard_images),
-                    }
-                )
-    return table_chunks, [fingerprint(p) for p in files], None
+        units: list[dict[str, Any]] = [{"kind": "image_files", "items": items}] if items else []
+        return units, [{"path": str(path), "files": len(items), "list_sha256": h.hexdigest()}], names
+    _, files = _files(location, field, (".parquet",))
+    units = [
+        {"kind": "image_table", "path": str(p), "group": group, "start": 0, "end": rows}
+        for p in files
+        for group, rows in _table_units(p, field)
+    ]
+    return units, [fingerprint(p) for p in files], None
 
 
-def plan_images(cfg: DataConfig, shard_images: int) -> tuple[list[dict], dict[str, list[dict]], list[str] | None]:
-    """(chunks of both splits, {split: source fingerprints}, class names of an image folder or None)."""
+def _cut_units(units: list[dict], shard_images: int) -> list[dict]:
+    """Chunks of at most `shard_images` images: row ranges of a row group, or runs of a folder's files."""
+    chunks: list[dict[str, Any]] = []
+    for u in units:
+        if u["kind"] == "image_files":
+            items = u["items"]
+            chunks.extend({**u, "items": items[a : a + shard_images]} for a in range(0, len(items), shard_images))
+        else:
+            chunks.extend(
+                {**u, "start": a, "end": min(u["end"], a + shard_images)} for a in range(0, u["end"], shard_images)
+            )
+    return chunks
+
+
+def plan_images(
+    cfg: DataConfig, shard_bytes: int, shape_of: Callable[[dict], tuple[int, int, int]]
+) -> tuple[list[dict], dict[str, list[dict]], list[str] | None, tuple[int, int, int]]:
+    """(chunks of both splits, {split: source fingerprints}, class names of an image folder or None, the image
+    shape (C, H, W) that `shape_of` gives for the first training unit; it sets how many images a shard holds)."""
     if cfg.train is None or cfg.test is None:
         field = "data.train" if cfg.train is None else "data.test"
         raise ConfigError(field, None, "a Hugging Face image Parquet file or folder, or a folder of class folders")
-    train, train_sources, names = _image_source(cfg.train, "data.train", shard_images, None)
-    test, test_sources, _ = _image_source(cfg.test, "data.test", shard_images, names)
-    chunks = _numbered({"train": train, "test": test}, "data.test", "images")
-    return chunks, {"train": train_sources, "test": test_sources}, names
+    train, train_sources, names = _image_source(cfg.train, "data.train", None)
+    test, test_sources, _ = _image_source(cfg.test, "data.test", names)
+    if not train:
+        raise ConfigError("data.train", message=f"{cfg.train} holds no images")
+    shape = shape_of(train[0])
+    shard_images = max(1, shard_bytes // (shape[0] * shape[1] * shape[2]))
+    pieces = {"train": _cut_units(train, shard_images), "test": _cut_units(test, shard_images)}
+    return _numbered(pieces, "data.test", "images"), {"train": train_sources, "test": test_sources}, names, shape
