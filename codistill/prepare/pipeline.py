@@ -166,7 +166,7 @@ def prepare(
     settings.update(kind=kind, shard_mb=shard_mb, format=FORMAT)
     key = _key({"sources": fingerprints, "settings": settings})
     output = Output(out)
-    spec["out"] = output.location
+    spec.update(out=output.location, key=key)
     existing = output.read_text(MANIFEST)
     if existing is not None:
         try:
@@ -187,8 +187,10 @@ def prepare(
                 continue
             rec = json.loads(text)
             shard = rec["shard"]
-            if output.size(shard["file"]) == shard["bytes"] and (
-                "labels" not in shard or output.size(shard["labels"]) == shard["labels_bytes"]
+            if (
+                rec.get("key") == key
+                and output.size(shard["file"]) == shard["bytes"]
+                and ("labels" not in shard or output.size(shard["labels"]) == shard["labels_bytes"])
             ):
                 records[(c["split"], c["index"])] = rec
         if records:

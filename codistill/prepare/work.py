@@ -180,7 +180,8 @@ def run_chunk(chunk: dict, spec: dict) -> dict:
         if labels is not None:
             record["labels"] = shard_name(chunk, "lab")
             record["labels_bytes"], record["labels_sha256"] = out.write(record["labels"], [labels.data.cast("B")])
-        done = {"split": chunk["split"], "index": chunk["index"], "shard": record, "stats": stats}
+        # the plan's key: a later prepare of other sources never takes this record for one of its own shards
+        done = {"key": spec["key"], "split": chunk["split"], "index": chunk["index"], "shard": record, "stats": stats}
         out.write(part_name(chunk), [json.dumps(done).encode()])
     except PrepareError as e:
         return {"split": chunk["split"], "index": chunk["index"], "error": str(e)}

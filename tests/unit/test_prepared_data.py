@@ -259,3 +259,28 @@ def test_a_disk_that_fills_during_a_prepare_is_one_line_and_a_rerun_keeps_the_fi
     assert (
         f"resuming: {finished} of" in said[0] and m.splits["train"].count + m.splits["test"].count == src.stat().st_size
     )
+
+
+def test_a_prepare_of_changed_sources_cut_short_never_keeps_the_old_sources_shards(tmp_path, monkeypatch):
+    """The sources change (a line put in front shifts every shard's bytes), and the prepare of the new sources is
+    cut short after its first shard: resuming it must not take the old prepare's finished shards (same names,
+    same sizes) for finished shards of the new plan."""
+    from codistill.prepare import pipeline
+
+    src = corpus(tmp_path)
+    out = tmp_path / "prep"
+    prepare(text_cfg(src), str(out), shard_mb=0.01, runner="local", say=lambda s: None)
+    src.write_bytes(b"z\n" + src.read_bytes()[:-2])  # same size: every shard boundary holds other bytes
+
+    def cut_after_one(todo, spec):
+        yield next(pipeline.RUNNERS["local"](todo, spec))
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.RUNNERS, "cut", cut_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(text_cfg(src), str(out), shard_mb=0.01, runner="cut", say=lambda s: None)
+    said: list[str] = []
+    m = prepare(text_cfg(src), str(out), shard_mb=0.01, runner="local", say=said.append)
+    assert "resuming: 1 of" in said[0], said
+    stream = b"".join((out / s.file).read_bytes() for split in ("train", "test") for s in m.splits[split].shards)
+    assert np.frombuffer(stream, dtype="<u2").astype(np.uint8).tobytes() == src.read_bytes()
