@@ -29,7 +29,7 @@ from codistill.data.tokenizers import TOKENIZERS, HFTokenizer
 from codistill.errors import ConfigError
 from codistill.prepare import sources
 from codistill.prepare.output import Output, PrepareError
-from codistill.prepare.work import _lines, _open_image, _table_text, part_name, run_chunk
+from codistill.prepare.work import _lines, _table_text, part_name, run_chunk
 
 __all__ = ["PREPARED_KINDS", "prepare"]
 
@@ -56,22 +56,6 @@ def _tokenizer_spec(cfg: DataConfig, chunks: list[dict]) -> dict[str, Any]:
         total += len(text)
     trained = TOKENIZERS.get_entry(cfg.tokenizer, "data.tokenizer")("".join(sample)[:limit], cfg)
     return {"name": cfg.tokenizer, "vocab_size": trained.vocab_size, "json": trained.to_json()}
-
-
-def _image_shape(cfg: DataConfig, first: dict) -> tuple[int, int, int]:
-    """(C, H, W) of a source's first unit: 1 channel if its first image is greyscale, else 3 (RGB); H, W from
-    `data.image_size` or that image."""
-    if first["kind"] == "image_files":
-        path, _ = first["items"][0]
-        img = _open_image(path, path)
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(first["path"]).read_row_group(first["group"], columns=["image"])
-        img = _open_image(table.column("image").combine_chunks().field("bytes")[0].as_py(), first["path"])
-    channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
-    h, w = cfg.image_size if cfg.image_size is not None else (img.size[1], img.size[0])
-    return channels, h, w
 
 
 def _key(payload: dict) -> str:
@@ -158,9 +142,7 @@ def prepare(
         settings["tokenizer_sha256"] = _key(tokenizer)
         class_names = None
     else:
-        chunks, fingerprints, class_names, shape = sources.plan_images(
-            cfg, shard_bytes, lambda first: _image_shape(cfg, first)
-        )
+        chunks, fingerprints, class_names, shape = sources.plan_images(cfg, shard_bytes)
         spec = {"kind": kind, "shape": list(shape)}
         settings = {"shape": list(shape), "num_classes": cfg.num_classes}
     settings.update(kind=kind, shard_mb=shard_mb, format=FORMAT)

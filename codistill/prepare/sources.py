@@ -14,78 +14,24 @@ rows of tables), cut inside the unit that crosses it; images need a test source.
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from codistill.config import DataConfig
+from codistill.data.sources import (
+    TABLE_SUFFIXES,
+    TEXT_SUFFIXES,
+    cut_image_units,
+    fingerprint,
+    image_shape,
+    image_source,
+    list_files,
+)
+from codistill.data.sources import (
+    table_units as row_groups,
+)
 from codistill.errors import ConfigError
 
-__all__ = ["IMAGE_SUFFIXES", "TEXT_SUFFIXES", "fingerprint", "plan_images", "plan_text"]
-
-LINE_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
-TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
-TEXT_SUFFIXES = LINE_SUFFIXES + TABLE_SUFFIXES
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-EDGE = 1 << 20  # bytes hashed at each end of a file for its fingerprint
-
-
-def fingerprint(path: Path) -> dict[str, Any]:
-    """A file's identity for `re-running is a no-op`: path, size, mtime and a hash of its first and last MiB
-    (a changed file changes at least one; hashing terabytes on every run would not be a no-op)."""
-    st = path.stat()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(EDGE))
-        if st.st_size > EDGE:
-            f.seek(max(EDGE, st.st_size - EDGE))
-            h.update(f.read(EDGE))
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "edges_sha256": h.hexdigest()}
-
-
-def _files(location: str, field: str, suffixes: tuple[str, ...]) -> tuple[Path, list[Path]]:
-    """(root, files): a file, a folder's files with `suffixes` (recursive, sorted by relative path, hidden
-    skipped) or a glob's matches (sorted)."""
-    if any(c in location for c in "*?["):
-        found = sorted(Path(p) for p in glob.glob(os.path.expanduser(location), recursive=True))
-        files = [p for p in found if p.is_file()]
-        if not files:
-            raise ConfigError(field, location, "a glob that matches files")
-        return Path(os.path.commonpath([str(p.parent) for p in files])), files
-    path = Path(location).expanduser()
-    if path.is_file():
-        return path.parent, [path]
-    if not path.is_dir():
-        raise ConfigError(field, location, "an existing file, folder or glob (prepare reads local sources)")
-    files = []
-    for folder, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        files.extend(Path(folder) / n for n in names if n.lower().endswith(suffixes) and not n.startswith("."))
-    if not files:
-        raise ConfigError(field, message=f"{location} has no {'/'.join(suffixes)} files")
-    return path, sorted(files, key=lambda p: p.relative_to(path).as_posix())
-
-
-def _table_units(path: Path, field: str) -> list[tuple[int, int]]:
-    """(row group, rows) of a Parquet file; one unit (-1, rows) for an Arrow file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        if path.suffix.lower() == ".parquet":
-            md = pq.ParquetFile(path).metadata
-            return [(g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
-        with pa.memory_map(str(path)) as source:
-            try:
-                return [(-1, pa.ipc.open_file(source).read_all().num_rows)]
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return [(-1, pa.ipc.open_stream(source).read_all().num_rows)]
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(field, message=f"cannot read {path} as {path.suffix[1:]} ({e})") from None
+__all__ = ["plan_images", "plan_text"]
 
 
 def _cut(total: int, fraction: float) -> int:
@@ -100,14 +46,14 @@ def plan_text(cfg: DataConfig, shard_bytes: int) -> tuple[list[dict], dict[str, 
     sources: dict[str, list[dict]] = {}
     plans = [("train", cfg.train, "data.train")] + ([("test", cfg.test, "data.test")] if cfg.test else [])
     for split, location, field in plans:
-        root, files = _files(location, field, TEXT_SUFFIXES)
+        root, files = list_files(location, field, TEXT_SUFFIXES)
         sources[split] = [fingerprint(p) for p in files]
         line_units: list[tuple[Path, str, int]] = []  # (file, header, bytes read)
         table_units: list[tuple[Path, int, int]] = []  # (file, row group, rows)
         budget = cfg.max_chars  # bytes of text read per source (the in-memory loader's characters)
         for p in files:
             if p.suffix.lower() in TABLE_SUFFIXES:
-                table_units.extend((p, g, rows) for g, rows in _table_units(p, field))
+                table_units.extend((p, g, rows) for g, rows in row_groups(p, field))
                 continue
             size = p.stat().st_size if budget is None else min(p.stat().st_size, budget)
             header = f"# ---- {p.relative_to(root).as_posix()} ----\n" if len(files) > 1 else ""
@@ -162,70 +108,19 @@ def _numbered(pieces: dict[str, list[dict]], test_field: str, what: str) -> list
     return [{**c, "split": split, "index": i} for split in ("train", "test") for i, c in enumerate(pieces[split])]
 
 
-def _image_source(
-    location: str, field: str, class_names: list[str] | None
-) -> tuple[list[dict], list[dict], list[str] | None]:
-    """(units, fingerprints, class names of a folder) of one image source: Hugging Face Parquet file(s) (a unit
-    per row group) or a folder of class folders (one unit of every image); `_cut_units` makes them chunks."""
-    path = Path(location).expanduser()
-    if path.is_dir() and not any(path.glob("*.parquet")):
-        names = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not names:
-            raise ConfigError(field, message=f"{location} has neither Parquet files nor class folders (class/xxx.jpg)")
-        if class_names is not None:  # the test folder labels by the training folder's classes
-            unknown = sorted(set(names) - set(class_names))
-            if unknown:
-                raise ConfigError(field, message=f"{location} has class folders the training set lacks: {unknown[:5]}")
-            names = class_names
-        items: list[tuple[str, int]] = []
-        for label, name in enumerate(names):
-            folder = path / name
-            if folder.is_dir():
-                items.extend(
-                    (str(f), label)
-                    for f in sorted(folder.rglob("*"))
-                    if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                )
-        # a folder's fingerprint: its file list and sizes (hashing every image would read the whole set)
-        h = hashlib.sha256("\n".join(f"{f}|{os.path.getsize(f)}" for f, _ in items).encode())
-        units: list[dict[str, Any]] = [{"kind": "image_files", "items": items}] if items else []
-        return units, [{"path": str(path), "files": len(items), "list_sha256": h.hexdigest()}], names
-    _, files = _files(location, field, (".parquet",))
-    units = [
-        {"kind": "image_table", "path": str(p), "group": group, "start": 0, "end": rows}
-        for p in files
-        for group, rows in _table_units(p, field)
-    ]
-    return units, [fingerprint(p) for p in files], None
-
-
-def _cut_units(units: list[dict], shard_images: int) -> list[dict]:
-    """Chunks of at most `shard_images` images: row ranges of a row group, or runs of a folder's files."""
-    chunks: list[dict[str, Any]] = []
-    for u in units:
-        if u["kind"] == "image_files":
-            items = u["items"]
-            chunks.extend({**u, "items": items[a : a + shard_images]} for a in range(0, len(items), shard_images))
-        else:
-            chunks.extend(
-                {**u, "start": a, "end": min(u["end"], a + shard_images)} for a in range(0, u["end"], shard_images)
-            )
-    return chunks
-
-
 def plan_images(
-    cfg: DataConfig, shard_bytes: int, shape_of: Callable[[dict], tuple[int, int, int]]
+    cfg: DataConfig, shard_bytes: int
 ) -> tuple[list[dict], dict[str, list[dict]], list[str] | None, tuple[int, int, int]]:
     """(chunks of both splits, {split: source fingerprints}, class names of an image folder or None, the image
     shape (C, H, W) that `shape_of` gives for the first training unit; it sets how many images a shard holds)."""
     if cfg.train is None or cfg.test is None:
         field = "data.train" if cfg.train is None else "data.test"
         raise ConfigError(field, None, "a Hugging Face image Parquet file or folder, or a folder of class folders")
-    train, train_sources, names = _image_source(cfg.train, "data.train", None)
-    test, test_sources, _ = _image_source(cfg.test, "data.test", names)
+    train, train_sources, names = image_source(cfg.train, "data.train", None)
+    test, test_sources, _ = image_source(cfg.test, "data.test", names)
     if not train:
         raise ConfigError("data.train", message=f"{cfg.train} holds no images")
-    shape = shape_of(train[0])
+    shape = image_shape(train[0], cfg.image_size)
     shard_images = max(1, shard_bytes // (shape[0] * shape[1] * shape[2]))
-    pieces = {"train": _cut_units(train, shard_images), "test": _cut_units(test, shard_images)}
+    pieces = {"train": cut_image_units(train, shard_images), "test": cut_image_units(test, shard_images)}
     return _numbered(pieces, "data.test", "images"), {"train": train_sources, "test": test_sources}, names, shape

@@ -8,7 +8,6 @@ again after an interruption, writes the same bytes.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import time
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from codistill.data.manifest import token_dtype
+from codistill.data.sources import SourceError, decode_images
 from codistill.data.text import ROW_SEPARATOR
 from codistill.data.tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, Tokenizer
 from codistill.prepare.output import Output, PrepareError
@@ -111,48 +111,9 @@ def _tokens(chunk: dict, spec: dict) -> tuple[list[bytes | memoryview], int, dic
     return [arr.data.cast("B")], len(arr), {"chars": len(text)}
 
 
-def _open_image(data: bytes | str, where: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-        img.load()
-        return img
-    except Image.DecompressionBombError as e:
-        raise PrepareError(f"{where}: the image is too large to decode ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise PrepareError(f"{where}: the image does not decode ({e})") from None
-
-
 def _images(chunk: dict, spec: dict) -> tuple[list[bytes | memoryview], int, dict, np.ndarray]:
-    c, h, w = spec["shape"]
-    mode = "L" if c == 1 else "RGB"
-    sources: list[tuple[Any, int, str]] = []
-    if chunk["kind"] == "image_files":
-        sources = [(path, label, path) for path, label in chunk["items"]]
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(chunk["path"]).read_row_group(chunk["group"], columns=["image", "label"])
-        part = table.slice(chunk["start"], chunk["end"] - chunk["start"])
-        images = part.column("image").combine_chunks().field("bytes").to_pylist()
-        labels = part.column("label").to_pylist()
-        sources = [
-            (data, label, f"{chunk['path']} row {chunk['start'] + i} of row group {chunk['group']}")
-            for i, (data, label) in enumerate(zip(images, labels, strict=True))
-        ]
-    out = np.empty((len(sources), c, h, w), dtype=np.uint8)
-    label_arr = np.empty(len(sources), dtype="<i8")
-    for i, (data, label, where) in enumerate(sources):
-        if data is None or label is None:
-            raise PrepareError(f"{where}: no image bytes or no label")
-        img = _open_image(data, where).convert(mode)
-        if img.size != (w, h):
-            img = img.resize((w, h), resample=2)  # bilinear
-        pixels = np.asarray(img, dtype=np.uint8)
-        out[i] = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
-        label_arr[i] = int(label)
-    scaled = out.reshape(len(out), c, -1).astype(np.float64) / 255
+    out, label_arr = decode_images(chunk, tuple(spec["shape"]))
+    scaled = out.reshape(len(out), out.shape[1], -1).astype(np.float64) / 255
     stats = {
         "sum": scaled.sum(axis=(0, 2)).tolist(),
         "sumsq": (scaled**2).sum(axis=(0, 2)).tolist(),
@@ -183,6 +144,6 @@ def run_chunk(chunk: dict, spec: dict) -> dict:
         # the plan's key: a later prepare of other sources never takes this record for one of its own shards
         done = {"key": spec["key"], "split": chunk["split"], "index": chunk["index"], "shard": record, "stats": stats}
         out.write(part_name(chunk), [json.dumps(done).encode()])
-    except PrepareError as e:
+    except (PrepareError, SourceError) as e:
         return {"split": chunk["split"], "index": chunk["index"], "error": str(e)}
     return {**done, "seconds": time.perf_counter() - t0}
