@@ -216,7 +216,7 @@ def run_job(
             summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds, engine.final)
             summary.update(run_id=run_id, run_dir=out_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
             if dataset.meta:  # what text, which tokenizer: two runs can tell they trained on the same
-                summary["data"] = {k: v for k, v in dataset.meta.items() if k != "tokenizer_json"}
+                summary["data"] = {k: v for k, v in dataset.meta.items() if k not in ("tokenizer_json", "stream")}
             storage.write("summary.json", json.dumps(summary, indent=2).encode())
             leave_a_deleted_working_directory()
             reporters.on_end(summary)

@@ -132,6 +132,14 @@ class RunConfig(_Section):
                 f"`same` with exchange.mode={self.exchange.mode} (every peer must see the batch its teachers "
                 f"saw); `disjoint` needs an exchange where each peer has its own order, e.g. checkpoint",
             )
+        if self.data.loader == "ray_data" and shared_order:
+            raise ConfigError(
+                "data.loader",
+                self.data.loader,
+                f"'auto' with exchange.mode={self.exchange.mode} (every peer must see the batch its teachers saw; "
+                "ray_data streams each peer its own order): use exchange.mode=checkpoint, or prepare the images "
+                "with python -m codistill.prepare and train from the folder",
+            )
         for i, pc in enumerate(self.peers):
             if pc.workers == 1:
                 continue

@@ -62,6 +62,16 @@ class DataConfig(_Section):
     validation_fraction: float = 0.0
     """The share of the training data held out as a validation split (never the test set), for
     `loss.weighting: influence`; every peer holds out the same examples and never trains on them."""
+    loader: Literal["auto", "ray_data"] = "auto"
+    """Where training batches come from. `auto`: in memory, or read lazily from a prepared folder when
+    `data.train` holds one. `ray_data`: images (data.name parquet: Hugging Face image Parquet or class folders)
+    decoded from their sources by Ray Data tasks anywhere in the cluster and streamed to each peer and rank, in
+    an order of its own (docs/design.md, "Data at scale"); not with `exchange.mode: logits`."""
+    shuffle_window: int = 2048
+    """ray_data only: images one Ray Data task decodes and shuffles together (8 chunks of the source, drawn at
+    random each epoch); larger mixes better and holds more decoded images per task."""
+    decode_cpus: float = 1.0
+    """ray_data only: CPUs each decoding task asks Ray for (the cluster needs them free beside the peers)."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.data", "DATASETS", self.name, "name")
@@ -111,6 +121,28 @@ class DataConfig(_Section):
             "null (half the memory available) or a number of bytes >= 1",
         )
         self._check(self.synthetic_classes >= 2, "synthetic_classes", self.synthetic_classes, "an integer >= 2")
+        self._check(self.loader in ("auto", "ray_data"), "loader", self.loader, "'auto' or 'ray_data'")
+        self._check(
+            self.loader == "auto" or self.name == "parquet",
+            "loader",
+            self.loader,
+            "'auto' for data.name " + repr(self.name) + " (ray_data streams images: data.name parquet)",
+        )
+        self._check(
+            self.loader == "auto" or self.validation_fraction == 0,
+            "validation_fraction",
+            self.validation_fraction,
+            "0 with data.loader ray_data (validation batches are drawn at random: prepare the images instead)",
+        )
+        self._check(
+            8 <= self.shuffle_window <= 1_000_000, "shuffle_window", self.shuffle_window, "an integer in [8, 1000000]"
+        )
+        self._check(
+            _finite(self.decode_cpus) and 0 < self.decode_cpus <= 1024,
+            "decode_cpus",
+            self.decode_cpus,
+            "a number in (0, 1024]",
+        )
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

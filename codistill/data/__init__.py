@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from codistill.config import DataConfig
-from codistill.data import prepared, text, vision
+from codistill.data import prepared, streamed, text, vision
 from codistill.data.dataset import Dataset, channel_stats, mix_seed
 from codistill.data.order import random_crop_flip
 from codistill.data.shards import PreparedFolder
 from codistill.data.tokenizers import TOKENIZERS
+from codistill.errors import ConfigError
 from codistill.registry import Registry
 
 __all__ = [
@@ -58,7 +59,16 @@ DATASETS: Registry[Callable[[DataConfig], Dataset]] = Registry(
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     # a prepared folder (python -m codistill.prepare) is read the same way whatever source it was made from
-    loader = (
-        prepared.prepared if PreparedFolder.holds_manifest(cfg.train) else DATASETS.get_entry(cfg.name, "data.name")
-    )
+    holds_manifest = PreparedFolder.holds_manifest(cfg.train)
+    if cfg.loader == "ray_data":  # images decoded from their sources as batches need them
+        if holds_manifest:
+            raise ConfigError(
+                "data.loader",
+                cfg.loader,
+                f"'auto' for the prepared folder {cfg.train} (its images are decoded already; ray_data streams "
+                "image sources)",
+            )
+        loader: Callable[[DataConfig], Dataset] = streamed.streamed_images
+    else:
+        loader = prepared.prepared if holds_manifest else DATASETS.get_entry(cfg.name, "data.name")
     return loader(cfg).limited(cfg.limit_train, cfg.limit_test)

@@ -30,7 +30,7 @@ from codistill.data.manifest import MANIFEST, Manifest, Shard
 from codistill.data.text import TABLE_SUFFIXES
 from codistill.errors import ConfigError
 
-__all__ = ["PreparedFolder", "TokenWindows", "ZeroRows", "image_rows", "is_uri", "label_rows", "sha256_of"]
+__all__ = ["LazyRows", "PreparedFolder", "TokenWindows", "ZeroRows", "image_rows", "is_uri", "label_rows", "sha256_of"]
 
 OPEN_FILES = 128  # descriptors one process keeps open per folder (least recently used are closed)
 HASH_CHUNK = 8 << 20
@@ -270,7 +270,7 @@ class _Stream:
             shard += 1
 
 
-class _LazyRows:
+class LazyRows:
     """Rows of a prepared split: `shape`, `len()`, and indexing by an int64 tensor of row ids (a batch), a
     slice (evaluation), or (rows, rest) as a tensor would be indexed. Indexing reads just those rows."""
 
@@ -302,7 +302,7 @@ class _LazyRows:
             out = self._read(ids.reshape(-1)).reshape(*ids.shape, *self.shape[1:])
         return out if rest is None else out[(slice(None), *rest)]
 
-    def head(self, n: int | None) -> _LazyRows:
+    def head(self, n: int | None) -> LazyRows:
         """The first `n` rows (data.limit_train / limit_test), still lazy (sharing this one's open files)."""
         if n is None or n >= len(self):
             return self
@@ -310,14 +310,14 @@ class _LazyRows:
         out.shape = (n, *self.shape[1:])
         return out
 
-    def to(self, device: Any) -> _LazyRows:  # rows stay on disk until a batch reads them
+    def to(self, device: Any) -> LazyRows:  # rows stay on disk until a batch reads them
         return self
 
     def numpy(self) -> np.ndarray:
         return self[: len(self)].numpy()
 
 
-class TokenWindows(_LazyRows):
+class TokenWindows(LazyRows):
     """Window i = tokens[i*T : i*T + T + 1] of a split's stream (int64 (N, T + 1)), as `text.windows`."""
 
     def __init__(self, folder: PreparedFolder, split: str, block_size: int):
@@ -347,7 +347,7 @@ class TokenWindows(_LazyRows):
         return torch.from_numpy(view.astype(np.int64))
 
 
-class _ElementRows(_LazyRows):
+class _ElementRows(LazyRows):
     """Row i = element i of a split's stream: an image (uint8 (C, H, W)) or a label (int64)."""
 
     def __init__(self, stream: _Stream, np_dtype: str, row_shape: tuple[int, ...], dtype: torch.dtype):
@@ -379,7 +379,7 @@ def label_rows(folder: PreparedFolder, split: str) -> _ElementRows:
     return _ElementRows(_Stream(folder, folder.manifest.splits[split].shards, True, 8), "<i8", (), torch.int64)
 
 
-class ZeroRows(_LazyRows):
+class ZeroRows(LazyRows):
     """N zero targets (a language model's windows carry their own), without N * 8 bytes of zeros."""
 
     def __init__(self, n: int):

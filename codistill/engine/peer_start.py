@@ -6,6 +6,7 @@ from typing import Any
 
 from codistill.config import RunConfig
 from codistill.engine.preflight import num_shards
+from codistill.engine.ray_data_decoder import RayDataDecoder
 from codistill.exchange import EXCHANGES
 from codistill.peer.start import PeerStart
 from codistill.registry import all_extras
@@ -23,6 +24,8 @@ def peer_start(cfg: RunConfig, index: int, **ray_path: Any) -> PeerStart:
     """Peer `index`'s start, rank 0 of its worker group; `ray_path`: the resume step, earlier restarts and where
     the peer finds its board, storage and data (PeerStart's fields)."""
     shards = num_shards(cfg)
+    if cfg.data.loader == "ray_data" and cfg.engine == "ray":
+        ray_path.setdefault("decoder", RayDataDecoder(cfg.data.decode_cpus))
     return PeerStart(
         config=cfg,
         index=index,

@@ -12,6 +12,7 @@ from codistill.data.dataset import Dataset, mix_seed
 from codistill.data.order import shard_sample_ids
 from codistill.data.permutation import LazyPermutation
 from codistill.data.sample_ids import IdMap, lazy_pool_and_validation, lazy_shard
+from codistill.data.streamed import StreamedBatches, WindowDecoder, stream_plan
 from codistill.errors import ConfigError
 from codistill.tasks import task_of
 from codistill.tasks.base import held_out_rows
@@ -37,6 +38,9 @@ class PeerData:
         shard_index: int = 0,
         num_shards: int = 1,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        decoder: WindowDecoder | None = None,
     ):
         self.ds = ds
         self.batch_size = cfg.batch_size
@@ -90,10 +94,28 @@ class PeerData:
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # images: per-channel mean, std on the device
         self._identity_normalization = ds.scale == 1.0 and all(m == 0 for m in ds.mean) and all(s == 1 for s in ds.std)
         self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
+        # data.loader ray_data: this rank's batches stream from decoded windows of the sources (their own order)
+        plan = stream_plan(ds)
+        self.streamed = (
+            None
+            if plan is None
+            else StreamedBatches(
+                plan,
+                order_seed=order_seed,
+                batch_size=self.batch_size // world_size,
+                rank=rank,
+                world_size=world_size,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                shard_seed=shard_seed,
+                decoder=decoder,
+            )
+        )
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.sample_ids) // self.batch_size  # the last partial batch is dropped
+        rows = self.streamed.num_rows if self.streamed is not None else len(self.sample_ids)
+        return rows // self.batch_size  # the last partial batch is dropped
 
     def positions(self, step: int) -> torch.Tensor:
         """Positions (within this shard) of the batch at `step`: a pure function of (order_seed, step)."""
@@ -111,6 +133,8 @@ class PeerData:
 
     def batch_ids(self, step: int) -> torch.Tensor:
         """The sample ids (indices into the full training set) of the batch at `step`."""
+        if self.streamed is not None:
+            return self.streamed.batch_ids(step)
         return self.sample_ids[self.positions(step)]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +151,10 @@ class PeerData:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample_ids, inputs, targets) for `step`, as the dataset's task makes them (images: normalised
         and augmented with the peer's own randomness; text: a window and the same window shifted by one)."""
+        if self.streamed is not None:  # this rank's part, decoded (and read ahead) by the stream's decoder
+            ids, x, y = self.streamed.batch(step)
+            x, y = self.task.prepare(self, x.to(self.device, non_blocking=True), y.to(self.device), step)
+            return ids, x, y
         if self.lazy:
             ahead, self._read_ahead = self._read_ahead, None
             ids, x, y = ahead[1].result() if ahead is not None and ahead[0] == step else self._read_rows(step)

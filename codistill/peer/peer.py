@@ -101,6 +101,9 @@ class Peer:
             shard_index=start.shard_index,
             num_shards=start.num_shards,
             device=self.device,
+            rank=rank,
+            world_size=world_size,
+            decoder=start.decoder,
         )
         self.total_steps = total_steps(cfg, self.data.steps_per_epoch)
         self.module = self._build(index, seed=self.seed)  # the model itself: weights, evaluation, checkpoints
@@ -198,14 +201,14 @@ class Peer:
         """(sample_ids, inputs, targets) of this rank's part of the global batch of `step`. The whole batch is
         made first, so augmentation draws exactly what one worker would (W workers = one, to float tolerance)."""
         ids, x, y = self.data.batch(step)
-        if self.world_size == 1:
+        if self.world_size == 1 or self.data.streamed is not None:  # a rank's stream is its part already
             return ids, x, y
         return ids[self.part], x[self.part], y[self.part]
 
     def batch_ids(self, step: int) -> torch.Tensor:
         """The sample ids this rank trains on at `step` (what its teachers' shards must cover)."""
         ids = self.data.batch_ids(step)
-        return ids if self.world_size == 1 else ids[self.part]
+        return ids if self.world_size == 1 or self.data.streamed is not None else ids[self.part]
 
     def lookahead_logits(self, batch_step: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Logits (and the taps consumers read) of the current weights on the batch of a later step

@@ -44,6 +44,9 @@ class PeerStart:
     namespace: str = ""
     storage_uri: str = ""
     data: Any = None
+    decoder: Any = None
+    """`data.loader: ray_data`: what decodes the peer's streamed image windows (the Ray engine's Ray Data decoder);
+    None decodes them on a thread of the peer's process."""
 
     def __post_init__(self) -> None:
         # the config is checked already; only what the engine added is, cheaply

@@ -58,9 +58,7 @@ def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str
 @pytest.mark.parametrize(
     "mode, corrupt",
     [
-        # peer0 is a data-parallel peer (a Ray Train worker group of 2): its group is started again at the
-        # resume point from the peer's checkpoint file, with the ranks' board slots given back
-        (["exchange.mode=logits", "peers.0.workers=2", "resources.num_cpus=0.5"], False),
+        # a data-parallel peer killed and resumed: tests/ray/test_data_at_scale.py (same weights as a run never cut)
         # free-running peers with mid-round checkpoints share no checkpoint step but the round ends;
         # the newest round's checkpoint of one peer is damaged after the kill; a hidden-state term's projections
         # (part of each peer's checkpoint, loaded strictly) come back with the weights
