@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -32,6 +32,9 @@ from codistill.run_plan import RunFinishedError, RunPlan, prepare_run
 from codistill.rundir import RunLock
 from codistill.storage import Storage, checkpoint_path
 from codistill.tracking import make_tracker
+
+if TYPE_CHECKING:
+    from codistill.data import Dataset
 
 __all__ = ["train", "run_job", "Result", "RunFinishedError", "job_config", "RUN_LOG"]
 
@@ -101,8 +104,11 @@ def train(
     )
 
 
-def _describe_text(meta: dict) -> str:
-    if not meta:
+def _describe_data(dataset: Dataset) -> str:
+    meta = dataset.meta
+    if meta.get("loader") == "ray_data":
+        return f" (decoded from {meta.get('source')} as batches need them: data.loader ray_data)"
+    if dataset.task != "causal_lm":
         return ""
     return (
         f" ({meta.get('source')}, {meta.get('num_train_tokens', 0):,} + {meta.get('num_test_tokens', 0):,} tokens, "
@@ -195,8 +201,8 @@ def run_job(
             tracker = make_tracker(cfg, run_id, parent_run_id, run_dir=out_dir, dataset=dataset, warn=reporter.on_event)
             reporter.on_event(
                 f"data: {dataset.name}, {len(dataset.train_y)} train / {len(dataset.test_y)} test "
-                f"{'sequences' if dataset.meta else 'examples'}, loaded and checked in "
-                f"{time.perf_counter() - t_load:.1f}s" + _describe_text(dataset.meta)
+                f"{'sequences' if dataset.task == 'causal_lm' else 'examples'}, loaded and checked in "
+                f"{time.perf_counter() - t_load:.1f}s" + _describe_data(dataset)
             )
             if not resume:
                 written = True

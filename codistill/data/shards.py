@@ -87,7 +87,14 @@ class PreparedFolder:
             with self._fs.open_input_stream(f"{self._base}/{name}") as f:
                 return f.read()
         except Exception as e:  # unreachable store, missing object, no permission: one line
-            raise ConfigError("data.train", message=f"cannot read {self.location}/{name} ({e})") from None
+            raise self._unreachable(name, e) from None
+
+    def _unreachable(self, name: str, e: Exception) -> ConfigError:
+        shown = self.location.split("?", 1)[0]  # the query (endpoint, region) is not part of the name
+        return ConfigError(
+            "data.train",
+            message=f"cannot read {shown}/{name} ({e}); check the URI, the store's credentials and the network",
+        )
 
     @property
     def manifest(self) -> Manifest:
@@ -136,7 +143,7 @@ class PreparedFolder:
                 ) from None
             except Exception as e:  # pyarrow's errors for an unreachable store
                 tmp.unlink(missing_ok=True)
-                raise ConfigError("data.train", message=f"cannot read {self.location}/{name} ({e})") from None
+                raise self._unreachable(name, e) from None
             if h.hexdigest() != sha256 or tmp.stat().st_size != size:
                 tmp.unlink(missing_ok=True)
                 raise _fix(f"{self.location}/{name}", "its content does not match the manifest's checksum")

@@ -284,3 +284,13 @@ def test_a_prepare_of_changed_sources_cut_short_never_keeps_the_old_sources_shar
     assert "resuming: 1 of" in said[0], said
     stream = b"".join((out / s.file).read_bytes() for split in ("train", "test") for s in m.splits[split].shards)
     assert np.frombuffer(stream, dtype="<u2").astype(np.uint8).tobytes() == src.read_bytes()
+
+
+@pytest.mark.slow  # the S3 client retries a refused connection for ~8 s
+def test_an_unreachable_uri_is_one_line_before_training():
+    uri = "s3://bucket/prepared?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"  # nothing listens
+    with pytest.raises(ConfigError) as e:
+        load_dataset(DataConfig(name="text", train=uri))
+    line = str(e.value)
+    assert "\n" not in line and line.startswith("data.train: cannot read s3://bucket/prepared/manifest.json (")
+    assert "Could not connect" in line and line.endswith("check the URI, the store's credentials and the network")
