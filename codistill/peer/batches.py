@@ -19,6 +19,8 @@ from codistill.tasks.base import held_out_rows
 
 __all__ = ["PeerData"]
 
+LAZY_BLOCK_STEPS = 64  # batches whose positions in a lazy epoch order are evaluated together
+
 
 class PeerData:
     """A peer's view of a dataset: its training shard on its device, its batch order and augmentation.
@@ -94,6 +96,7 @@ class PeerData:
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # images: per-channel mean, std on the device
         self._identity_normalization = ds.scale == 1.0 and all(m == 0 for m in ds.mean) and all(s == 1 for s in ds.std)
         self._perms: dict[int, torch.Tensor] = {}  # epoch -> order; two kept (lookahead crosses epochs)
+        self._lazy_block: tuple[int, int, torch.Tensor] | None = None  # (epoch, first step, positions) of lazy data
         # data.loader ray_data: this rank's batches stream from decoded windows of the sources (their own order)
         plan = stream_plan(ds)
         self.streamed = (
@@ -120,9 +123,18 @@ class PeerData:
     def positions(self, step: int) -> torch.Tensor:
         """Positions (within this shard) of the batch at `step`: a pure function of (order_seed, step)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        if self.lazy:  # a permutation of the shard per epoch, evaluated for this batch only
-            order = LazyPermutation(len(self.sample_ids), mix_seed(self.order_seed, epoch))
-            return order(torch.arange(k * self.batch_size, (k + 1) * self.batch_size))
+        if self.lazy:  # a permutation of the shard per epoch, evaluated for the next LAZY_BLOCK_STEPS batches at once
+            first = k - k % LAZY_BLOCK_STEPS  # (one evaluation costs ~1 ms whatever its length: its rounds are calls)
+            block = self._lazy_block
+            if block is None or block[:2] != (epoch, first):
+                order = LazyPermutation(len(self.sample_ids), mix_seed(self.order_seed, epoch))
+                last = min(first + LAZY_BLOCK_STEPS, self.steps_per_epoch)
+                block = self._lazy_block = (
+                    epoch,
+                    first,
+                    order(torch.arange(first * self.batch_size, last * self.batch_size)),
+                )
+            return block[2][(k - first) * self.batch_size : (k - first + 1) * self.batch_size]
         perm = self._perms.get(epoch)
         if perm is None:
             g = torch.Generator().manual_seed(mix_seed(self.order_seed, epoch))
