@@ -115,9 +115,13 @@ def decode_window(window: dict) -> dict[str, np.ndarray]:
     parts = [decode_images(c, shape) for c in window["chunks"]]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    ids = np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in zip(window["first_ids"], window["counts"])])
     order = _window_order(window)
-    return {"id": ids[order], "image": images[order], "label": labels[order]}
+    return {"id": _ids_in(window)[order], "image": images[order], "label": labels[order]}
+
+
+def _ids_in(window: dict) -> np.ndarray:
+    """The ids of a window's chunks, in chunk order (before the window's own permutation)."""
+    return np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in zip(window["first_ids"], window["counts"])])
 
 
 def _window_order(window: dict) -> np.ndarray:
@@ -126,8 +130,7 @@ def _window_order(window: dict) -> np.ndarray:
 
 def window_ids(window: dict) -> np.ndarray:
     """The ids `decode_window` gives, without decoding."""
-    ids = np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in zip(window["first_ids"], window["counts"])])
-    return ids[_window_order(window)]
+    return _ids_in(window)[_window_order(window)]
 
 
 def decode_here(windows: list[dict]) -> Iterator[dict[str, np.ndarray]]:
@@ -192,7 +195,8 @@ class StreamedBatches:
         self._epoch_rows: list[int] = []  # rows of this rank's stream in each epoch, as far as computed
         self._rows: Iterator[dict[str, np.ndarray]] | None = None
         self._next_step: int | None = None
-        self._held: list[dict[str, np.ndarray]] = []  # decoded rows not yet handed out
+        self._held: list[dict[str, np.ndarray]] = []  # decoded blocks not yet handed out in full
+        self._offset = 0  # rows of the first held block handed out already
 
     @property
     def num_rows(self) -> int:
@@ -262,21 +266,23 @@ class StreamedBatches:
         """(sample ids, uint8 images (b, C, H, W), labels) of this rank's batch at `step`."""
         if step != self._next_step or self._rows is None:
             self._rows = self._stream_from(*self._locate(step * self.batch_size))
-            self._held = []
-        have = sum(len(b["id"]) for b in self._held)
-        while have < self.batch_size:
-            block = next(self._rows)
-            self._held.append(block)
-            have += len(block["id"])
-        joined = {k: np.concatenate([b[k] for b in self._held]) for k in ("id", "image", "label")}
-        n = self.batch_size
-        self._held = [{k: v[n:] for k, v in joined.items()}] if have > n else []
+            self._held, self._offset = [], 0
+        pieces: list[dict[str, np.ndarray]] = []
+        need = self.batch_size
+        while need:  # rows from the front of the held blocks; only this batch's rows are copied
+            if not self._held:
+                self._held.append(next(self._rows))
+            block = self._held[0]
+            take = min(need, len(block["id"]) - self._offset)
+            pieces.append({k: v[self._offset : self._offset + take] for k, v in block.items()})
+            self._offset += take
+            need -= take
+            if self._offset == len(block["id"]):
+                self._held.pop(0)
+                self._offset = 0
         self._next_step = step + 1
-        return (
-            torch.from_numpy(joined["id"][:n]),
-            torch.from_numpy(np.ascontiguousarray(joined["image"][:n])),
-            torch.from_numpy(joined["label"][:n]),
-        )
+        ids, images, labels = (np.concatenate([p[k] for p in pieces]) for k in ("id", "image", "label"))
+        return torch.from_numpy(ids), torch.from_numpy(images), torch.from_numpy(labels)
 
 
 class DecodedRows(LazyRows):

@@ -23,6 +23,7 @@ from tests.unit.test_prepared_data import image_parquet
 pytestmark = pytest.mark.slow
 STEPS = 60
 STORE = 75 << 20  # Ray's smallest object store
+RAY_RUN = ["engine=ray", f"steps={STEPS}", "eval_every=20", "device=cpu", "tracking=none"]
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +82,7 @@ def test_a_corpus_larger_than_the_object_store_is_prepared_on_ray_and_trains_a_d
     m = Manifest.from_json((prepared / "manifest.json").read_text(), str(prepared))
     assert sum(s.bytes for split in m.splits.values() for s in split.shards) > STORE  # it never fits the store
     sets = [
-        "engine=ray",
-        f"steps={STEPS}",
-        "eval_every=20",
-        "device=cpu",
-        "tracking=none",
+        *RAY_RUN,
         "data={name: text, block_size: 16, batch_size: 8, eval_batch_size: 64, limit_test: 64}",
         f"data.train={prepared}",
         "peers=[{model: gpt-tiny, workers: 2}, {model: gpt-tiny, seed: 5}]",
@@ -100,11 +97,7 @@ def test_images_streamed_by_ray_data_train_a_data_parallel_peer_and_resume_exact
     image_parquet(tmp_path / "train.parquet", 400)
     image_parquet(tmp_path / "test.parquet", 40, seed=1)
     sets = [
-        "engine=ray",
-        f"steps={STEPS}",
-        "eval_every=20",
-        "device=cpu",
-        "tracking=none",
+        *RAY_RUN,
         f"data={{name: parquet, train: {tmp_path / 'train.parquet'}, test: {tmp_path / 'test.parquet'}, "
         "batch_size: 16, loader: ray_data, shuffle_window: 32, decode_cpus: 0.25}",
         "peers=[{model: cnn, workers: 2}, {model: mlp}]",

@@ -27,7 +27,7 @@ def test_rank_streams_are_pure_disjoint_windows_of_the_in_memory_rows(tmp_path):
     memory = load_dataset(DataConfig(**src))
     ds = load_dataset(DataConfig(**src, loader="ray_data", shuffle_window=16))  # chunks of 2 images
     assert ds.lazy and ds.input_shape == memory.input_shape and ds.num_classes == memory.num_classes
-    assert torch.equal(ds.train_y, memory.train_y) and torch.equal(ds.test_x[:20], memory.test_x[:20])
+    assert torch.equal(ds.train_y[:], memory.train_y[:]) and torch.equal(ds.test_x[:20], memory.test_x[:20])
     assert ds.mean == pytest.approx(memory.mean, abs=1e-6) and ds.augment
     plan = stream_plan(ds)
     assert plan is not None and plan.num_rows == 120
@@ -89,9 +89,10 @@ def test_ray_data_is_refused_where_it_cannot_keep_the_exchange_s_promise(tmp_pat
     prepare(DataConfig(**src), str(tmp_path / "prep"), runner="local", say=lambda s: None)
     with pytest.raises(ConfigError, match="data.loader.*prepared folder"):
         load_dataset(DataConfig(name="parquet", train=str(tmp_path / "prep"), loader="ray_data"))
+    plan = stream_plan(load_dataset(DataConfig(**src, loader="ray_data")))
+    assert plan is not None
     with pytest.raises(ConfigError, match="data.shuffle_window.*fewer than its 2 ranks"):
-        StreamedBatches(stream_plan(load_dataset(DataConfig(**src, loader="ray_data"))), order_seed=0, batch_size=4,
-                        world_size=2)  # fmt: skip
+        StreamedBatches(plan, order_seed=0, batch_size=4, world_size=2)
 
 
 def test_a_run_streams_its_images_in_checkpoint_mode(tmp_path):
