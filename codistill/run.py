@@ -97,21 +97,33 @@ def _number(v: float | None) -> str:
     return "" if v is None else f"{v:.4g}"
 
 
+def _workers(peer: dict) -> str:
+    workers = peer.get("workers", 1)
+    return f"{workers} {peer['strategy']}" if workers > 1 and "strategy" in peer else str(workers)
+
+
+def _memory(peer: dict) -> str:
+    """Peak memory per rank in MiB and what was measured: `812 cuda`, `590/588 rss`."""
+    by_rank = peer.get("peak_memory_mb_by_rank")
+    return f"{'/'.join(f'{m:,.0f}' for m in by_rank)} {peer['memory_kind']}" if by_rank else ""
+
+
 def format_table(summary: dict) -> str:
     """Per-peer results and the ensemble (mean of the peers' probabilities). Losses are nats per example, or
     per token for language models (whose accuracy is next-token accuracy)."""
-    rows = [("peer", "model", "workers", "test acc", "test loss", "ppl", "steps", "samples/s", "restarts")]
+    rows = [("peer", "model", "workers", "test acc", "test loss", "ppl", "steps", "samples/s", "peak MiB", "restarts")]
     for p in summary["peers"]:
         rows.append(
             (
                 p["name"],
                 p["model"],
-                str(p.get("workers", 1)),
+                _workers(p),
                 f"{p['test_accuracy']:.4f}",
                 f"{p['test_loss']:.4f}",
                 f"{p.get('perplexity', math.exp(min(p['test_loss'], 700))):.2f}",
                 str(p["steps"]),
                 f"{p.get('samples_per_s', 0.0):,.0f}",
+                _memory(p),
                 str(p["restarts"]),
             )
         )
@@ -119,7 +131,7 @@ def format_table(summary: dict) -> str:
     ens_acc = "" if ens.get("test_accuracy") is None else f"{ens['test_accuracy']:.4f}"
     ens_loss = "" if ens.get("test_loss") is None else f"{ens['test_loss']:.4f}"
     ens_ppl = "" if ens.get("test_loss") is None else f"{math.exp(min(ens['test_loss'], 700)):.2f}"
-    ensemble = [("ensemble", "mean probs", "", ens_acc, ens_loss, ens_ppl, "", "", "")]
+    ensemble = [("ensemble", "mean probs", "", ens_acc, ens_loss, ens_ppl, "", "", "", "")]
     out = [text_table(rows[0], rows[1:], ensemble)]
     names = list(dict.fromkeys(k for p in summary["peers"] for k in p.get("terms", {})))
     if names:  # the last round's mean of each loss term (before its weight) and of the influence weights

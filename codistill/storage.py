@@ -19,7 +19,7 @@ import torch
 
 from codistill.errors import CodistillError
 
-__all__ = ["Storage", "StorageFullError", "checkpoint_path"]
+__all__ = ["Storage", "StorageFullError", "checkpoint_path", "sharded_checkpoint_dir"]
 
 
 class StorageFullError(CodistillError, OSError):
@@ -37,6 +37,12 @@ CHECKPOINTS = "checkpoints"
 def checkpoint_path(peer_name: str, step: int) -> str:
     """The run-relative path of a peer's training checkpoint at `step` (parsed by Storage.checkpoint_steps)."""
     return f"{CHECKPOINTS}/{peer_name}/step-{step}.pt"
+
+
+def sharded_checkpoint_dir(peer_name: str, step: int) -> str:
+    """The folder of a sharded peer's (strategy fsdp) model and optimizer shards at `step`, beside its checkpoint
+    file (which is written last: a step whose file exists has all its shards)."""
+    return f"{CHECKPOINTS}/{peer_name}/step-{step}.shards"
 
 
 class Storage:
@@ -143,6 +149,11 @@ class Storage:
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self._path(rel))
 
+    def delete_dir(self, rel: str) -> None:
+        """Delete a folder and what is in it (nothing if it is not there)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_dir(self._path(rel))
+
     def exists(self, rel: str) -> bool:
         """Whether anything (a file or a folder) is at `rel`."""
         from pyarrow import fs
@@ -162,6 +173,42 @@ class Storage:
         buf = io.BytesIO()
         torch.save(obj, buf)
         self.write(rel, buf.getvalue())
+
+    def write_sharded(self, rel_dir: str, state: dict[str, Any]) -> None:
+        """Save a sharded state (DTensors) with torch.distributed.checkpoint, collective: each rank writes its own
+        shards, one file per rank, and rank 0 the metadata. A local run directory is written in place; a remote
+        one through a local temporary folder, each rank uploading its own files."""
+        import tempfile
+
+        import torch.distributed.checkpoint as dcp
+
+        if self.is_local():
+            dcp.save(state, checkpoint_id=self._path(rel_dir))
+            return
+        with tempfile.TemporaryDirectory(prefix="codistill-dcp-") as d:
+            dcp.save(state, checkpoint_id=d)
+            for name in sorted(os.listdir(d)):
+                self.write(f"{rel_dir}/{name}", Path(d, name).read_bytes())
+
+    def read_sharded(self, rel_dir: str, state: dict[str, Any]) -> None:
+        """Load a state saved by `write_sharded` into `state` in place (collective): DCP reshards, so any number of
+        ranks can read what any number wrote. FileNotFoundError when the folder is not there."""
+        import tempfile
+
+        import torch.distributed.checkpoint as dcp
+
+        names = self.files(rel_dir)
+        if ".metadata" not in names:
+            raise FileNotFoundError(self._path(f"{rel_dir}/.metadata"))
+        if self.is_local():
+            dcp.load(state, checkpoint_id=self._path(rel_dir))
+            return
+        with tempfile.TemporaryDirectory(prefix="codistill-dcp-") as d:
+            for name in names:
+                data = self.read(f"{rel_dir}/{name}")
+                assert data is not None, name
+                Path(d, name).write_bytes(data)
+            dcp.load(state, checkpoint_id=d)
 
     def read_torch(self, rel: str) -> Any:
         data = self.read(rel)

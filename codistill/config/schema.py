@@ -141,6 +141,19 @@ class RunConfig(_Section):
                 "with python -m codistill.prepare and train from the folder",
             )
         for i, pc in enumerate(self.peers):
+            if pc.strategy == "fsdp":
+                self._check(
+                    pc.workers >= 2,
+                    f"peers.{i}.workers",
+                    pc.workers,
+                    "at least 2 with strategy=fsdp (a single worker has nothing to shard across; use strategy=ddp)",
+                )
+                self._check(
+                    self.engine == "ray",
+                    f"peers.{i}.strategy",
+                    pc.strategy,
+                    "'ddp' with engine=local (fsdp runs in a Ray Train worker group: use engine=ray)",
+                )
             if pc.workers == 1:
                 continue
             self._check(

@@ -221,12 +221,25 @@ class PeerConfig(_Section):
     workers: int = 1
     """Data-parallel workers of this peer: 1 = one Ray actor; W > 1 = a Ray Train worker group running DDP
     (gloo on CPU, NCCL on GPU), the global batch `data.batch_size` split evenly across its ranks."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How a worker group holds the model: `ddp` (every rank a whole copy) or `fsdp` (PyTorch FSDP2: parameters,
+    gradients and optimizer state sharded across the W ranks, one unit per transformer block or network stage;
+    its checkpoints sharded, its teachers in checkpoint mode sharded the same way). `fsdp` needs workers >= 2."""
+    activation_checkpointing: bool = False
+    """fsdp: recompute each sharded unit's activations in the backward pass instead of keeping them."""
     resources: WorkerResources | None = None
     """Per worker of this peer, overriding the job's `resources` (num_cpus, num_gpus)."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.models", "MODELS", self.model, "model")
         self._check(1 <= self.workers <= 1024, "workers", self.workers, "an integer in [1, 1024]")
+        self._check(self.strategy in ("ddp", "fsdp"), "strategy", self.strategy, "'ddp' or 'fsdp'")
+        self._check(
+            self.strategy == "fsdp" or not self.activation_checkpointing,
+            "activation_checkpointing",
+            self.activation_checkpointing,
+            "false with strategy=ddp (it applies to fsdp's sharded units)",
+        )
         if self.name is not None:
             self._check(is_safe_name(self.name), "name", self.name, NAME_RULE)
 

@@ -21,6 +21,7 @@ from codistill.engine.report import (
 )
 from codistill.exchange import in_memory_board, make_exchange
 from codistill.peer import Peer
+from codistill.peer.memory import peak_memory
 from codistill.storage import Storage
 
 __all__ = ["LocalEngine"]
@@ -109,6 +110,9 @@ class LocalEngine:
                         lr[i],
                         batch_size=cfg.data.batch_size,
                         terms=round_terms[i],
+                        # one process for every peer: each reports the process's peak
+                        memory_kind=peak_memory(p.device)[0],
+                        peak_memory=[peak_memory(p.device)[1]],
                     )
                     for i, p in enumerate(peers)
                 ]

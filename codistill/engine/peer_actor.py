@@ -26,10 +26,11 @@ from codistill.exchange.ray_board import RayBoardClient, actor_restarts
 from codistill.exchange.stats import ExchangeStats
 from codistill.exchange.wire import WireWeights
 from codistill.peer import Peer
+from codistill.peer.memory import peak_memory
 from codistill.peer.start import PeerStart
 from codistill.peer.topology import rank_slot
 from codistill.registry import install_extras
-from codistill.storage import Storage, checkpoint_path
+from codistill.storage import Storage, checkpoint_path, sharded_checkpoint_dir
 
 __all__ = ["GroupRank", "PeerActor", "PeerStartError"]
 
@@ -119,6 +120,7 @@ class PeerActor:
         self.round_losses: list[float] = []
         self.round_terms: list[dict[str, float]] = []  # each step's loss terms (StepLoss.terms), when the job has them
         self.group_stats: list[dict] = []  # every rank's exchange counters at the last checkpoint
+        self.group_memory: list[tuple[str, int]] = []  # every rank's peak memory then (codistill.peer.memory)
         self.lr = 0.0
         ray_restarts = actor_restarts() if group is None else self.group.restarts
         self.restarts = start.prior_restarts + ray_restarts
@@ -157,6 +159,14 @@ class PeerActor:
         if (why := foreign_checkpoint(state, self.run_id)) is not None:
             raise ForeignCheckpointError(why)
         step = int(state["step"])
+        if self.peer.sharded:  # its model and optimizer: the shards beside the file (every rank reads them)
+            if "sharded" not in state:
+                raise ValueError(f"the checkpoint of step {step} holds no shards (written by a peer with strategy ddp)")
+            sharded = self.peer.sharded_state()
+            self.storage.read_sharded(state["sharded"], sharded)
+            self.peer.load_sharded_state(sharded)
+        elif "sharded" in state:
+            raise ValueError(f"the checkpoint of step {step} is sharded (written by a peer with strategy fsdp)")
         self.peer.load_training_state(state)
         boards = state["board"] if isinstance(state["board"], list) else [state["board"]]
         self.board.restore(boards[self.group.rank], step)  # a new board (resumed driver) needs what we published
@@ -180,11 +190,18 @@ class PeerActor:
         self.round_losses.extend(s.loss for s in taken)
         self.round_terms.extend(s.terms for s in taken if s.terms is not None)
         name, now = self.peer.name, self.peer.step
-        # each rank's shards and exchange counters, in rank order (one collective)
+        if self.peer.sharded:  # every rank writes its shards first; the file, written last, says they are whole
+            self.storage.write_sharded(sharded_checkpoint_dir(name, now), self.peer.sharded_state())
+        # each rank's shards, exchange counters and peak memory, in rank order (one collective)
         ranks = self.group.gather(
-            {"board": self.board.durable_state(now), "exchange": self.exchange.stats.state_dict()}
+            {
+                "board": self.board.durable_state(now),
+                "exchange": self.exchange.stats.state_dict(),
+                "memory": peak_memory(self.peer.device),
+            }
         )
         self.group_stats = [r["exchange"] for r in ranks]
+        self.group_memory = [r["memory"] for r in ranks]
         state: dict[str, Any] | None = None
         if self.group.rank == 0:
             state = self.peer.training_state()
@@ -200,10 +217,13 @@ class PeerActor:
                 run_id=self.run_id,  # checked on every load: a run never goes on from another run's checkpoint
                 total_steps=self.peer.total_steps,  # with the step and round_index: a resume can tell a round end
             )
+            if self.peer.sharded:
+                state["sharded"] = sharded_checkpoint_dir(name, now)
             self.storage.write_torch(checkpoint_path(name, now), state)
             for old in self.storage.checkpoint_steps(name):
                 if old != now and (old < keep_from or not self._is_round_end(old)):
-                    self.storage.delete(checkpoint_path(name, old))
+                    self.storage.delete(checkpoint_path(name, old))  # the file first: then the shards are unused
+                    self.storage.delete_dir(sharded_checkpoint_dir(name, old))
         self.group.saved(now, state)  # a worker group: a Train checkpoint, and a barrier before what follows
         self.board.mark_durable(self.exchange.slot, now)
 
@@ -243,8 +263,11 @@ class PeerActor:
         self.busy_s += time.perf_counter() - t0
         self._save(keep_from)  # every round ends durable: restarts and --resume start from here
         if self.group.rank != 0:
+            if peer.sharded:
+                peer.evaluate()  # its forward passes gather each unit from every rank
             return None  # rank 0 evaluates and reports for its group
         events, self.events = self.events, []
+        kinds = {kind for kind, _ in self.group_memory}
         return PeerReport(
             self.index,
             peer.name,
@@ -260,10 +283,14 @@ class PeerActor:
             events,
             self.cfg.data.batch_size,
             terms=term_means(self.round_terms),
+            strategy=self.cfg.peers[self.index].strategy,
+            memory_kind="/".join(sorted(kinds)),
+            peak_memory=[b for _, b in self.group_memory],
         )
 
     def take_weights(self, version: int) -> WireWeights | None:
         return self.board.take_weights(version)
 
     def final_weights(self) -> dict[str, torch.Tensor]:
+        """The full weights (a sharded peer: every rank calls it, rank 0 gets them)."""
         return self.peer.weights()

@@ -1,8 +1,8 @@
 """What the driver checks before any Ray actor starts (each failure one line naming the field): the
 dataset loads and is sound (the loaders check files, images and labels), every peer's shard holds at
 least one batch, and every peer's model builds for this data (sizes, model_args, a Hugging Face model's
-vocabulary against the job's tokenizer), on PyTorch's meta device: no memory, no weights read. Returns the
-dataset, so it is decoded once, here, and shared."""
+vocabulary against the job's tokenizer; with strategy fsdp, layers to shard), on PyTorch's meta device: no
+memory, no weights read. Returns the dataset, so it is decoded once, here, and shared."""
 
 from __future__ import annotations
 
@@ -44,14 +44,22 @@ def check_models(cfg: RunConfig, dataset: Dataset) -> None:
     import torch
 
     from codistill.models import build_model
+    from codistill.models.units import shard_units
     from codistill.tasks import task_of
 
     shape = task_of(dataset).input_shape(dataset)
     for i, pc in enumerate(cfg.peers):
         try:
             with torch.device("meta"):  # shapes only; pretrained weights are the peer's to load
-                build_model(pc.model, shape, dataset.num_classes, model_args=pc.model_args)
+                model = build_model(pc.model, shape, dataset.num_classes, model_args=pc.model_args)
         except ValueError as e:
             raise ConfigError(f"peers.{i}.model", pc.model, f"a model for this data: {e}") from None
         except Exception:  # a builder that needs real tensors (user code): its peer builds it
-            pass
+            continue
+        if pc.strategy == "fsdp" and not shard_units(model):
+            raise ConfigError(
+                f"peers.{i}.strategy",
+                pc.strategy,
+                f"'ddp' for model {pc.model}: it has no layers FSDP can shard one by one (transformer blocks, "
+                "Hugging Face decoder layers or network stages: codistill.models.units)",
+            )

@@ -48,6 +48,20 @@ class PeerReport:
     workers: int = 1  # ranks of a data-parallel peer (a Ray Train worker group)
     node_ids: list[str] = field(default_factory=list)  # every rank's node (rank 0's is node_id)
     terms: dict[str, float] = field(default_factory=dict)  # the round's mean of each loss term and influence statistic
+    strategy: str = "ddp"  # how a worker group holds its model (peers[i].strategy)
+    memory_kind: str = ""  # "cuda" (peak allocated on the device) or "rss" (peak resident set, CPU)
+    peak_memory: list[int] = field(default_factory=list)  # bytes, per rank (codistill.peer.memory)
+
+    @property
+    def peak_memory_mb(self) -> float | None:
+        return max(self.peak_memory) / 2**20 if self.peak_memory else None
+
+    def memory_record(self) -> dict[str, Any]:
+        """The memory report of this peer (summary.json, round records, MLflow)."""
+        if not self.peak_memory:
+            return {}
+        by_rank = [round(b / 2**20, 1) for b in self.peak_memory]
+        return {"memory_kind": self.memory_kind, "peak_memory_mb": max(by_rank), "peak_memory_mb_by_rank": by_rank}
 
     @property
     def steps_per_s(self) -> float:
@@ -190,6 +204,7 @@ def round_record(h: RoundResult) -> dict[str, Any]:
             "staleness_mean": p.exchange.staleness()["mean"],
             "staleness_max": p.exchange.staleness_max,
             "teacher_lead_max": p.exchange.teacher_lead_max,
+            **p.memory_record(),
             **({"terms": dict(p.terms)} if p.terms else {}),
         }
         for p in h.peers
@@ -225,6 +240,8 @@ def build_summary(
             "samples_per_s": r.samples_per_s,
             "restarts": r.restarts,
             "workers": r.workers,
+            "strategy": r.strategy,
+            **r.memory_record(),
             "node_id": r.node_id,
             "node_ids": r.node_ids or ([r.node_id] if r.node_id else []),
             "bytes_published": r.exchange.bytes_published,

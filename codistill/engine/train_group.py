@@ -62,7 +62,9 @@ class TrainRank(GroupRank):
         return out
 
     def saved(self, step: int, state: dict[str, Any] | None) -> None:
-        if state is None:
+        # A sharded peer's state is its shards in the run directory: a restarted group goes on from there
+        # (PeerActor._load_newest), so Train keeps no copy of its own.
+        if state is None or "sharded" in state:
             ray.train.report({"step": step})
             return
         with tempfile.TemporaryDirectory() as d:
@@ -114,8 +116,10 @@ def _train_loop(config: dict) -> None:
             report = actor.run_round(*args)
             if rank == 0:
                 ray.get(host.done.remote(seen, report))
-        elif kind == "final" and rank == 0:
-            ray.get(host.done.remote(seen, actor.final_weights()))
+        elif kind == "final" and (rank == 0 or actor.peer.sharded):
+            weights = actor.final_weights()  # a sharded peer's ranks gather them together, onto rank 0
+            if rank == 0:
+                ray.get(host.done.remote(seen, weights))
 
 
 class TrainPeerHost:

@@ -87,7 +87,12 @@ class CheckpointExchange(Exchange):
             need = {j: v for j, v in need.items() if held.get(j, -1) < v}
         known = {j: max(held.get(j, -1), self.first_usable - 1) for j in self.teachers}
         t0 = time.perf_counter()
-        for j, w in self.board.pull_weights(self.slot, known, need, sync, self.cfg.exchange.timeout_s).items():
+        pulled = {}
+        if peer.rank == 0 or not peer.sharded:
+            pulled = self.board.pull_weights(self.slot, known, need, sync, self.cfg.exchange.timeout_s)
+        if peer.sharded:  # the ranks must load the same versions (each holds a slice): rank 0's pull, to all
+            pulled = peer.broadcast(pulled)
+        for j, w in pulled.items():
             peer.set_teacher(j, w.version, decode_weights(w))
             self.stats.bytes_pulled += w.nbytes
             self.stats.teacher_updates += 1
@@ -114,11 +119,20 @@ class CheckpointExchange(Exchange):
 
     def end_step(self, peer: Peer, step: int) -> None:
         version = step + 1
-        # Rank 0 alone publishes a data-parallel peer's weights: they are the same on every rank.
-        if self.publishes and peer.rank == 0 and version % self.period == 0 and version >= self.first_usable:
-            t0 = time.perf_counter()
+        if not (self.publishes and version % self.period == 0 and version >= self.first_usable):
+            return
+        # Rank 0 alone publishes a data-parallel peer's weights: they are the same on every rank. A sharded peer's
+        # ranks gather them onto rank 0 together, one parameter at a time.
+        if peer.rank != 0 and not peer.sharded:
+            return
+        t0 = time.perf_counter()
+        if peer.sharded:
+            weights = peer.weights()  # every rank (it checks the losses first)
+        else:
             peer.check_losses()  # weights trained past a NaN are never published
-            w = encode_weights(peer.module.state_dict(), version, self.cfg.exchange.dtype)
+            weights = peer.module.state_dict()
+        if peer.rank == 0:
+            w = encode_weights(weights, version, self.cfg.exchange.dtype)
             self.board.publish_weights(self.index, w)
             self.stats.bytes_published += w.nbytes
-            self.stats.exchange_s += time.perf_counter() - t0
+        self.stats.exchange_s += time.perf_counter() - t0

@@ -125,6 +125,14 @@ class InfluenceWeighting(Weighting):
     extra_names: ClassVar[tuple[str, ...]] = ("influence_mean", "influence_std", "influence_negative")
 
     def check(self, cfg: RunConfig) -> None:
+        for i, pc in enumerate(cfg.peers):
+            check(
+                pc.strategy == "ddp",
+                f"peers.{i}.strategy",
+                pc.strategy,
+                "'ddp' with loss.weighting=influence (its parameter perturbations call the whole model "
+                "functionally, which sharded FSDP parameters do not allow)",
+            )
         check(
             cfg.data.validation_fraction > 0,
             "data.validation_fraction",

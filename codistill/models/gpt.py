@@ -151,6 +151,10 @@ class GPT(nn.Module):
             causal=True,
         )
 
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP units (codistill.models.units): the blocks; the tied embedding and head stay in the root."""
+        return list(self.blocks)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         _, t = tokens.shape  # (B, T)
         if t > self.block_size:

@@ -101,6 +101,17 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def _stages(blocks: list[nn.Module], stage_ends: tuple[int, ...]) -> list[list[nn.Module]]:
+    """`blocks` cut after each index of `stage_ends` (the last stage takes what is left)."""
+    units, start = [], 0
+    for end in stage_ends:
+        units.append(blocks[start : end + 1])
+        start = end + 1
+    if start < len(blocks):
+        units[-1] = units[-1] + blocks[start:]
+    return [u for u in units if u]
+
+
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs (He et al., CVPR 2016, section 4.2): 16/32/64 channels."""
 
@@ -127,6 +138,10 @@ class CifarResNet(nn.Module):
     def distill_layers(self) -> Layers:
         """The feature map at the end of each of the three stages."""
         return Layers(hidden=tuple(f"layers.{i}" for i in self.stage_ends))
+
+    def shard_units(self) -> list[list[nn.Module]]:
+        """FSDP units (codistill.models.units): the three stages, each its blocks."""
+        return _stages(list(self.layers), self.stage_ends)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.relu(self.bn(self.conv(x))))
@@ -178,6 +193,10 @@ class WideResNet(nn.Module):
     def distill_layers(self) -> Layers:
         """The feature map at the end of each of the three groups (pre-activation)."""
         return Layers(hidden=tuple(f"blocks.{i}" for i in self.stage_ends))
+
+    def shard_units(self) -> list[list[nn.Module]]:
+        """FSDP units (codistill.models.units): the three groups, each its blocks."""
+        return _stages(list(self.blocks), self.stage_ends)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.blocks(self.conv(x))))
@@ -238,6 +257,10 @@ class MobileNetV2Cifar(nn.Module):
     def distill_layers(self) -> Layers:
         """The feature map before each downsampling, and the last (1280 channels)."""
         return Layers(hidden=tuple(f"features.{i}" for i in self.stage_ends))
+
+    def shard_units(self) -> list[list[nn.Module]]:
+        """FSDP units (codistill.models.units): the layers between downsamplings, then the last ones."""
+        return _stages(list(self.features), tuple(self.stage_ends))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))

@@ -24,9 +24,16 @@ class LocalTeacher:
 class LocalTeachers(dict[int, LocalTeacher]):
     """{peer index: its frozen copy}; `build(index)` makes a peer's model (its weights are loaded after)."""
 
-    def __init__(self, build: Callable[[int], nn.Module]):
+    def __init__(
+        self,
+        build: Callable[[int], nn.Module],
+        load: Callable[[nn.Module, Mapping[str, torch.Tensor]], None] | None = None,
+    ):
+        """load(model, weights): how full weights go into a built model (default `load_state_dict`; a sharded
+        peer's teachers take each rank's slice)."""
         super().__init__()
         self._build = build
+        self._load = load or (lambda model, weights: model.load_state_dict(dict(weights)))
 
     def load(self, source_index: int, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a published checkpoint of peer `source_index` as a frozen local teacher."""
@@ -35,7 +42,7 @@ class LocalTeachers(dict[int, LocalTeacher]):
             model = self._build(source_index)
             model.eval().requires_grad_(False)
             teacher = self[source_index] = LocalTeacher(model, -1)
-        teacher.model.load_state_dict(dict(weights))  # copies: the (read-only) arrays are not kept
+        self._load(teacher.model, weights)  # copies: the (read-only) arrays are not kept
         teacher.version = version
 
     def versions(self) -> dict[int, int]:

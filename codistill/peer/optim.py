@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -39,11 +40,29 @@ SCHEDULES: Registry[Callable[[OptimConfig, float], float]] = Registry(
 )
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def make_optimizer(params: list[nn.Parameter], oc: OptimConfig) -> torch.optim.Optimizer:
     # No weight decay on biases and norm parameters (1-D tensors), as usual for ResNets.
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": decay, "weight_decay": oc.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # A sharded peer's parameters are DTensors and its loss terms' projections plain tensors: CUDA's fused
+    # (foreach) optimizer steps cannot mix the two in one group.
+    if any(_is_dtensor(p) for p in params):
+        groups = [
+            {**g, "params": [p for p in g["params"] if _is_dtensor(p) == sharded]}
+            for g in groups
+            for sharded in (False, True)
+            if any(_is_dtensor(p) == sharded for p in g["params"])
+        ]
     return OPTIMIZERS[oc.name](groups, oc)
 
 

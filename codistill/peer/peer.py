@@ -27,11 +27,13 @@ from codistill.losses.terms import StudentOutput, TeacherOutput
 from codistill.models import build_model
 from codistill.models.randomness import draws_random_numbers
 from codistill.models.taps import TapRecorder
+from codistill.models.units import shard_units
 from codistill.peer.batches import PeerData
 from codistill.peer.forward_context import norm_stats_kept, seeded_generators
 from codistill.peer.ledger import LossLedger, NonFiniteLossError, StepLoss
 from codistill.peer.local_teachers import LocalTeachers
 from codistill.peer.optim import make_optimizer, make_scheduler
+from codistill.peer.sharding import full_state_dict, load_full_state_dict, shard_model
 from codistill.peer.start import PeerStart
 from codistill.peer.term_plan import LossPlan, plan_loss
 from codistill.peer.topology import consumers_of, part_bounds, teachers_of
@@ -110,7 +112,14 @@ class Peer:
         self.model: nn.Module = self.module  # what the training step calls: DDP around the module when W > 1
         # a model without dropout (or other random layers) needs no seeded generator around each forward
         self._random_forward = draws_random_numbers(self.module)
-        if world_size > 1:
+        pc = cfg.peers[index]
+        # strategy fsdp: the module itself is sharded in place (codistill.peer.sharding); its teachers are too
+        self.sharded = pc.strategy == "fsdp" and world_size > 1
+        if self.sharded:
+            self.module = self.model = shard_model(
+                self.module, self.device, bf16=self.amp, activation_checkpointing=pc.activation_checkpointing
+            )
+        elif world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device] if self.device.type == "cuda" else None
@@ -130,7 +139,7 @@ class Peer:
         self.optimizer = make_optimizer(list(self.module.parameters()) + list(self.heads.parameters()), oc)
         self.scheduler = make_scheduler(self.optimizer, oc, self.total_steps)
         self.step = 0  # completed training steps
-        self.teachers = LocalTeachers(lambda j: self._build(j, seed=0))  # checkpoint mode
+        self.teachers = LocalTeachers(self._build_teacher, load_full_state_dict if self.sharded else None)
         self._pending: _Pending | None = None
         self.influence: torch.Tensor | None = None  # this step's own normalised influence weights (B_part,)
         self.ledger = LossLedger(self.name, self.loss_plan.extra_names, world_size, self.device)
@@ -151,6 +160,14 @@ class Peer:
         model = model.to(self.device)
         if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
             model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _build_teacher(self, index: int) -> nn.Module:
+        """A frozen local copy of peer `index` (checkpoint mode): a sharded peer shards it the same way, so each
+        rank holds 1/W of it (a teacher with no units to shard, e.g. an MLP, is kept whole on every rank)."""
+        model = self._build(index, seed=0)
+        if self.sharded and shard_units(model):
+            model = shard_model(model, self.device, bf16=self.amp, frozen=True)
         return model
 
     def _autocast(self):
@@ -272,6 +289,14 @@ class Peer:
         self.step = step + 1
         return StepStats(step, alpha, lr, len(teachers or ()))
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank of this peer (collective; what its ranks must agree on)."""
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
         """Average tensors across the ranks of this data-parallel peer, in place, in one collective."""
         import torch.distributed as dist
@@ -315,8 +340,11 @@ class Peer:
         return self.teachers.versions()
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The model's weights on the CPU (what a checkpoint exchange publishes)."""
+        """The model's full weights on the CPU (what a checkpoint exchange publishes, and the final weights). A
+        sharded peer gathers them one parameter at a time: every rank must call it; rank 0 gets them, the others {}."""
         self.check_losses()
+        if self.sharded:
+            return full_state_dict(self.module, keep=self.rank == 0)
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
     # -- evaluation and training checkpoints ---------------------------------------------------
@@ -332,7 +360,10 @@ class Peer:
             )
 
     def training_state(self) -> dict[str, Any]:
-        """Everything needed to resume this peer exactly (loadable with torch.load(weights_only=True))."""
+        """Everything needed to resume this peer exactly (loadable with torch.load(weights_only=True)). A sharded
+        peer's model, optimizer and heads are not in it: they are `sharded_state()`, saved by every rank."""
+        if self.sharded:
+            return {"step": self.step, "scheduler": self.scheduler.state_dict()}
         return {
             "step": self.step,
             "model": self.weights(),
@@ -341,10 +372,34 @@ class Peer:
             "heads": {k: v.detach().to("cpu", copy=True) for k, v in self.heads.state_dict().items()},
         }
 
+    def sharded_state(self) -> dict[str, Any]:
+        """A sharded peer's model, loss-term projections and optimizer state as torch.distributed.checkpoint saves
+        and loads them: {"model": {name: DTensor}, "optim": by parameter name}, this rank's shards (collective: the
+        optimizer's state is made here before its first step, so a load has tensors to fill)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.check_losses()
+        model_state, optim_state = get_state_dict(self._stateful(), self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_sharded_state(self, state: Mapping[str, Any]) -> None:
+        """Load what `sharded_state()` gave, filled by a checkpoint (collective)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            self._stateful(), self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+
+    def _stateful(self) -> nn.Module:
+        # the model and the loss terms' projections under one module: every parameter of the optimizer has a name
+        return nn.ModuleDict({"model": self.module, "heads": self.heads})
+
     def load_training_state(self, state: Mapping[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.heads.load_state_dict(state.get("heads", {}))  # the loss terms' projections
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Go on from `training_state()` (a sharded peer: and `load_sharded_state` of the same step)."""
+        if not self.sharded:
+            self.module.load_state_dict(state["model"])
+            self.heads.load_state_dict(state.get("heads", {}))  # the loss terms' projections
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self._pending = None

@@ -31,6 +31,7 @@ PEER_METRICS = (
     "bytes_pulled",
     "restarts",
     "lr",
+    "peak_memory_mb",
 )
 """Logged to each peer's run per round."""
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
@@ -52,5 +53,7 @@ def round_values(record: dict) -> list[tuple[str | None, list[tuple[str, float |
     ]
     for name, p in record["peers"].items():
         terms = [(k, v, p["step"]) for k, v in p.get("terms", {}).items()]  # term.<name>, influence_*
-        out.append((name, [(k, p.get(k), p["step"]) for k in PEER_METRICS] + terms))
+        by_rank = p.get("peak_memory_mb_by_rank") or []
+        ranks = [(f"peak_memory_mb.rank{r}", v, p["step"]) for r, v in enumerate(by_rank)] if len(by_rank) > 1 else []
+        out.append((name, [(k, p.get(k), p["step"]) for k in PEER_METRICS] + terms + ranks))
     return out

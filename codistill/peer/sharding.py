@@ -1,0 +1,119 @@
+"""A sharded peer (`strategy: fsdp`): PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`) over the ranks of
+its worker group, and the moves between its sharded state and the full weights the rest of codistill reads.
+
+Each unit of `codistill.models.units.shard_units` becomes one FSDP unit, then the root (what is left: the
+embeddings, final norm and head). A rank holds 1/W of every parameter, gradient and optimizer state; a unit's
+full parameters exist only during its forward and backward (all-gathered, freed after; a teacher frees its
+root too, it never runs backward). Gradients are reduce-scattered and averaged over the W ranks, as DDP
+averages them, so an FSDP peer trains as its DDP twin does (tests/ray/test_fsdp.py).
+
+On CPU (gloo): the mesh is a CPU mesh, parameters stay float32, and reductions are sums followed by a
+division (gloo has no AVG reduce-scatter: `set_force_sum_reduction_for_comms`). On CUDA with `amp`: bf16
+parameters for compute, float32 gradient reduction and master weights (`MixedPrecisionPolicy`).
+Plain PyTorch, no Ray; every function marked "collective" must be called by every rank in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from codistill.models.units import shard_units
+
+__all__ = ["full_state_dict", "is_sharded", "load_full_state_dict", "shard_model"]
+
+
+def _mesh(device: torch.device):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_model(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    bf16: bool = False,
+    activation_checkpointing: bool = False,
+    frozen: bool = False,
+) -> nn.Module:
+    """Shard `model` (already on `device`) in place across the default process group; returns it.
+
+    frozen: a teacher (no backward): the root's parameters are freed after each forward too."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    units = shard_units(model)
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no layers to shard one by one (codistill.models.units)")
+    mesh = _mesh(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
+    for unit in units:
+        if activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            for m in unit if isinstance(unit, list) else [unit]:
+                checkpoint(m)  # keeps parameter names (a wrapper module would rename them)
+        fully_shard(unit, **kwargs)
+    # the root: `reshard_after_forward` False keeps its (small) parameters for the backward right after
+    fully_shard(model, reshard_after_forward=frozen, **kwargs)
+    if device.type != "cuda":
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) one entry at a time (collective): at most one gathered parameter at once on the device."""
+    for name, t in state.items():
+        yield name, _full(t.detach())
+
+
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's full weights on the CPU (collective; each parameter gathered, copied to the CPU, freed).
+    keep: whether this rank keeps them (a rank that does not still takes part in every gather)."""
+    out = {}
+    for name, t in full_tensors(model.state_dict()):
+        if keep:
+            out[name] = t.to("cpu", copy=True)
+    return out
+
+
+def load_full_state_dict(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Load full weights into a sharded model: each rank copies its own slice (no communication); every key of
+    the model must be given, and nothing else."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = model.state_dict()
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{type(model).__name__}: weights do not match the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, target in state.items():
+            source = torch.as_tensor(weights[name])
+            if tuple(source.shape) != tuple(target.shape):
+                raise RuntimeError(f"{name}: shape {tuple(source.shape)} for a parameter of {tuple(target.shape)}")
+            if isinstance(target, DTensor):
+                source = source.to(device=target.device, dtype=target.dtype)
+                target.copy_(distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None))
+            else:
+                target.copy_(source)
