@@ -161,7 +161,7 @@ class Storage:
         return self.fs.get_file_info(self._path(rel)).type != fs.FileType.NotFound
 
     def move(self, rel: str, to_rel: str) -> None:
-        """Move a file within the run directory (what is set aside rather than deleted); it never replaces
+        """Move a file or folder within the run directory (what is set aside rather than deleted); it never replaces
         anything: a `FileExistsError` if `to_rel` exists."""
         if self.exists(to_rel):
             raise FileExistsError(self._path(to_rel))

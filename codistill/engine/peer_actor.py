@@ -163,7 +163,7 @@ class PeerActor:
             if "sharded" not in state:
                 raise ValueError(f"the checkpoint of step {step} holds no shards (written by a peer with strategy ddp)")
             sharded = self.peer.sharded_state()
-            self.storage.read_sharded(state["sharded"], sharded)
+            self.storage.read_sharded(sharded_checkpoint_dir(self.peer.name, step), sharded)
             self.peer.load_sharded_state(sharded)
         elif "sharded" in state:
             raise ValueError(f"the checkpoint of step {step} is sharded (written by a peer with strategy fsdp)")
@@ -218,7 +218,7 @@ class PeerActor:
                 total_steps=self.peer.total_steps,  # with the step and round_index: a resume can tell a round end
             )
             if self.peer.sharded:
-                state["sharded"] = sharded_checkpoint_dir(name, now)
+                state["sharded"] = True  # its model and optimizer: sharded_checkpoint_dir(name, now)
             self.storage.write_torch(checkpoint_path(name, now), state)
             for old in self.storage.checkpoint_steps(name):
                 if old != now and (old < keep_from or not self._is_round_end(old)):

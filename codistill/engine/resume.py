@@ -38,7 +38,7 @@ import yaml
 from codistill.config import RunConfig, to_dict
 from codistill.config.resume_changes import changed_fields, recorded_job
 from codistill.rundir import recorded_run_id
-from codistill.storage import CHECKPOINTS, Storage, checkpoint_path
+from codistill.storage import CHECKPOINTS, Storage, checkpoint_path, sharded_checkpoint_dir
 
 __all__ = [
     "SET_ASIDE",
@@ -65,7 +65,9 @@ TRAINING_STATE_KEYS = (
     "round_losses",
     "lr",
 )
-"""What a peer's training checkpoint must hold to be loaded (PeerActor.load_state)."""
+"""What a peer's training checkpoint must hold to be loaded (PeerActor.load_state); a sharded peer's (strategy fsdp)
+holds its model and optimizer in the shards beside it (`sharded_checkpoint_dir`) instead."""
+SHARDED_KEYS = ("model", "optimizer")
 
 
 class ForeignCheckpointError(ValueError):
@@ -119,8 +121,13 @@ def _check(storage: Storage, cfg: RunConfig, name: str, step: int, run_id: str |
         return _Checked(_one_line(e))
     if state is None:
         return _Checked("missing")
-    if not isinstance(state, dict) or any(k not in state for k in TRAINING_STATE_KEYS):
+    if not isinstance(state, dict):
         return _Checked("not a codistill training checkpoint")
+    sharded = state.get("sharded") is True
+    if any(k not in state for k in TRAINING_STATE_KEYS if not (sharded and k in SHARDED_KEYS)):
+        return _Checked("not a codistill training checkpoint")
+    if sharded and ".metadata" not in storage.files(sharded_checkpoint_dir(name, step)):
+        return _Checked(f"its shards are missing ({sharded_checkpoint_dir(name, step)}/.metadata)")
     try:
         held, round_index, restarts = int(state["step"]), int(state["round_index"]), int(state.get("restarts", 0))
         total = None if state.get("total_steps") is None else int(state["total_steps"])
@@ -275,6 +282,8 @@ def apply_resume(cfg: RunConfig, storage: Storage, point: ResumePoint) -> None:
         past = [step for step in storage.checkpoint_steps(name) if step > keep_until]
         for step in past:
             storage.move(checkpoint_path(name, step), f"{folder}/{checkpoint_path(name, step)}")
+            if storage.exists(shards := sharded_checkpoint_dir(name, step)):
+                storage.move(shards, f"{folder}/{shards}")
         if past:
             why = "nothing is resumed" if point.steps is None else "past the resume point"
             point.messages.append(

@@ -38,8 +38,9 @@ SMALL_RAY_JOB = [
 """Two peers on synthetic data, a round every 30 steps: a driver to kill and resume."""
 
 
-def start_and_kill(env: dict, out, sets: list[str], kill_after: str) -> list[str]:
+def start_and_kill(env: dict, out, sets: list[str], kill_after: str, config: str | None = None) -> list[str]:
     args = [sys.executable, "-m", "codistill.run", "--output", str(out)] + [a for s in sets for a in ("--set", s)]
+    args += ["--config", config] if config else []
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     deadline = time.time() + 180
