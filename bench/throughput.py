@@ -65,26 +65,37 @@ def base_job(model: str, batch_size: int, steps: int, num_peers: int = 2, device
     }
 
 
-def plain_loop(raw: dict) -> dict[str, Any]:
-    """(a): what a user writes by hand for DML on tensors in memory."""
+def plain_loop(raw: dict, variant: str = "plain loop") -> dict[str, Any]:
+    """(a): what a user writes by hand for DML on tensors in memory: one forward per model, cross-entropy plus KL
+    to the others' detached logits, one backward, the job's optimiser (SGD or AdamW); on CUDA with `amp: true`, bf16
+    autocast as codistill uses it. Language models: next-token targets, every position an example."""
     import torch
     import torch.nn.functional as F
 
     from codistill import config as C
     from codistill.data import load_dataset
     from codistill.models import build_model
+    from codistill.tasks import task_of
 
     cfg = C.build(raw)
     torch.set_num_threads(CORES)
     t_start = time.perf_counter()
     device = torch.device("cuda" if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     ds = load_dataset(cfg.data)
+    task = task_of(ds)
+    lm = task.name == "causal_lm"
     x_all, y_all = ds.train_x.to(device), ds.train_y.to(device)
     torch.manual_seed(cfg.seed)
-    models = [build_model(p.model, ds.input_shape, ds.num_classes).to(device) for p in cfg.peers]
-    opts = [
-        torch.optim.SGD(m.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=5e-4) for m in models
-    ]
+    shape = task.input_shape(ds)
+    models = [build_model(p.model, shape, ds.num_classes, model_args=p.model_args).to(device) for p in cfg.peers]
+    oc = cfg.optim
+    if oc.name == "adamw":
+        opts: list[torch.optim.Optimizer] = [
+            torch.optim.AdamW(m.parameters(), lr=oc.lr, weight_decay=oc.weight_decay) for m in models
+        ]
+    else:
+        opts = [torch.optim.SGD(m.parameters(), lr=oc.lr, momentum=oc.momentum, weight_decay=5e-4) for m in models]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     alpha, temp, b = cfg.loss.alpha, cfg.loss.temperature, cfg.data.batch_size
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(x_all), generator=gen).to(device)
@@ -92,8 +103,10 @@ def plain_loop(raw: dict) -> dict[str, Any]:
     for step in range(int(raw["steps"])):
         start = (step * b) % (len(x_all) - b + 1)
         idx = order[start : start + b]
-        x, y = x_all[idx], y_all[idx]
-        logits = [m(x) for m in models]  # one forward each
+        x, y = (x_all[idx, :-1], x_all[idx, 1:]) if lm else (x_all[idx], y_all[idx])
+        with autocast:
+            logits = [m(x).flatten(0, -2).float() for m in models]  # one forward each; (B [* T], C)
+        targets = y.flatten()
         total = torch.zeros((), device=device)
         for i, z in enumerate(logits):
             others = [logits[j].detach() for j in range(len(models)) if j != i]
@@ -101,7 +114,7 @@ def plain_loop(raw: dict) -> dict[str, Any]:
                 F.kl_div(F.log_softmax(z / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean", log_target=True)
                 for t in others
             )
-            total = total + (1 - alpha) * F.cross_entropy(z, y) + alpha * temp**2 * kl / len(others)
+            total = total + (1 - alpha) * F.cross_entropy(z, targets) + alpha * temp**2 * kl / len(others)
         for o in opts:
             o.zero_grad(set_to_none=True)
         total.backward()
@@ -110,7 +123,7 @@ def plain_loop(raw: dict) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
-    return _row("plain loop", cfg, train_s, time.perf_counter() - t_start)
+    return _row(variant, cfg, train_s, time.perf_counter() - t_start)
 
 
 def _row(variant: str, cfg, train_s: float, wall_s: float, extra: dict | None = None) -> dict[str, Any]:

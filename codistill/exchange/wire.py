@@ -34,7 +34,10 @@ def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
     import torch
 
     wire = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
-    t = t.detach().to("cpu", dtype=wire, copy=True)
+    t = t.detach()
+    if t.device.type != "cpu":  # narrowed where it is, so the device-to-host copy moves the wire's bytes only
+        t = t.to(dtype=wire)
+    t = t.to("cpu", dtype=wire, copy=True)
     return t.view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
 
 
@@ -46,7 +49,8 @@ def decode_array(a: np.ndarray, dtype: str, device: torch.device | str = "cpu") 
     t = as_tensor(a)
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
-    return t.to(device=device, dtype=torch.float32)
+    # to the device in the wire's width, widened there: the host-to-device copy moves the wire's bytes only
+    return t.to(device=device).to(dtype=torch.float32)
 
 
 def id_dtype(num_classes: int) -> np.dtype:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -67,10 +68,14 @@ def _sharded_rank(rank: int, world_size: int, port: int, cfg, teacher_weights: d
         # each rank holds a slice of every sharded teacher parameter, not the whole
         local = {k: v.to_local().numel() for k, v in teacher.state_dict().items() if isinstance(v, DTensor)}
         assert local and sum(local.values()) < sum(t.numel() for t in teacher_weights.values())
+        calls: list[int] = []  # forward passes of the first attention: recomputed in the backward pass or not
+        attn: Any = peer.module.get_submodule("blocks.0.attn")
+        attn.register_forward_hook(lambda *_: calls.append(1))
         ids, _ = peer.forward(0)
         (signal,) = peer.local_teacher_signals()
         before = {k: v.detach().clone() for k, v in peer.weights().items()}
         peer.train_step([signal])
+        assert len(calls) == (2 if cfg.peers[0].activation_checkpointing else 1), calls
         after = peer.weights()  # gathered onto rank 0
         if rank == 0:
             changed = any(not torch.equal(before[k], after[k]) for k in after)
@@ -84,14 +89,19 @@ def _sharded_rank(rank: int, world_size: int, port: int, cfg, teacher_weights: d
         dist.destroy_process_group()
 
 
-def test_a_sharded_student_runs_its_teacher_of_another_architecture_sharded_with_the_unsharded_logits(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_sharded_student_runs_its_teacher_of_another_architecture_sharded_with_the_unsharded_logits(
+    tmp_path, recompute
+):
     """Two ranks shard the GPT student and its 3-layer teacher (each rank 1/2 of each); the teacher's logits on
-    each rank's part of the batch equal the whole teacher's, run unsharded in this process, and the student trains."""
+    each rank's part of the batch equal the whole teacher's, run unsharded in this process, and the student trains
+    (also with its blocks' activations recomputed in the backward pass)."""
     from codistill.models import build_model
     from codistill.tasks import task_of
     from tests.helpers import make_peer
 
-    cfg = lm_job(tmp_path, *FSDP, OTHER_TEACHER, "exchange.mode=checkpoint", "exchange.period=4")
+    recomputed = (f"peers.0.activation_checkpointing={str(recompute).lower()}",)
+    cfg = lm_job(tmp_path, *FSDP, *recomputed, OTHER_TEACHER, "exchange.mode=checkpoint", "exchange.period=4")
     dataset = load_dataset(cfg.data)
     torch.manual_seed(3)
     shape, pc = task_of(dataset).input_shape(dataset), cfg.peers[1]
