@@ -96,7 +96,7 @@ def part_loop(args) -> list[dict]:
             else:
                 raw = lm_job(model, b, args.lm_steps, args.device, args.block_size)
             group = [plain_loop(raw)]
-            for label, sets in LOOP_VARIANTS:
+            for label, sets in args.loop_variants[model]:
                 group.append(codistill_local(raw) if sets is None else codistill_ray(raw, label, sets))
             for r in group:
                 r["ratio_vs_plain"] = r["samples_per_s"] / group[0]["samples_per_s"]
@@ -133,7 +133,7 @@ def part_cifar(args, loop_rows: list[dict]) -> dict[str, Any]:
     ):
         measured = [r for r in loop_rows if (r["model"], r["batch_size"], r["variant"]) == ("resnet20", b, variant)]
         steps_per_s = measured[0]["samples_per_s"] / 2 / b if measured else 10.0  # per peer
-        steps = max(20, int(args.cifar_budget_s / 2 * steps_per_s))
+        steps = max(8 if args.quick else 20, int(args.cifar_budget_s / 2 * steps_per_s))
         raw = image_job(b, steps, args.device)
         if real:
             assert cifar is not None
@@ -145,7 +145,7 @@ def part_cifar(args, loop_rows: list[dict]) -> dict[str, Any]:
                 "eval_batch_size": 1000,
                 "augment": True,
             }
-        raw["eval_every"] = max(1, steps // 4)
+        raw["eval_every"] = steps if args.quick else max(1, steps // 4)  # rounds: the accuracy curve
         raw["steps"] = steps - steps % raw["eval_every"]
         n = 2
         resources = [f"resources.num_cpus={CORES / n}", f"resources.threads_per_peer={max(1, CORES // n)}"]
@@ -268,6 +268,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cifar", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     ap.add_argument("--cifar-budget-s", type=float, default=None, help="(c): training seconds of both arms")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
+    ap.add_argument(
+        "--add-to",
+        default=None,
+        help="a JSON an earlier call wrote: its parts are kept ((c) sizes its runs from its (a)), the new ones added",
+    )
     args = ap.parse_args(argv)
     quick = args.quick
     args.parts = args.parts or ["loop", "sharing", "cifar", "breakdown"]
@@ -276,8 +281,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.block_size = 32 if quick else 256
     args.image_steps = 4 if quick else 200
     args.lm_steps = 4 if quick else 100
-    args.peers_on_gpu = [1, 2] if quick else [1, 2, 4]
-    args.cifar_budget_s = args.cifar_budget_s or (6.0 if quick else 220.0)
+    args.peers_on_gpu = [2] if quick else [1, 2, 4]
+    # --quick proves each path starts: a language model's Ray runs take the same path as an image model's but one
+    args.loop_variants = {"resnet20": LOOP_VARIANTS, "gpt-small": LOOP_VARIANTS[:2] if quick else LOOP_VARIANTS}
+    args.cifar_budget_s = args.cifar_budget_s or (1.0 if quick else 220.0)
     args.breakdown_model = "gpt-tiny" if quick else "gpt-small"
     args.breakdown_steps = 8 if quick else 60
     if quick:
@@ -293,12 +300,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     gpus = 1 if args.device == "cuda" else 0
     ray.init(address="local", num_cpus=CORES, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
-    out: dict[str, Any] = {
-        "machine": machine(args.device),
-        "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "quick": quick,
-        "elapsed_s": {},
-    }
+    command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out: dict[str, Any] = {"machine": machine(args.device), "commands": [], "quick": quick, "elapsed_s": {}}
+    if args.add_to and Path(args.add_to).exists():
+        out = json.loads(Path(args.add_to).read_text())
+    out["commands"] = [*out.get("commands", []), command]
     t_all = time.perf_counter()
     try:
         for part in args.parts:
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"    {part}: {out['elapsed_s'][part]:.0f}s", flush=True)
     finally:
         ray.shutdown()
-    out["elapsed_s"]["total"] = time.perf_counter() - t_all
+    out["elapsed_s"]["total"] = out["elapsed_s"].get("total", 0.0) + time.perf_counter() - t_all
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out} ({out['elapsed_s']['total']:.0f}s)")

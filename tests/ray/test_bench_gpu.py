@@ -23,10 +23,10 @@ def test_bench_gpu_quick_runs_every_part_on_a_cpu(tmp_path):
     result = json.loads(out.read_text())
     loop = result["loop"]
     variants = ["plain loop", "LocalEngine", "Ray logits", "Ray checkpoint p10", "Ray alpha=0"]
-    for model in ("resnet20", "gpt-small"):
-        assert [row["variant"] for row in loop if row["model"] == model] == variants
+    assert [row["variant"] for row in loop if row["model"] == "resnet20"] == variants
+    assert [row["variant"] for row in loop if row["model"] == "gpt-small"] == variants[:3]  # the same Ray path
     assert all(row["samples_per_s"] > 0 for row in loop + result["sharing"])
-    assert [row["num_peers"] for row in result["sharing"]] == [2, 1, 2]
+    assert [row["num_peers"] for row in result["sharing"]] == [2, 2]
     arms = result["cifar"]["arms"]
     assert [a["arm"] for a in arms] == ["DML", "checkpoint"] and all(len(a["peer_accuracy"]) == 2 for a in arms)
     phases = result["breakdown"]["median_ms"]

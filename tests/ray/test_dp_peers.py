@@ -113,6 +113,11 @@ def test_a_killed_worker_restarts_its_group_and_the_answer_is_one_worker_s(ray_s
     assert peer_runs["peer0-mlp"].data.tags["codistill.workers"] == "2"
     assert len(peer_runs["peer0-mlp"].data.tags["codistill.node_ids"].split(",")) == 2
     assert "samples_per_s" in peer_runs["peer0-mlp"].data.metrics
+    # the memory report: the group's peak and each rank's, one process's peak for the actor
+    group_metrics, actor_metrics = peer_runs["peer0-mlp"].data.metrics, peer_runs["peer1-cnn"].data.metrics
+    assert {"peak_memory_mb", "peak_memory_mb.rank0", "peak_memory_mb.rank1"} <= set(group_metrics)
+    assert group_metrics["peak_memory_mb"] == max(group_metrics[f"peak_memory_mb.rank{r}"] for r in (0, 1))
+    assert "peak_memory_mb" in actor_metrics and "peak_memory_mb.rank0" not in actor_metrics
     # the same answer as one worker, uninterrupted: per-round training loss and final weights
     for i, name in enumerate(cfg.peer_name(j) for j in range(2)):
         want = [sum(local.step_losses[i][r : r + 10]) / 10 for r in range(0, 20, 10)]

@@ -5,6 +5,7 @@ once on Ray and once in one process (LocalEngine, the reference)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,8 @@ def test_a_killed_driver_with_an_fsdp_peer_resumes_to_the_uninterrupted_weights(
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0 and "resumed from its checkpoint" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    # the results table: the group's layout and each rank's peak memory
+    assert re.search(r"\| 2 fsdp +\|.*\| [\d,]+/[\d,]+ rss +\|", r.stdout), r.stdout[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [p["steps"] for p in summary["peers"]] == [18, 18]
     for i, (a, b) in enumerate(zip(final_weights(out, cfg), final_weights(tmp_path / "local", cfg))):

@@ -89,19 +89,27 @@ def _sharded_rank(rank: int, world_size: int, port: int, cfg, teacher_weights: d
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("recompute", [False, True])
+HF_LLAMA = (  # a Hugging Face Llama-type decoder, built offline from its config: its units are its decoder layers
+    "peers.1.model=hf",
+    "peers.1.model_args={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2}",
+)
+
+
+@pytest.mark.parametrize("recompute, teacher_sets", [(False, (OTHER_TEACHER,)), (True, HF_LLAMA)], ids=["gpt", "hf"])
 def test_a_sharded_student_runs_its_teacher_of_another_architecture_sharded_with_the_unsharded_logits(
-    tmp_path, recompute
+    tmp_path, recompute, teacher_sets
 ):
-    """Two ranks shard the GPT student and its 3-layer teacher (each rank 1/2 of each); the teacher's logits on
-    each rank's part of the batch equal the whole teacher's, run unsharded in this process, and the student trains
-    (also with its blocks' activations recomputed in the backward pass)."""
+    """Two ranks shard the GPT student and its teacher of another architecture (a 3-layer GPT; a Llama-type
+    Hugging Face model), each rank 1/2 of each; the teacher's logits on each rank's part of the batch equal the
+    whole teacher's, run unsharded in this process, and the student trains (also with its blocks' activations
+    recomputed in the backward pass)."""
     from codistill.models import build_model
     from codistill.tasks import task_of
     from tests.helpers import make_peer
 
     recomputed = (f"peers.0.activation_checkpointing={str(recompute).lower()}",)
-    cfg = lm_job(tmp_path, *FSDP, *recomputed, OTHER_TEACHER, "exchange.mode=checkpoint", "exchange.period=4")
+    cfg = lm_job(tmp_path, *FSDP, *recomputed, *teacher_sets, "exchange.mode=checkpoint", "exchange.period=4")
     dataset = load_dataset(cfg.data)
     torch.manual_seed(3)
     shape, pc = task_of(dataset).input_shape(dataset), cfg.peers[1]
@@ -111,7 +119,7 @@ def test_a_sharded_student_runs_its_teacher_of_another_architecture_sharded_with
     mp.spawn(_sharded_rank, args=(2, _free_port(), cfg, weights, out), nprocs=2)
     ranks = [torch.load(out, weights_only=True), torch.load(out + ".1", weights_only=True)]
     assert ranks[0]["changed"]
-    whole = make_peer(lm_job(tmp_path, OTHER_TEACHER, "exchange.mode=checkpoint"), 0, dataset)  # one process
+    whole = make_peer(lm_job(tmp_path, *teacher_sets, "exchange.mode=checkpoint"), 0, dataset)  # one process
     ids, x, _ = whole.data.batch(0)
     with torch.no_grad():
         want = teacher(x)  # (B, T, V), the whole batch
