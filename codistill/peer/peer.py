@@ -108,13 +108,15 @@ class Peer:
             decoder=start.decoder,
         )
         self.total_steps = total_steps(cfg, self.data.steps_per_epoch)
-        self.module = self._build(index, seed=self.seed)  # the model itself: weights, evaluation, checkpoints
-        self.model: nn.Module = self.module  # what the training step calls: DDP around the module when W > 1
-        # a model without dropout (or other random layers) needs no seeded generator around each forward
-        self._random_forward = draws_random_numbers(self.module)
         pc = cfg.peers[index]
         # strategy fsdp: the module itself is sharded in place (codistill.peer.sharding); its teachers are too
         self.sharded = pc.strategy == "fsdp" and world_size > 1
+        # the model itself: weights, evaluation, checkpoints (a sharded one stays on the host until each unit is
+        # moved to the device as it is sharded: the whole model is never on the device at once)
+        self.module = self._build(index, seed=self.seed, on_device=not self.sharded)
+        self.model: nn.Module = self.module  # what the training step calls: DDP around the module when W > 1
+        # a model without dropout (or other random layers) needs no seeded generator around each forward
+        self._random_forward = draws_random_numbers(self.module)
         if self.sharded:
             self.module = self.model = shard_model(
                 self.module, self.device, bf16=self.amp, activation_checkpointing=pc.activation_checkpointing
@@ -146,7 +148,7 @@ class Peer:
 
     # -- construction ------------------------------------------------------------------------
 
-    def _build(self, index: int, seed: int) -> nn.Module:
+    def _build(self, index: int, seed: int, on_device: bool = True) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # initialise from the peer's seed without touching global RNG
             torch.manual_seed(seed)
             pc = self.cfg.peers[index]
@@ -157,6 +159,8 @@ class Peer:
                 model_args=pc.model_args,
                 pretrained=pc.pretrained,
             )
+        if not on_device:
+            return model
         model = model.to(self.device)
         if self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
             model = model.to(memory_format=torch.channels_last)
@@ -165,10 +169,10 @@ class Peer:
     def _build_teacher(self, index: int) -> nn.Module:
         """A frozen local copy of peer `index` (checkpoint mode): a sharded peer shards it the same way, so each
         rank holds 1/W of it (a teacher with no units to shard, e.g. an MLP, is kept whole on every rank)."""
-        model = self._build(index, seed=0)
+        model = self._build(index, seed=0, on_device=False)
         if self.sharded and shard_units(model):
-            model = shard_model(model, self.device, bf16=self.amp, frozen=True)
-        return model
+            return shard_model(model, self.device, bf16=self.amp, frozen=True)
+        return model.to(self.device)
 
     def _autocast(self):
         if self.amp:
