@@ -190,9 +190,10 @@ class Storage:
             for name in sorted(os.listdir(d)):
                 self.write(f"{rel_dir}/{name}", Path(d, name).read_bytes())
 
-    def read_sharded(self, rel_dir: str, state: dict[str, Any]) -> None:
-        """Load a state saved by `write_sharded` into `state` in place (collective): DCP reshards, so any number of
-        ranks can read what any number wrote. FileNotFoundError when the folder is not there."""
+    def read_sharded(self, rel_dir: str, state: dict[str, Any], collective: bool = True) -> None:
+        """Load a state saved by `write_sharded` into `state` in place: DCP reshards, so any number of ranks can read
+        what any number wrote. collective: every rank of the process group loads its own slices together;
+        else this process alone reads what its (plain) tensors need. FileNotFoundError when the folder is not there."""
         import tempfile
 
         import torch.distributed.checkpoint as dcp
@@ -201,14 +202,15 @@ class Storage:
         if ".metadata" not in names:
             raise FileNotFoundError(self._path(f"{rel_dir}/.metadata"))
         if self.is_local():
-            dcp.load(state, checkpoint_id=self._path(rel_dir))
+            dcp.load(state, checkpoint_id=self._path(rel_dir), no_dist=not collective)
             return
         with tempfile.TemporaryDirectory(prefix="codistill-dcp-") as d:
             for name in names:
                 data = self.read(f"{rel_dir}/{name}")
-                assert data is not None, name
+                if data is None:
+                    raise FileNotFoundError(self._path(f"{rel_dir}/{name}"))
                 Path(d, name).write_bytes(data)
-            dcp.load(state, checkpoint_id=d)
+            dcp.load(state, checkpoint_id=d, no_dist=not collective)
 
     def read_torch(self, rel: str) -> Any:
         data = self.read(rel)

@@ -32,15 +32,20 @@ class ExchangeConfig(_Section):
     timeout_s: float = 300.0
     """How long a peer waits for a teacher's shard or checkpoint before the step fails."""
     inline_max_bytes: int = 32768
+    """Ray, logits: a shard up to this size travels by value through the board (one RPC per pull, as
+    Ray itself inlines small objects); larger ones are `ray.put` and only their reference is passed.
+    0 = always by reference."""
+    gather_max_mb: float = 1024.0
+    """checkpoint, a sharded publisher (strategy fsdp): weights up to this size (in the wire dtype) are gathered
+    onto its rank 0 and go through the object store; larger ones are written by every rank as its own shards
+    (torch.distributed.checkpoint) under the run directory's `published/<peer>/v<version>/`, and each consumer
+    reads them from there (a sharded consumer only its own slices): nothing holds them whole."""
     logits: Literal["full", "topk"] = "full"
     """logits mode: `full` shards carry every class's logit; `topk` shards carry each position's `topk` largest
     (ids and values) plus the log-sum-exp at the job's temperature, exact for those k classes and one bucket
     for the rest (for language models: a fraction of the bytes)."""
     topk: int = 32
     """topk shards: classes kept per position."""
-    """Ray, logits: a shard up to this size travels by value through the board (one RPC per pull, as
-    Ray itself inlines small objects); larger ones are `ray.put` and only their reference is passed.
-    0 = always by reference."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.exchange", "EXCHANGES", self.mode, "mode")
@@ -54,6 +59,8 @@ class ExchangeConfig(_Section):
             "an integer in [0, 1048576]",
         )
         self._check(1 <= self.period <= MAX_STEPS, "period", self.period, "an integer >= 1")
+        finite_size = _finite(self.gather_max_mb) and self.gather_max_mb >= 0
+        self._check(finite_size, "gather_max_mb", self.gather_max_mb, "a finite number >= 0")
         self._check(
             self.max_staleness is None or self.period - 1 <= self.max_staleness <= MAX_STEPS,
             "max_staleness",

@@ -113,6 +113,7 @@ class PeerActor:
             stash=self.group.stash,
         )
         self.exchange = make_exchange(cfg, index, self.board, rank)
+        self.exchange.storage = self.storage  # a large sharded peer publishes its weights there
         self.node_id = ray.get_runtime_context().get_node_id()
         self.busy_s = 0.0
         self.events: list[str] = []  # told to the driver with the next report

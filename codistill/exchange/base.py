@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from codistill.losses.distill import TeacherSignal
     from codistill.losses.terms import TeacherOutput
     from codistill.peer import Peer
+    from codistill.storage import Storage
 
 __all__ = ["Exchange"]
 
@@ -59,6 +60,8 @@ class Exchange(ABC):
         self.index = index
         self.rank = rank  # of a data-parallel peer's ranks; its board address is `slot`
         self.workers = [pc.workers for pc in cfg.peers]
+        # the run directory (RayEngine sets it): where a large sharded peer's published weights go (checkpoint mode)
+        self.storage: Storage | None = None
         self.slot = rank_slot(self.workers, index, rank)
         self.board = board
         self.teachers = teachers_of(index, cfg.num_peers, cfg.exchange.topology)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.base import Exchange
 from codistill.exchange.board import Board
-from codistill.exchange.wire import decode_weights, encode_weights
+from codistill.exchange.wire import WireWeights, decode_weights, encode_weights
 from codistill.peer.influence import teacher_influence
 
 if TYPE_CHECKING:
@@ -30,7 +30,12 @@ if TYPE_CHECKING:
     from codistill.losses.terms import TeacherOutput
     from codistill.peer import Peer
 
-__all__ = ["CheckpointExchange", "ceil_to"]
+__all__ = ["CheckpointExchange", "ceil_to", "published_dir"]
+
+
+def published_dir(peer_name: str, version: int) -> str:
+    """The run-relative folder of a large sharded peer's published weights of `version` (exchange.gather_max_mb)."""
+    return f"published/{peer_name}/v{version}"
 
 
 def ceil_to(x: int, period: int) -> int:
@@ -93,8 +98,11 @@ class CheckpointExchange(Exchange):
         if peer.sharded:  # the ranks must load the same versions (each holds a slice): rank 0's pull, to all
             pulled = peer.broadcast(pulled)
         for j, w in pulled.items():
-            peer.set_teacher(j, w.version, decode_weights(w))
-            self.stats.bytes_pulled += w.nbytes
+            if w.location is None:
+                peer.set_teacher(j, w.version, decode_weights(w))
+                self.stats.bytes_pulled += w.nbytes
+            elif not self._read_shards(peer, j, w):
+                continue  # deleted with a newer version out: keep the teacher held
             self.stats.teacher_updates += 1
         self.stats.exchange_s += time.perf_counter() - t0
 
@@ -117,6 +125,40 @@ class CheckpointExchange(Exchange):
         # No per-step traffic: this peer estimates each student's influence on its local copy of that student.
         return [teacher_influence(peer, j) for j in sorted(peer.teachers)]
 
+    def _read_shards(self, peer: Peer, j: int, w: WireWeights) -> bool:
+        """Teacher j's version from its publisher's DCP shards (gather_max_mb): a sharded peer's ranks each read
+        their own slices together, any other process reads the whole. False when the folder is gone."""
+        assert self.storage is not None and w.location is not None, "shards are published on Ray only"
+        storage, location = self.storage, w.location
+        if ".metadata" not in storage.files(location):
+            return False
+        peer.set_teacher_from(j, w.version, lambda state: storage.read_sharded(location, state, peer.sharded))
+        self.stats.bytes_pulled += w.shard_bytes // (peer.world_size if peer.sharded else 1)
+        return True
+
+    def _publish_shards(self, peer: Peer, version: int) -> WireWeights:
+        """Every rank writes its own shards of the weights (in the wire dtype) under published/<peer>/v<version>;
+        rank 0's record of them is what the board gets. The folder of the version `versions_kept + 2` periods
+        older is deleted: no consumer can still be told of it."""
+        import torch
+
+        assert self.storage is not None
+        name, dtype = self.cfg.peer_name(self.index), self.cfg.exchange.dtype
+        wire = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
+        peer.check_losses()  # weights trained past a NaN are never published
+        state = {k: v.detach().to(wire) if v.is_floating_point() else v for k, v in peer.module.state_dict().items()}
+        self.storage.write_sharded(published_dir(name, version), {"model": state})
+        old = version - (self.versions_kept(self.cfg.exchange) + 2) * self.period
+        if peer.rank == 0 and old > 0:
+            self.storage.delete_dir(published_dir(name, old))
+        nbytes = peer.state_nbytes(torch.finfo(wire).bits // 8)
+        return WireWeights(version, dtype, {}, frozenset(), published_dir(name, version), nbytes)
+
+    def _shards_published(self, peer: Peer) -> bool:
+        if not peer.sharded or self.storage is None:
+            return False
+        return peer.state_nbytes() > self.cfg.exchange.gather_max_mb * 2**20
+
     def end_step(self, peer: Peer, step: int) -> None:
         version = step + 1
         if not (self.publishes and version % self.period == 0 and version >= self.first_usable):
@@ -126,6 +168,13 @@ class CheckpointExchange(Exchange):
         if peer.rank != 0 and not peer.sharded:
             return
         t0 = time.perf_counter()
+        if self._shards_published(peer):  # large: nothing is gathered (docs/design.md, "Sharded peers")
+            w = self._publish_shards(peer, version)
+            if peer.rank == 0:
+                self.board.publish_weights(self.index, w)
+                self.stats.bytes_published += w.shard_bytes
+            self.stats.exchange_s += time.perf_counter() - t0
+            return
         if peer.sharded:
             weights = peer.weights()  # every rank (it checks the losses first)
         else:

@@ -131,6 +131,8 @@ class WireWeights:
     dtype: str
     arrays: dict[str, np.ndarray]
     float_keys: frozenset[str]
+    location: str | None = None  # instead of arrays: the run-relative folder of the publisher's DCP shards
+    shard_bytes: int = 0  # what that folder holds (the weights in the wire dtype)
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +147,7 @@ class WireWeights:
             "dtype": self.dtype,
             "float_keys": sorted(self.float_keys),
             "arrays": {k: torch.from_numpy(a.copy()) for k, a in self.arrays.items()},
+            **({"location": self.location, "shard_bytes": self.shard_bytes} if self.location else {}),
         }
 
     @classmethod
@@ -154,6 +157,8 @@ class WireWeights:
             str(state["dtype"]),
             {k: t.numpy() for k, t in state["arrays"].items()},
             frozenset(state["float_keys"]),
+            None if state.get("location") is None else str(state["location"]),
+            int(state.get("shard_bytes", 0)),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,17 @@ class LocalTeachers(dict[int, LocalTeacher]):
             model.eval().requires_grad_(False)
             teacher = self[source_index] = LocalTeacher(model, -1)
         self._load(teacher.model, weights)  # copies: the (read-only) arrays are not kept
+        teacher.version = version
+
+    def load_with(self, source_index: int, version: int, fill: Callable[[dict[str, Any]], None]) -> None:
+        """Like `load`, but `fill({"model": state dict})` writes the weights into the teacher's own tensors in place
+        (a sharded teacher's: its own slices), e.g. read from DCP shards."""
+        teacher = self.get(source_index)
+        if teacher is None:
+            model = self._build(source_index)
+            model.eval().requires_grad_(False)
+            teacher = self[source_index] = LocalTeacher(model, -1)
+        fill({"model": teacher.model.state_dict()})
         teacher.version = version
 
     def versions(self) -> dict[int, int]:

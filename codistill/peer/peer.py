@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,6 +339,14 @@ class Peer:
     def set_teacher(self, source_index: int, version: int, weights: Mapping[str, torch.Tensor]) -> None:
         """Load a published checkpoint of peer `source_index` as a frozen local teacher."""
         self.teachers.load(source_index, version, weights)
+
+    def set_teacher_from(self, source_index: int, version: int, fill: Callable[[dict[str, Any]], None]) -> None:
+        """Load a teacher whose weights `fill` writes in place (LocalTeachers.load_with: DCP shards)."""
+        self.teachers.load_with(source_index, version, fill)
+
+    def state_nbytes(self, dtype_bytes: int = 4) -> int:
+        """The whole model's floating-point weights at `dtype_bytes` each (a sharded peer's: all ranks' together)."""
+        return sum(t.numel() * dtype_bytes for t in self.module.state_dict().values() if t.is_floating_point())
 
     def teacher_versions(self) -> dict[int, int]:
         return self.teachers.versions()

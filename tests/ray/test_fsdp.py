@@ -16,6 +16,7 @@ import yaml
 from codistill.api import run_job
 from codistill.config import to_dict
 from codistill.engine import LocalEngine
+from codistill.exchange.checkpoint import published_dir
 from codistill.storage import sharded_checkpoint_dir
 from tests.helpers import ROOT, lm_job
 from tests.ray.test_ray_engine import final_weights
@@ -55,10 +56,13 @@ def test_an_fsdp_peer_trains_as_its_ddp_twin_and_as_one_process(ray_session, tmp
     sets = (TWINS, *ONE_THREAD, *EXCHANGES[exchange], "eval_every=6")
     local = LocalEngine(lm_job(tmp_path, *sets, steps=12))
     local.run(tmp_path / "local")
-    cfg = lm_job(tmp_path, *sets, *ON_RAY, steps=12)
+    # checkpoint mode: the FSDP peer's versions go as DCP shards through the run directory, read by each consumer
+    # (gather_max_mb=0; the gather onto rank 0 is the final weights' path, checked below)
+    shards = ("exchange.gather_max_mb=0",) if exchange == "checkpoint" else ()
+    cfg = lm_job(tmp_path, *sets, *ON_RAY, *shards, steps=12)
     killer = SigKill(ray_session, "peer0", after_round=0 if exchange == "logits" else 99)
     summary = run_job(cfg, tmp_path / "ray", killer)
-    fsdp, ddp, _ = summary["peers"]
+    fsdp, ddp, other = summary["peers"]
     assert (fsdp["workers"], fsdp["strategy"], ddp["workers"], ddp["strategy"]) == (2, "fsdp", 2, "ddp")
     assert [p["steps"] for p in summary["peers"]] == [12, 12, 12]
     if exchange == "logits":
@@ -74,8 +78,13 @@ def test_an_fsdp_peer_trains_as_its_ddp_twin_and_as_one_process(ray_session, tmp
         assert_same_weights(got[i], w, f"peer {i}")
     assert_same_weights(got[0], got[1], "fsdp against ddp")
     # the sharded checkpoint: one file of shards per rank beside the step's file (which holds no weights)
-    shards = tmp_path / "ray" / sharded_checkpoint_dir(fsdp["name"], 12)
-    assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    per_rank = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (tmp_path / "ray" / sharded_checkpoint_dir(fsdp["name"], 12)).iterdir()) == per_rank
+    if exchange == "checkpoint":  # every version written by both ranks; the others read them (bytes_pulled)
+        for version in (4, 8, 12):
+            folder = tmp_path / "ray" / published_dir(fsdp["name"], version)
+            assert sorted(p.name for p in folder.iterdir()) == per_rank, version
+        assert ddp["bytes_pulled"] > 0 and other["bytes_pulled"] > 0 and fsdp["bytes_published"] > 0
 
 
 def test_a_killed_driver_with_an_fsdp_peer_resumes_to_the_uninterrupted_weights(ray_session, tmp_path):
