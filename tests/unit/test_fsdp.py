@@ -31,6 +31,8 @@ def test_bad_layouts_fail_in_one_line_naming_the_field():
         small_job("peers.0.activation_checkpointing=true")
     with pytest.raises(ConfigError, match=r"^peers.0.strategy: got 'zero3'; allowed: 'ddp' | 'fsdp'"):
         small_job("peers.0.strategy=zero3")
+    with pytest.raises(ConfigError, match=r"^exchange.gather_max_mb: got -1.0; allowed: a finite number >= 0"):
+        small_job("exchange.gather_max_mb=-1")
     cfg = small_job(*FSDP, models=("mlp", "cnn"))  # an MLP has no blocks or stages
     with pytest.raises(ConfigError, match=r"^peers.0.strategy: got 'fsdp'; allowed: 'ddp' for model mlp: it has no"):
         check_job(cfg)
