@@ -97,6 +97,7 @@ class LocalEngine:
                     round_losses[i] = [s.loss for s in taken]
                     round_terms[i] = term_means([s.terms for s in taken])
                     self.step_losses[i].extend(round_losses[i])
+                memory_kind, memory = peak_memory(peers[0].device)  # one process: every peer reports its peak
                 reports = [
                     PeerReport(
                         i,
@@ -110,9 +111,8 @@ class LocalEngine:
                         lr[i],
                         batch_size=cfg.data.batch_size,
                         terms=round_terms[i],
-                        # one process for every peer: each reports the process's peak
-                        memory_kind=peak_memory(p.device)[0],
-                        peak_memory=[peak_memory(p.device)[1]],
+                        memory_kind=memory_kind,
+                        peak_memory=[memory],
                     )
                     for i, p in enumerate(peers)
                 ]

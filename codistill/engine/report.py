@@ -52,10 +52,6 @@ class PeerReport:
     memory_kind: str = ""  # "cuda" (peak allocated on the device) or "rss" (peak resident set, CPU)
     peak_memory: list[int] = field(default_factory=list)  # bytes, per rank (codistill.peer.memory)
 
-    @property
-    def peak_memory_mb(self) -> float | None:
-        return max(self.peak_memory) / 2**20 if self.peak_memory else None
-
     def memory_record(self) -> dict[str, Any]:
         """The memory report of this peer (summary.json, round records, MLflow)."""
         if not self.peak_memory:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from codistill.config import ExchangeConfig, RunConfig
 from codistill.exchange.base import Exchange
 from codistill.exchange.board import Board
-from codistill.exchange.wire import WireWeights, decode_weights, encode_weights
+from codistill.exchange.wire import WireWeights, decode_weights, encode_weights, wire_dtype
 from codistill.peer.influence import teacher_influence
 
 if TYPE_CHECKING:
@@ -130,9 +130,10 @@ class CheckpointExchange(Exchange):
         their own slices together, any other process reads the whole. False when the folder is gone."""
         assert self.storage is not None and w.location is not None, "shards are published on Ray only"
         storage, location = self.storage, w.location
-        if ".metadata" not in storage.files(location):
+        try:
+            peer.set_teacher_from(j, w.version, lambda state: storage.read_sharded(location, state, peer.sharded))
+        except FileNotFoundError:
             return False
-        peer.set_teacher_from(j, w.version, lambda state: storage.read_sharded(location, state, peer.sharded))
         self.stats.bytes_pulled += w.shard_bytes // (peer.world_size if peer.sharded else 1)
         return True
 
@@ -144,7 +145,7 @@ class CheckpointExchange(Exchange):
 
         assert self.storage is not None
         name, dtype = self.cfg.peer_name(self.index), self.cfg.exchange.dtype
-        wire = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
+        wire = wire_dtype(dtype)
         peer.check_losses()  # weights trained past a NaN are never published
         state = {k: v.detach().to(wire) if v.is_floating_point() else v for k, v in peer.module.state_dict().items()}
         self.storage.write_sharded(published_dir(name, version), {"model": state})

@@ -25,7 +25,15 @@ __all__ = [
     "encode_tensor",
     "encode_weights",
     "id_dtype",
+    "wire_dtype",
 ]
+
+
+def wire_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of an `exchange.dtype` name (float32, bfloat16, float16)."""
+    import torch
+
+    return getattr(torch, dtype)
 
 
 def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -33,7 +41,7 @@ def encode_tensor(t: torch.Tensor, dtype: str) -> np.ndarray:
     the consumer's feet while the publisher keeps training."""
     import torch
 
-    wire = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype)
+    wire = wire_dtype(dtype)
     t = t.detach()
     if t.device.type != "cpu":  # narrowed where it is, so the device-to-host copy moves the wire's bytes only
         t = t.to(dtype=wire)

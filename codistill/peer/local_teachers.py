@@ -36,24 +36,25 @@ class LocalTeachers(dict[int, LocalTeacher]):
         self._build = build
         self._load = load or (lambda model, weights: model.load_state_dict(dict(weights)))
 
-    def load(self, source_index: int, version: int, weights: Mapping[str, torch.Tensor]) -> None:
-        """Load a published checkpoint of peer `source_index` as a frozen local teacher."""
+    def _teacher(self, source_index: int) -> LocalTeacher:
+        """Peer `source_index`'s frozen copy, built on first use."""
         teacher = self.get(source_index)
         if teacher is None:
             model = self._build(source_index)
             model.eval().requires_grad_(False)
             teacher = self[source_index] = LocalTeacher(model, -1)
+        return teacher
+
+    def load(self, source_index: int, version: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load a published checkpoint of peer `source_index` as a frozen local teacher."""
+        teacher = self._teacher(source_index)
         self._load(teacher.model, weights)  # copies: the (read-only) arrays are not kept
         teacher.version = version
 
     def load_with(self, source_index: int, version: int, fill: Callable[[dict[str, Any]], None]) -> None:
         """Like `load`, but `fill({"model": state dict})` writes the weights into the teacher's own tensors in place
         (a sharded teacher's: its own slices), e.g. read from DCP shards."""
-        teacher = self.get(source_index)
-        if teacher is None:
-            model = self._build(source_index)
-            model.eval().requires_grad_(False)
-            teacher = self[source_index] = LocalTeacher(model, -1)
+        teacher = self._teacher(source_index)
         fill({"model": teacher.model.state_dict()})
         teacher.version = version
 

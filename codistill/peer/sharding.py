@@ -15,14 +15,14 @@ Plain PyTorch, no Ray; every function marked "collective" must be called by ever
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
 from codistill.models.units import shard_units
 
-__all__ = ["full_state_dict", "is_sharded", "load_full_state_dict", "shard_model"]
+__all__ = ["full_state_dict", "load_full_state_dict", "shard_model"]
 
 
 def _mesh(device: torch.device):
@@ -87,31 +87,16 @@ def _return_freed_host_memory() -> None:
         pass
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's full weights on the CPU (collective; one parameter gathered at a time, copied to the CPU, freed).
+    keep: whether this rank keeps them (a rank that does not still takes part in every gather)."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def full_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) one entry at a time (collective): at most one gathered parameter at once on the device."""
-    for name, t in state.items():
-        yield name, _full(t.detach())
-
-
-def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The model's full weights on the CPU (collective; each parameter gathered, copied to the CPU, freed).
-    keep: whether this rank keeps them (a rank that does not still takes part in every gather)."""
     out = {}
-    for name, t in full_tensors(model.state_dict()):
+    for name, t in model.state_dict().items():
+        full = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
         if keep:
-            out[name] = t.to("cpu", copy=True)
+            out[name] = full.to("cpu", copy=True)
     return out
 
 
