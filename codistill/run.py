@@ -110,9 +110,16 @@ def _memory(peer: dict) -> str:
 
 def format_table(summary: dict) -> str:
     """Per-peer results and the ensemble (mean of the peers' probabilities). Losses are nats per example, or
-    per token for language models (whose accuracy is next-token accuracy)."""
-    rows = [("peer", "model", "workers", "test acc", "test loss", "ppl", "steps", "samples/s", "peak MiB", "restarts")]
-    for p in summary["peers"]:
+    per token for language models (whose accuracy is next-token accuracy). Training accuracy (data.train_eval)
+    is on the labels trained on and, with data.label_noise, on the clean labels."""
+    peers = summary["peers"]
+    train = [("train acc", "train_accuracy"), ("train acc (clean)", "train_accuracy_clean")]
+    train = [(label, key) for label, key in train if any(p.get(key) is not None for p in peers)]
+    if summary.get("task") != "classification":
+        train = []  # next-token accuracy on training windows says little beside the validation loss
+    header = ("peer", "model", "workers", "test acc", "test loss", "ppl", *(label for label, _ in train))
+    rows = [(*header, "steps", "samples/s", "peak MiB", "restarts")]
+    for p in peers:
         rows.append(
             (
                 p["name"],
@@ -121,6 +128,7 @@ def format_table(summary: dict) -> str:
                 f"{p['test_accuracy']:.4f}",
                 f"{p['test_loss']:.4f}",
                 f"{p.get('perplexity', math.exp(min(p['test_loss'], 700))):.2f}",
+                *(_number(p.get(key)) for _, key in train),
                 str(p["steps"]),
                 f"{p.get('samples_per_s', 0.0):,.0f}",
                 _memory(p),
@@ -131,7 +139,7 @@ def format_table(summary: dict) -> str:
     ens_acc = "" if ens.get("test_accuracy") is None else f"{ens['test_accuracy']:.4f}"
     ens_loss = "" if ens.get("test_loss") is None else f"{ens['test_loss']:.4f}"
     ens_ppl = "" if ens.get("test_loss") is None else f"{math.exp(min(ens['test_loss'], 700)):.2f}"
-    ensemble = [("ensemble", "mean probs", "", ens_acc, ens_loss, ens_ppl, "", "", "", "")]
+    ensemble = [("ensemble", "mean probs", "", ens_acc, ens_loss, ens_ppl, *("" for _ in train), "", "", "", "")]
     out = [text_table(rows[0], rows[1:], ensemble)]
     names = list(dict.fromkeys(k for p in summary["peers"] for k in p.get("terms", {})))
     if names:  # the last round's mean of each loss term (before its weight) and of the influence weights

@@ -31,8 +31,24 @@ class DataConfig(_Section):
     augment: bool | None = None
     """Training augmentation; None = the dataset's default (random crop + flip for CIFAR)."""
     limit_train: int | None = None
-    """Use only the first N training examples (quick experiments)."""
+    """Use only N training examples (quick experiments, small-data regimes): the first N, or with
+    `limit_balanced` a class-balanced draw."""
     limit_test: int | None = None
+    limit_balanced: bool = False
+    """classification: `limit_train` examples drawn at random with the classes as equal as N allows (N // K of
+    each of the K classes, one more for the first N % K classes), from `subset_seed`."""
+    subset_seed: int = 0
+    """The draw of the balanced subset: the same for every arm and run seed unless set."""
+    label_noise: float = 0.0
+    """classification: symmetric label noise. This fraction of the training labels (after the subset) is moved to
+    a uniformly drawn *other* class, drawn from `noise_seed`; test labels are never touched. The summary's `data`
+    says which rows were flipped; training accuracy is scored on the given and on the clean labels."""
+    noise_seed: int = 0
+    """The draw of the flipped rows and their new labels: the same for every arm and run seed unless set."""
+    train_eval: int = 512
+    """Training examples (evenly spaced over a peer's shard, no augmentation) each evaluation also scores: the
+    training loss and accuracy on the labels trained on and, with `label_noise`, on the clean labels (0: none;
+    data held in memory only)."""
     num_classes: int | None = None
     """parquet: the number of classes when the file does not declare them (Hugging Face ClassLabel);
     labels must lie in [0, num_classes). None = declared, or inferred from dense labels."""
@@ -96,6 +112,28 @@ class DataConfig(_Section):
         for key in ("limit_train", "limit_test"):
             v = getattr(self, key)
             self._check(v is None or v >= 1, key, v, "null or an integer >= 1")
+        self._check(
+            not self.limit_balanced or self.limit_train is not None,
+            "limit_balanced",
+            self.limit_balanced,
+            "false unless data.limit_train sets the subset's size",
+        )
+        self._check(
+            _finite(self.label_noise) and 0 <= self.label_noise < 1,
+            "label_noise",
+            self.label_noise,
+            "a fraction in [0, 1)",
+        )
+        for key in ("subset_seed", "noise_seed"):
+            v = getattr(self, key)
+            self._check(0 <= v < 2**63, key, v, "an integer in [0, 2**63)")
+        self._check(self.train_eval >= 0, "train_eval", self.train_eval, "an integer >= 0 (0: no training scores)")
+        self._check(
+            self.loader == "auto" or (not self.limit_balanced and self.label_noise == 0),
+            "limit_balanced" if self.limit_balanced else "label_noise",
+            self.limit_balanced if self.limit_balanced else self.label_noise,
+            "false / 0 with data.loader ray_data (it streams the sources as they are)",
+        )
         self._check(
             len(self.synthetic_shape) == 3 and all(d >= 1 for d in self.synthetic_shape),
             "synthetic_shape",

@@ -17,6 +17,7 @@ from codistill.data import prepared, streamed, text, vision
 from codistill.data.dataset import Dataset, channel_stats, mix_seed
 from codistill.data.order import random_crop_flip
 from codistill.data.shards import PreparedFolder
+from codistill.data.subsets import apply_training_options
 from codistill.data.tokenizers import TOKENIZERS
 from codistill.errors import ConfigError
 from codistill.registry import Registry
@@ -71,4 +72,4 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         loader: Callable[[DataConfig], Dataset] = streamed.streamed_images
     else:
         loader = prepared.prepared if holds_manifest else DATASETS.get_entry(cfg.name, "data.name")
-    return loader(cfg).limited(cfg.limit_train, cfg.limit_test)
+    return apply_training_options(loader(cfg), cfg)

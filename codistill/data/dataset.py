@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +53,7 @@ class Dataset:
     augment: bool = False  # default training augmentation (random crop 4 + flip)
     task: str = "classification"
     meta: dict = field(default_factory=dict)  # plain values only (it travels with the arrays)
+    train_y_clean: Rows | None = None  # data.label_noise: the labels before the noise (train_y holds the noisy ones)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -85,19 +86,14 @@ class Dataset:
         """The first `limit_train` training and `limit_test` test examples (None = all)."""
         if limit_train is None and limit_test is None:
             return self
-        return Dataset(
-            self.name,
-            _head(self.train_x, limit_train),
-            _head(self.train_y, limit_train),
-            _head(self.test_x, limit_test),
-            _head(self.test_y, limit_test),
-            self.num_classes,
-            self.mean,
-            self.std,
-            self.scale,
-            self.augment,
-            self.task,
-            self.meta,
+        clean = self.train_y_clean
+        return replace(
+            self,
+            train_x=_head(self.train_x, limit_train),
+            train_y=_head(self.train_y, limit_train),
+            test_x=_head(self.test_x, limit_test),
+            test_y=_head(self.test_y, limit_test),
+            train_y_clean=None if clean is None else _head(clean, limit_train),
         )
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,17 @@ def _batch_rows(pf: Any, budget: DecodeBudget) -> int:
 
 
 def read_image_parquet(
-    path: str, field: str, limit: int | None, budget: DecodeBudget | None = None
+    path: str,
+    field: str,
+    limit: int | None,
+    budget: DecodeBudget | None = None,
+    choose: Callable[[np.ndarray, int | None], np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, int | None]:
     """(images uint8 (N, C, H, W), labels int64 (N,), declared class count or None) of the first
-    `limit` rows (all when None). Each image's declared size is checked before it is decoded, and the
-    whole array is taken from `budget` before it is allocated. Raises ConfigError naming `field` for
-    anything a user can fix."""
+    `limit` rows (all when None), or of the sorted rows `choose(all labels, declared class count)` picks
+    (a balanced subset: only those images are decoded). Each image's declared size is checked before it is
+    decoded, and the whole array is taken from `budget` before it is allocated. Raises ConfigError naming
+    `field` for anything a user can fix."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -127,29 +133,46 @@ def read_image_parquet(
         raise ConfigError(
             field, message=f"{p} has columns {names}; the Hugging Face image layout needs image and label"
         )
+    declared = declared_classes(pf.schema_arrow.metadata)
+    chosen: np.ndarray | None = None
+    if choose is not None:
+        try:
+            every_label = pf.read(columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConfigError(field, message=f"{p} could not be read ({e})") from None
+        chosen = choose(every_label.astype(np.int64), declared)
     rows = pf.metadata.num_rows if limit is None else min(limit, pf.metadata.num_rows)
+    rows = rows if chosen is None else len(chosen)
     labels: list[np.ndarray] = []
     out: np.ndarray | None = None
-    i = 0
+    i = offset = 0  # rows kept, rows of the file passed
     with _progress(rows, f"decoding {p.name}") as bar:
         try:
             batches = pf.iter_batches(batch_size=_batch_rows(pf, budget), columns=["image", "label"])
             for batch in batches:
-                take = min(len(batch), rows - i)
-                labels.append(batch.column("label").to_numpy(zero_copy_only=False)[:take].astype(np.int64))
-                for data in batch.column("image").field("bytes").to_pylist()[:take]:  # this batch's only
-                    img = _open(data, p, i, field)
+                if chosen is None:
+                    keep = np.arange(min(len(batch), rows - i))
+                else:  # the chosen rows inside this batch
+                    keep = chosen[(chosen >= offset) & (chosen < offset + len(batch))] - offset
+                start, offset = offset, offset + len(batch)
+                labels.append(batch.column("label").to_numpy(zero_copy_only=False)[keep].astype(np.int64))
+                images = batch.column("image").field("bytes")
+                for k in keep:  # this batch's only
+                    row = start + int(k)  # in the file (what an error names)
+                    img = _open(images[int(k)].as_py(), p, row, field)
                     shape, nbytes = _declared(img)
                     if out is None:
                         budget.take(rows * nbytes, field, f"{p}: {rows:,} rows of {_dims(shape)} images")
                         out = np.empty((rows, *shape), dtype=np.uint8)
                     if shape != out.shape[1:]:
                         first = out.shape[1:]
-                        raise ConfigError(field, message=f"{p}: the image at row {i} is {shape}, the first is {first}")
+                        raise ConfigError(
+                            field, message=f"{p}: the image at row {row} is {shape}, the first is {first}"
+                        )
                     try:
                         out[i] = np.asarray(img)
                     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt pixel data
-                        raise ConfigError(field, message=f"{p}: the image at row {i} does not decode ({e})") from None
+                        raise ConfigError(field, message=f"{p}: the image at row {row} does not decode ({e})") from None
                     i += 1
                     bar.update(1)
                 if i >= rows:
@@ -160,7 +183,7 @@ def read_image_parquet(
         raise ConfigError(field, message=f"{p} has no rows")
     x = torch.from_numpy(out)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W[, C]) -> (N, C, H, W)
-    return x.contiguous(), np.concatenate(labels), declared_classes(pf.schema_arrow.metadata)
+    return x.contiguous(), np.concatenate(labels), declared
 
 
 def _open(data: bytes | None, p: Path, row: int, field: str) -> Any:

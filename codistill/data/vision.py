@@ -17,6 +17,7 @@ from codistill.data.budget import DecodeBudget
 from codistill.data.cifar import read_cifar_batches
 from codistill.data.dataset import Dataset, channel_stats
 from codistill.data.parquet_images import check_labels, infer_classes, read_image_parquet
+from codistill.data.subsets import balanced_rows, subset_meta
 from codistill.errors import ConfigError
 
 __all__ = ["digits", "parquet", "synthetic", "torchvision_cifar", "torchvision_mnist_like"]
@@ -118,10 +119,20 @@ def parquet(cfg: DataConfig) -> Dataset:
     """Images in Parquet (Hugging Face layout), checked as they are read (codistill.data.parquet_images)."""
     splits = {}
     budget = DecodeBudget(cfg.max_decoded_bytes)  # both splits together
+    drawn: list[np.ndarray] = []  # data.limit_balanced: the training rows drawn (only they are decoded)
+
+    def balanced(labels: np.ndarray, declared: int | None) -> np.ndarray:
+        assert cfg.limit_train is not None  # DataConfig checks it
+        k = declared or cfg.num_classes or infer_classes(labels, "data.train", str(cfg.train))
+        check_labels(labels, k, "data.train", str(cfg.train))
+        drawn.append(balanced_rows(labels, cfg.limit_train, k, cfg.subset_seed, f" from {cfg.train}"))
+        return drawn[-1]
+
     for split, path, limit in (("train", cfg.train, cfg.limit_train), ("test", cfg.test, cfg.limit_test)):
         if path is None:
             raise ConfigError(f"data.{split}", None, "the path of a Parquet file when data.name is parquet")
-        splits[split] = read_image_parquet(str(path), f"data.{split}", limit, budget)
+        choose = balanced if split == "train" and cfg.limit_balanced else None
+        splits[split] = read_image_parquet(str(path), f"data.{split}", limit, budget, choose)
     (xtr, ytr, declared_tr), (xte, yte, declared_te) = splits["train"], splits["test"]
     if xtr.shape[1:] != xte.shape[1:]:
         raise ConfigError("data.test", message=f"test images are {tuple(xte.shape[1:])}, train {tuple(xtr.shape[1:])}")
@@ -133,6 +144,7 @@ def parquet(cfg: DataConfig) -> Dataset:
     mean, std = channel_stats(xtr[:10000], 1 / 255)
     augment = xtr.shape[1] == 3  # colour images: CIFAR-style crop + flip; digits/clothes: none
     name = Path(str(cfg.train)).parent.name or "parquet"
+    meta = {"subset": subset_meta(drawn[0], ytr, num_classes, cfg.subset_seed)} if drawn else {}
     return Dataset(
-        name, xtr, torch.from_numpy(ytr), xte, torch.from_numpy(yte), num_classes, mean, std, augment=augment
+        name, xtr, torch.from_numpy(ytr), xte, torch.from_numpy(yte), num_classes, mean, std, augment=augment, meta=meta
     )

@@ -50,6 +50,7 @@ def group_exchange_stats(ranks: list[dict]) -> ExchangeStats:
     total.exchange_s /= len(ranks)
     total.teacher_forward_s /= len(ranks)
     total.teacher_updates //= len(ranks)  # every rank loads the same versions
+    total.teacher_forwards //= len(ranks)  # each rank runs the teachers on its part: one forward of the peer's batch
     return total
 
 

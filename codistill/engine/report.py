@@ -191,6 +191,7 @@ def round_record(h: RoundResult) -> dict[str, Any]:
             "test_loss": p.eval.loss,
             "perplexity": p.eval.perplexity,
             "train_loss": p.train_loss,
+            **p.eval.train,  # train_set_loss, train_accuracy (and train_accuracy_clean): data.train_eval
             "steps_per_s": p.steps_per_s,
             "samples_per_s": p.samples_per_s,
             "lr": p.lr,
@@ -231,7 +232,9 @@ def build_summary(
             "test_accuracy": r.eval.accuracy,
             "test_loss": r.eval.loss,
             "perplexity": r.eval.perplexity,
+            **r.eval.train,
             "steps": r.step,
+            "teacher_forwards": r.exchange.teacher_forwards,
             "steps_per_s": r.steps_per_s,
             "samples_per_s": r.samples_per_s,
             "restarts": r.restarts,

@@ -119,6 +119,7 @@ class CheckpointExchange(Exchange):
         t0 = time.perf_counter()
         signals = peer.local_teacher_signals()  # their taps too: the local copies produce them for free
         self.stats.teacher_forward_s += time.perf_counter() - t0
+        self.stats.teacher_forwards += len(signals)
         return signals
 
     def teacher_side_weights(self, peer: Peer, step: int) -> list[torch.Tensor]:

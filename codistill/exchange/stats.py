@@ -19,6 +19,7 @@ class ExchangeStats:
     exchange_s: float = 0.0  # wall time in publish + pull + wait
     teacher_forward_s: float = 0.0  # checkpoint mode: running the local teachers (compute, not exchange)
     teacher_updates: int = 0
+    teacher_forwards: int = 0  # checkpoint mode: batches run through a local teacher (one per teacher and step)
 
     def see_staleness(self, staleness: int) -> None:
         """`staleness` = student step - the teacher step that produced the signal. A free-running
@@ -38,6 +39,7 @@ class ExchangeStats:
             "exchange_s",
             "teacher_forward_s",
             "teacher_updates",
+            "teacher_forwards",
         ):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.staleness_max = max(self.staleness_max, other.staleness_max)
@@ -59,6 +61,7 @@ class ExchangeStats:
             "exchange_s": self.exchange_s,
             "teacher_forward_s": self.teacher_forward_s,
             "teacher_updates": self.teacher_updates,
+            "teacher_forwards": self.teacher_forwards,
         }
 
     def state_dict(self) -> dict[str, float | int]:

@@ -114,6 +114,9 @@ class PeerData:
                 decoder=decoder,
             )
         )
+        # data.train_eval: fixed, evenly spaced positions of this shard scored at every evaluation (in memory only)
+        count = min(cfg.train_eval, len(self.sample_ids)) if self.streamed is None and not self.lazy else 0
+        self.train_eval_positions = torch.linspace(0, len(self.sample_ids) - 1, count).round().long().unique()
 
     @property
     def steps_per_epoch(self) -> int:
@@ -196,6 +199,16 @@ class PeerData:
             self, self.ds.train_x[rows].to(self.device), self.ds.train_y[rows].to(self.device), None
         )
         return x, y
+
+    def train_eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(inputs, targets as trained on, clean targets or None) of the training rows `data.train_eval` scores,
+        without augmentation; clean targets when the labels were made noisy (data.label_noise)."""
+        clean = self.ds.train_y_clean
+        for i in range(0, len(self.train_eval_positions), self.eval_batch_size):
+            pos = self.train_eval_positions[i : i + self.eval_batch_size]
+            x, y = self.task.prepare(self, self.train_x[pos.to(self.device)], self.train_y[pos.to(self.device)], None)
+            ids = self.sample_ids[pos]  # in-memory data: a tensor of ids
+            yield x, y, None if clean is None else clean[ids].to(self.device)
 
     @property
     def num_test_positions(self) -> int:

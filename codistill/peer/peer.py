@@ -367,9 +367,10 @@ class Peer:
         self.check_losses()
         self.module.eval()
         with torch.no_grad(), self._autocast():
-            return self.task.evaluate(
-                lambda x: self.module(self._input(x)), self.data.test_batches(), self.data.num_test_positions, self.step
-            )
+            forward = lambda x: self.module(self._input(x))
+            result = self.task.evaluate(forward, self.data.test_batches(), self.data.num_test_positions, self.step)
+            result.train = self.task.score_training(forward, self.data.train_eval_batches())
+        return result
 
     def training_state(self) -> dict[str, Any]:
         """Everything needed to resume this peer exactly (loadable with torch.load(weights_only=True)). A sharded

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -51,6 +51,9 @@ class EvalResult:
     subset_log_probs: np.ndarray  # (M, V) float32 on the fixed subset (kl_subset_size)
     topk_ids: np.ndarray | None = None  # (count, k) int32: small label sets only (ensemble accuracy)
     topk_probs: np.ndarray | None = None  # (count, k) float32
+    train: dict[str, float] = field(default_factory=dict)
+    """Scores on the training rows data.train_eval picks (Task.score_training): train_set_loss, train_accuracy
+    and, with noisy labels, train_accuracy_clean; empty when none are scored."""
 
     @property
     def perplexity(self) -> float:
@@ -156,6 +159,32 @@ class Task:
             cat(topk_ids) if topk_ids else None,
             cat(topk_probs) if topk_probs else None,
         )
+
+    @staticmethod
+    def score_training(
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    ) -> dict[str, float]:
+        """Loss and top-1 accuracy on training rows against the targets trained on and, where the batches carry
+        them (data.label_noise), accuracy against the clean labels: a model that memorised the noise scores high
+        on the first and low on the second. {} when there are no rows."""
+        loss_sum, correct, correct_clean, count, has_clean = 0.0, 0, 0, 0, False
+        for x, y, clean in batches:
+            logits = forward(x).float()
+            flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)  # (N, V), (N,)
+            keep = flat_y != IGNORE_INDEX
+            log_probs, flat_y = F.log_softmax(flat_logits[keep], dim=-1), flat_y[keep]
+            pred = log_probs.argmax(-1)
+            loss_sum += -log_probs.gather(1, flat_y[:, None]).sum().item()
+            correct += int((pred == flat_y).sum().item())
+            count += len(flat_y)
+            if clean is not None:
+                has_clean = True
+                correct_clean += int((pred == clean.reshape(-1)[keep]).sum().item())
+        if count == 0:
+            return {}
+        out = {"train_set_loss": loss_sum / count, "train_accuracy": correct / count}
+        return {**out, "train_accuracy_clean": correct_clean / count} if has_clean else out
 
     def headline(self, metrics: dict[str, Any]) -> str:
         """The round's progress line: what matters most for this task."""

@@ -17,25 +17,39 @@ def test_experiment_runs_a_seeded_grid_reports_it_and_resumes(ray_session, tmp_p
     # each trial's peers train in its own process (engine: local): Tune, MLflow and the report are what is
     # tested here, and a trial then takes seconds rather than the ~18 s of starting its own actors on 2 cores
     sets = ["steps=30", "eval_every=15", f"tracking.uri={uri}", "resources.num_cpus=0.45", "engine=local"]
-    argv = ["--config", "quickstart", "--vary", "loss.alpha=0,0.5", "--seeds", "2"]
+    argv = ["--config", "quickstart", "--vary", "loss.alpha=0,0.5", "--seeds", "2", "--baseline", "longer"]
+    argv += ["--baseline", "ensemble"]
     argv += ["--name", "exp", "--storage", str(tmp_path / "exp"), *(a for s in sets for a in ("--set", s))]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "4 runs" in out and "ensemble accuracy" in out and "Δ vs baseline" in out
+    # the ensemble baseline is the alpha=0 arm's job: 3 distinct arms x 2 seeds run
+    assert "4 arms x 2 seeds, 6 runs" in out and "ensemble accuracy" in out and "Δ vs baseline" in out
     folder = tmp_path / "exp" / "exp"
     report = json.loads((folder / "report.json").read_text())
-    assert [a["label"] for a in report["arms"]] == ["alpha=0", "alpha=0.5"] and report["seeds"] == [0, 1]
+    assert [a["label"] for a in report["arms"]] == ["alpha=0", "alpha=0.5", "longer_x2", "ensemble"]
+    assert report["seeds"] == [0, 1]
     assert not report["missing"] and all(a["seeds"] == [0, 1] for a in report["arms"])
     assert (folder / "report.md").read_text().startswith("# Experiment: quickstart")
     assert (folder / "report.png").stat().st_size > 10_000
 
     # every number in the report is a trial's own result: each trial's run wrote its job and summary
-    runs = {}
+    by_job: dict[tuple, dict] = {}
     for summary_path in folder.glob("*/run/summary.json"):
         job = yaml.safe_load((summary_path.parent / "job.yaml").read_text())
-        runs[(job["loss"]["alpha"], job["seed"])] = json.loads(summary_path.read_text())
-    assert sorted(runs) == [(0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1)]
-    base, arm = report["arms"]
+        by_job[(job["loss"]["alpha"], job["seed"], job["steps"])] = json.loads(summary_path.read_text())
+    longer = {seed: by_job.pop((0.0, seed, 60)) for seed in (0, 1)}  # each peer alone for twice the steps
+    assert sorted(by_job) == [(0.0, 0, 30), (0.0, 1, 30), (0.5, 0, 30), (0.5, 1, 30)]
+    runs = {key[:2]: s for key, s in by_job.items()}
+    base, arm, longer_arm, ensemble = report["arms"]
+    # a baseline's compute is what its runs did: steps counted by the peers, not the plan's arithmetic
+    assert [p["steps"] for p in longer[0]["peers"]] == [60, 60]
+    assert longer_arm["compute"]["peer_steps"] == sum(p["steps"] for p in longer[0]["peers"]) == 120
+    assert base["compute"]["peer_steps"] == sum(p["steps"] for p in runs[(0.0, 0)]["peers"]) == 60
+    assert ensemble["compute"] == {**base["compute"], "inference_models": 2}
+    assert ensemble["metrics"]["served accuracy"]["per_seed"]["1"] == runs[(0.0, 1)]["ensemble"]["test_accuracy"]
+    assert longer_arm["metrics"]["mean peer accuracy"]["per_seed"]["0"] == longer[0]["mean_peer_test_accuracy"]
+    curve = longer_arm["curve"]["points"]
+    assert [p["step"] for p in curve] == [15, 30, 45, 60] and curve[-1]["n"] == 2
     for alpha, entry in ((0.0, base), (0.5, arm)):
         for seed in (0, 1):
             s = runs[(alpha, seed)]
@@ -65,7 +79,7 @@ def test_experiment_runs_a_seeded_grid_reports_it_and_resumes(ray_session, tmp_p
     assert main([*argv, "--resume"]) == 0
     again = json.loads((folder / "report.json").read_text())
     assert again["arms"] == report["arms"]
-    assert len(list(folder.glob("*/run/summary.json"))) == 4
+    assert len(list(folder.glob("*/run/summary.json"))) == 6
     # ... and logs nothing again: every metric of the sweep's run (the best trial's, the report's) and of the
     # trials' runs holds one value per step
     for run in client.search_runs([experiment.experiment_id]):

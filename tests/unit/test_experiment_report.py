@@ -182,3 +182,100 @@ def test_every_package_is_in_the_distribution():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "codistill").rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+def test_compute_matched_baselines_train_longer_alone_or_serve_the_ensemble():
+    from codistill.sweeps.experiment.cli import shared_runs
+
+    plan = make_plan(QUICKSTART, [], ["dml:", "independent: loss.alpha=0"], 2, baselines=["longer", "ensemble"])
+    assert [(a.label, a.kind) for a in plan.arms] == [
+        ("dml", "arm"),
+        ("independent", "arm"),
+        ("longer_x2", "longer"),
+        ("ensemble", "ensemble"),
+    ]
+    assert plan.arms[2].overrides == ("loss.alpha=0", f"steps={2 * QUICKSTART['steps']}")
+    # the ensemble baseline is the independent arm's job: it is scored from those runs, not run twice
+    assert shared_runs(plan) == {
+        "dml": "dml",
+        "independent": "independent",
+        "longer_x2": "longer_x2",
+        "ensemble": "independent",
+    }
+    by_epochs = {**{k: v for k, v in QUICKSTART.items() if k != "steps"}, "epochs": 1.5}
+    assert make_plan(by_epochs, [], ["dml:"], 1, baselines=["longer"]).arms[1].overrides == ("loss.alpha=0", "epochs=3")
+    with pytest.raises(ValueError, match="--baseline: got"):
+        make_plan(QUICKSTART, [], [], 1, baselines=["longer"])
+    with pytest.raises(ValueError, match="each baseline once"):
+        make_plan(QUICKSTART, [], ["dml:"], 1, baselines=["longer", "longer"])
+
+
+def _summary(accuracies: dict[str, list[float]], steps: int, teacher_forwards: int = 0) -> dict:
+    """A run's summary.json as records.enrich_final reads it: a round every 10 steps."""
+    rounds = len(next(iter(accuracies.values())))
+    return {
+        "task": "classification",
+        "peers": [
+            {"name": n, "steps": steps, "teacher_forwards": teacher_forwards, "train_accuracy": 1.0} for n in accuracies
+        ],
+        "rounds": [
+            {
+                "step": 10 * (r + 1),
+                "mean_peer_accuracy": sum(a[r] for a in accuracies.values()) / len(accuracies),
+                "ensemble_accuracy": max(a[r] for a in accuracies.values()),
+                "peers": {n: {"test_accuracy": a[r], "test_loss": 1 - a[r]} for n, a in accuracies.items()},
+            }
+            for r in range(rounds)
+        ],
+    }
+
+
+def test_the_report_gives_best_and_final_the_compute_of_every_arm_and_what_is_served(tmp_path):
+    from codistill.sweeps.experiment.records import enrich_final
+
+    plan = make_plan(QUICKSTART, [], ["ckpt: exchange.mode=checkpoint"], 2, baselines=["longer", "ensemble"])
+    curves = {  # arm -> peer accuracies per round: the checkpoint arm peaks at step 20 and then memorises
+        "ckpt": ({"a": [0.5, 0.8, 0.7], "b": [0.6, 0.7, 0.75]}, 30, 40),
+        "longer_x2": ({"a": [0.5, 0.6, 0.7, 0.8, 0.8, 0.8], "b": [0.5, 0.6, 0.7, 0.7, 0.7, 0.9]}, 60, 0),
+        "ensemble": ({"a": [0.5, 0.6, 0.7], "b": [0.6, 0.6, 0.6]}, 30, 0),
+    }
+    trials = []
+    for arm, (accs, steps, forwards) in curves.items():
+        for seed in (0, 1):
+            s = _summary({n: [v + 0.01 * seed for v in a] for n, a in accs.items()}, steps, forwards)
+            last = s["rounds"][-1]
+            final = {
+                "peer_accuracy": {n: p["test_accuracy"] for n, p in last["peers"].items()},
+                "mean_peer_accuracy": last["mean_peer_accuracy"],
+                "ensemble_accuracy": last["ensemble_accuracy"],
+                "churn": 0.1,
+                "mean_pairwise_kl": 0.1,
+            }
+            trials.append({"arm": arm, "seed": seed, "final": enrich_final(final, s)})
+    report = build_report(plan, trials, "quickstart", "cmd")
+    assert "mean peer best accuracy" in report["metrics"] and "served accuracy" in report["metrics"]
+    ckpt, longer, ensemble = report["arms"]
+    assert ckpt["metrics"]["a best accuracy"]["per_seed"] == {0: 0.8, 1: 0.81}  # step 20's, not the final 0.7
+    assert ckpt["metrics"]["a accuracy"]["per_seed"][0] == 0.7
+    assert ckpt["metrics"]["best step"]["per_seed"][0] == (20 + 30) / 2
+    assert ckpt["compute"] == {
+        "num_peers": 2,
+        "steps_per_peer": 30,
+        "peer_steps": 60,
+        "teacher_forwards": 80,
+        "train_forwards": 140,
+        "inference_models": 1,
+    }
+    assert longer["compute"]["peer_steps"] == 120 and longer["compute"]["train_forwards"] == 120
+    assert ensemble["compute"]["inference_models"] == 2
+    # what a deployment scores: one peer (the mean) for an arm, the ensemble for the ensemble baseline
+    assert ckpt["metrics"]["served accuracy"]["per_seed"][0] == pytest.approx(0.725)
+    assert ensemble["metrics"]["served accuracy"]["per_seed"][0] == pytest.approx(0.7)
+    assert [p["step"] for p in longer["curve"]["points"]] == [10, 20, 30, 40, 50, 60]
+    assert ensemble["curve"]["points"][-1]["mean"] == pytest.approx(0.705)  # the ensemble arm's curve: its ensemble
+    assert ckpt["metrics"]["train accuracy"]["per_seed"][0] == 1.0
+    md = to_markdown(report, "report.png")
+    assert "| longer_x2 | 60 | 120 | 0 | 120 | 1 |" in md and "| ensemble | 30 | 60 | 0 | 60 | 2 |" in md
+    assert "models served" in format_table(report)
+    json.dumps(report)
+    assert plot_report(report, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 10_000

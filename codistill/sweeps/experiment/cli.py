@@ -4,12 +4,15 @@
     python -m codistill.experiment --config fmnist --seeds 3 \\
         --arm "independent: loss.alpha=0" --arm "dml_T3: loss.temperature=3" \\
         --arm "checkpoint_50: exchange.mode=checkpoint exchange.period=50 loss.burn_in=200"
+    python -m codistill.experiment ... --baseline longer --baseline ensemble   # compute-matched baselines
     python -m codistill.experiment ... --name <experiment> --resume     # finish an interrupted experiment
 
 Every (arm, seed) pair is one Ray Tune trial (codistill.tune): a whole run whose peers are reserved in the
 trial's placement group, as many at once as the cluster holds, each an MLflow run under the experiment's
 sweep run. `--vary` fields cross (a grid), `--arm` names a set of overrides; the first arm is the
-baseline. The end prints, per metric and arm, the mean, standard deviation and 95% interval over seeds,
+baseline; `--baseline longer|ensemble` adds compute-matched arms (codistill.sweeps.experiment.plan). Arms
+that come to the same job (an `ensemble` baseline and an `alpha=0` arm) share their runs. The end prints, per
+metric and arm, the mean, standard deviation and 95% interval over seeds,
 and the difference against the baseline paired by seed, and writes report.md, report.json and report.png
 beside the trials (also logged to the sweep's MLflow run).
 """
@@ -24,13 +27,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from codistill.config import RunConfig, build, job_path, read_yaml
+from codistill.config import RunConfig, build, job_path, read_yaml, to_dict
 from codistill.config.overrides import apply, parse_set
 from codistill.config.schema import NAME_RULE, is_safe_name
 from codistill.errors import CodistillError, ConfigError, ResourcesError
 from codistill.locations import new_run_id, resolve_tracking_uri, storage_root
-from codistill.sweeps.experiment.plan import ExperimentPlan, make_plan
+from codistill.sweeps.experiment.plan import BASELINES, ExperimentPlan, make_plan
 from codistill.sweeps.experiment.plot import plot_report
+from codistill.sweeps.experiment.records import enrich_final
 from codistill.sweeps.experiment.report import build_report, format_table, to_markdown
 from codistill.trust import add_trust_flag, allow_remote_code
 
@@ -60,6 +64,24 @@ def fit_to_cluster(raw: dict, cluster_cpus: float, trial_cpus: float) -> tuple[d
         f"(torch threads stay {threads})"
     )
     return fitted, note
+
+
+def shared_runs(plan: ExperimentPlan) -> dict[str, str]:
+    """Each arm's label -> the first arm whose job is the same (itself when none before it is): those share runs."""
+    first: dict[str, str] = {}
+    out = {}
+    for arm in plan.arms:
+        job = json.dumps(to_dict(build(apply(plan.base_raw, parse_set(arm.overrides)))), sort_keys=True, default=str)
+        out[arm.label] = first.setdefault(job, arm.label)
+    return out
+
+
+def _with_summary(final: dict, trial_path: str | None) -> dict:
+    """The trial's final metrics with what its run's summary.json adds (records.enrich_final), when it is there."""
+    summary_file = Path(trial_path or "", "run", "summary.json")
+    if not trial_path or not summary_file.is_file():
+        return final
+    return enrich_final(final, json.loads(summary_file.read_text()))
 
 
 def _sweep_metric(cfg: RunConfig) -> tuple[str, str]:
@@ -104,18 +126,24 @@ def run_experiment(
         name=name,
         storage_path=str(root),
     )
-    search = {ARM_KEY: {"grid": [a.label for a in plan.arms]}, "seed": {"grid": list(plan.seeds)}}
+    runs_of = shared_runs(plan)
+    run_arms = [a.label for a in plan.arms if runs_of[a.label] == a.label]
+    for label, source in runs_of.items():
+        if label != source:
+            print(f"note: arm {label!r} is the same job as {source!r}: it is scored from that arm's runs", flush=True)
+    search = {ARM_KEY: {"grid": run_arms}, "seed": {"grid": list(plan.seeds)}}
     out = run_sweep(base_raw, search, settings, resume=resume, arms=plan.arm_overrides())
-    trials = [
+    ran = [
         {
             "arm": r["params"].get(ARM_KEY),
             "seed": r["params"].get("seed"),
             "trial": r["trial"],
-            "final": r["final"] if r["complete"] else None,
+            "final": _with_summary(r["final"], r.get("path")) if r["complete"] else None,
             "error": r["error"],
         }
         for r in out["trials"]
     ]
+    trials = [{**t, "arm": label} for label, source in runs_of.items() for t in ran if t["arm"] == source]
     report = build_report(plan, trials, cfg.name, command)
     report["trials"] = trials
     report["interrupted"] = out["interrupted"]  # the signal that stopped it (Ctrl-C: --resume finishes it)
@@ -140,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="a job file or bundled job name (default: quickstart)")
     ap.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2", help="a field and its values")
     ap.add_argument("--arm", action="append", default=[], metavar="'NAME: KEY=VALUE ...'", help="a named arm")
+    ap.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        choices=BASELINES,
+        help="a compute-matched baseline arm: longer (each peer alone for N x the steps) or ensemble (independent "
+        "peers served together)",
+    )
     ap.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     ap.add_argument("--first-seed", type=int, default=None, help="default: the job's seed")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -160,11 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--name", args.name, NAME_RULE)
         raw = apply(read_yaml(job_path(args.config)), parse_set(args.overrides))
         job_name = build(raw).name  # the job itself is valid before its arms are checked
-        plan = make_plan(raw, args.vary, args.arm, args.seeds, args.first_seed)
+        plan = make_plan(raw, args.vary, args.arm, args.seeds, args.first_seed, args.baseline)
         name = args.name or new_run_id(f"{job_name}-experiment")
-        print(
-            f"experiment {name}: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {plan.num_trials} runs", flush=True
-        )
+        runs = len(set(shared_runs(plan).values())) * len(plan.seeds)
+        print(f"experiment {name}: {len(plan.arms)} arms x {len(plan.seeds)} seeds, {runs} runs", flush=True)
         report, files = run_experiment(
             plan,
             name=name,

@@ -1,5 +1,13 @@
 """What an experiment compares: arms (one value of the varied fields each, or a named set of overrides)
-crossed with seeds. The first arm is the baseline every other arm is compared with, seed by seed."""
+crossed with seeds. The first arm is the baseline every other arm is compared with, seed by seed.
+
+Two compute-matched baselines can be added (`--baseline`), after the job's own arms:
+- `longer`: every peer trained alone (loss.alpha=0) for N times the job's steps (N peers): each model gets the
+  compute the whole co-distilled group spent;
+- `ensemble`: the peers trained alone for the job's steps and served together, scored by the ensemble's metric
+  (N models at inference).
+Distillation Scaling Laws (Busbridge et al., ICML 2025) is why: when the teacher has to be trained too, plain
+training of one model at the same compute can win."""
 
 from __future__ import annotations
 
@@ -10,7 +18,10 @@ from codistill.config import build
 from codistill.config.overrides import apply, parse_set
 from codistill.errors import ConfigError
 
-__all__ = ["Arm", "ExperimentPlan", "make_plan", "parse_vary", "parse_arm", "split_values"]
+__all__ = ["BASELINES", "Arm", "ExperimentPlan", "baseline_arm", "make_plan", "parse_vary", "parse_arm", "split_values"]
+
+BASELINES = ("longer", "ensemble")
+"""The compute-matched baselines --baseline adds (module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +30,8 @@ class Arm:
     """What the arm tries, as the report shows it: `alpha=0.5`, or the name given with --arm."""
     overrides: tuple[str, ...]
     """`dotted.key=value` items, as --set takes them."""
+    kind: str = "arm"
+    """`arm`, or the compute-matched baseline it is (BASELINES): `ensemble` is scored by the ensemble's metric."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +101,18 @@ def parse_arm(item: str) -> Arm:
     return Arm(label, overrides)
 
 
+def baseline_arm(base_raw: dict, kind: str) -> Arm:
+    """The arm of a compute-matched baseline (module docstring), from the job as the experiment gives it."""
+    if kind not in BASELINES:
+        raise ConfigError("--baseline", kind, " or ".join(BASELINES))
+    cfg = build(base_raw)
+    if kind == "ensemble":
+        return Arm("ensemble", ("loss.alpha=0",), kind)
+    n = cfg.num_peers
+    length = f"steps={cfg.steps * n}" if cfg.steps is not None else f"epochs={cfg.epochs * n:g}"  # type: ignore[operator]
+    return Arm(f"longer_x{n}", ("loss.alpha=0", length), kind)
+
+
 def _short(keys: list[str]) -> dict[str, str]:
     """Each field's last part (`loss.alpha` -> `alpha`) unless two fields share it."""
     last = [k.split(".")[-1] for k in keys]
@@ -95,11 +120,16 @@ def _short(keys: list[str]) -> dict[str, str]:
 
 
 def make_plan(
-    base_raw: dict, vary: list[str], arms: list[str], seeds: int, first_seed: int | None = None
+    base_raw: dict,
+    vary: list[str],
+    arms: list[str],
+    seeds: int,
+    first_seed: int | None = None,
+    baselines: list[str] = (),  # type: ignore[assignment]
 ) -> ExperimentPlan:
-    """Arms = the named --arm sets (in order) crossed with the grid of --vary values (in order); seeds are
-    first_seed (default: the job's seed) and the next ones. Every trial's job is built here, so an unknown
-    field or an impossible value fails before any trial starts."""
+    """Arms = the named --arm sets (in order) crossed with the grid of --vary values (in order), then the
+    compute-matched `baselines`; seeds are first_seed (default: the job's seed) and the next ones. Every trial's
+    job is built here, so an unknown field or an impossible value fails before any trial starts."""
     if seeds < 1:
         raise ConfigError("--seeds", seeds, "an integer >= 1")
     varied = [parse_vary(v) for v in vary]
@@ -123,6 +153,11 @@ def make_plan(
         combined = [Arm(f"{a.label}/{g.label}", a.overrides + g.overrides) for a in named for g in grid]
     else:
         combined = named or grid
+    if baselines and not combined:
+        raise ConfigError("--baseline", list(baselines), "beside an --arm or --vary (what it is compared with)")
+    if len(set(baselines)) != len(baselines):
+        raise ConfigError("--baseline", list(baselines), "each baseline once")
+    combined = [*combined, *(baseline_arm(base_raw, b) for b in baselines)]
     start = int(base_raw.get("seed", 0)) if first_seed is None else first_seed
     plan = ExperimentPlan(
         base_raw=base_raw,
