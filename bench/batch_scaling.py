@@ -130,7 +130,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=16, help="B: the pair's batch per model (default 16)")
+    ap.add_argument("--batch", type=int, default=32, help="B: the pair's batch per model (default 32)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--layers", type=int, default=2)

@@ -75,7 +75,7 @@ def _metric_key(*parts: str) -> str:
 
 def log_report(uri: str, run_id: str, report: dict, files: list) -> None:
     """An experiment's report on its sweep run: the files as artifacts under `report/`, and per arm and
-    metric the mean and the paired difference against the baseline as metrics."""
+    metric the mean and the paired difference against the baseline, and its compute, as metrics."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -88,6 +88,8 @@ def log_report(uri: str, run_id: str, report: dict, files: list) -> None:
                 metrics.append(Metric(_metric_key(arm["label"], name, "mean"), m["spread"]["mean"], now, 0))
             if m["delta"] is not None and m["delta"]["mean"] is not None:
                 metrics.append(Metric(_metric_key(arm["label"], name, "delta"), m["delta"]["mean"], now, 0))
+        for key, value in (arm.get("compute") or {}).items():  # what the arm's runs spent (counted by them)
+            metrics.append(Metric(_metric_key(arm["label"], "compute", key), float(value), now, 0))
     metrics = _not_logged(client, run_id, metrics)  # a resumed experiment's report: what changed only
     logged = set(client.get_run(run_id).data.params)
     params = [

@@ -74,6 +74,7 @@ def test_experiment_runs_a_seeded_grid_reports_it_and_resumes(ray_session, tmp_p
     }
     assert sweep_run.data.metrics["alpha_0.5.pairwise KL.delta"] == pytest.approx(sum(diffs) / 2)
     assert sweep_run.data.params["experiment.baseline"] == "alpha=0"
+    assert sweep_run.data.metrics["longer_x2.compute.peer_steps"] == 120
 
     # --resume of a finished experiment trains nothing and reports the same numbers
     assert main([*argv, "--resume"]) == 0
