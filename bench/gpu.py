@@ -11,7 +11,10 @@
   (d) breakdown: one GPT peer's step split into phases, the device synchronised around each: forward, the
       device-to-host copy of its logits (inside publish), publish, pull (the teacher's shard fetched, copied to
       the device and decoded), loss + backward + optimiser step; in one process with the in-memory board, so the
-      figures are the peer's own work (Ray's share is (a)'s exchange ms/step).
+      figures are the peer's own work (Ray's share is (a)'s exchange ms/step);
+  (e) scaling: bench/batch_scaling.py at GPU sizes (a 4x256 GPT, blocks of 128, B = 64): one model at B/2 .. 4B
+      against two co-distilling at B, steps to target losses (Anil et al.'s batch-size claim); its own JSON and
+      plot beside this one (batch_scaling_<device>.json).
 
     python bench/gpu.py                                     # one GPU; writes bench/results/gpu.json
     python bench/gpu.py --cifar ../shared/datasets/cifar10 # (c) on CIFAR-10 (Hugging Face Parquet)
@@ -260,11 +263,25 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+def part_scaling(args) -> dict[str, Any]:
+    """(e): bench/batch_scaling.py at this device's sizes; the figures that answer the claim, per target."""
+    from batch_scaling import main as batch_scaling
+
+    where = Path(args.out).with_name(f"batch_scaling_{args.device}.json")
+    sizes = ["--quick"] if args.quick else ["--batch", "64", "--layers", "4", "--width", "256", "--block", "128"]
+    sizes += [] if args.quick else ["--steps", "1500", "--eval-every", "50", "--eval-windows", "256"]
+    result = batch_scaling(["--device", args.device, *sizes, "--out", str(where)])
+    return {"json": where.name, "model": result["model"], "batch": result["batch"], "by_target": result["by_target"]}
+
+
+PARTS = ("loop", "sharing", "cifar", "breakdown", "scaling")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the path runs (CI, a CPU)")
-    ap.add_argument("--parts", nargs="+", choices=["loop", "sharing", "cifar", "breakdown"], default=None)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=None)
     ap.add_argument("--cifar", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     ap.add_argument("--cifar-budget-s", type=float, default=None, help="(c): training seconds of both arms")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
@@ -275,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = ap.parse_args(argv)
     quick = args.quick
-    args.parts = args.parts or ["loop", "sharing", "cifar", "breakdown"]
+    args.parts = args.parts or list(PARTS)
     args.image_batches = [16] if quick else [128, 512]
     args.lm_batches = [4] if quick else [16, 64]
     args.block_size = 32 if quick else 256
@@ -309,15 +326,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         for part in args.parts:
             t0 = time.perf_counter()
-            print(f"({'abcd'[['loop', 'sharing', 'cifar', 'breakdown'].index(part)]}) {part}", flush=True)
+            print(f"({'abcde'[PARTS.index(part)]}) {part}", flush=True)
             if part == "loop":
                 out["loop"] = part_loop(args)
             elif part == "sharing":
                 out["sharing"] = part_sharing(args)
             elif part == "cifar":
                 out["cifar"] = part_cifar(args, out.get("loop", []))
-            else:
+            elif part == "breakdown":
                 out["breakdown"] = part_breakdown(args)
+            else:
+                out["scaling"] = part_scaling(args)
             out["elapsed_s"][part] = time.perf_counter() - t0
             print(f"    {part}: {out['elapsed_s'][part]:.0f}s", flush=True)
     finally:

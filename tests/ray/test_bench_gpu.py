@@ -32,4 +32,6 @@ def test_bench_gpu_quick_runs_every_part_on_a_cpu(tmp_path):
     phases = result["breakdown"]["median_ms"]
     assert set(phases) == {"forward", "d2h copy", "publish", "pull", "loss+backward+step"}
     assert all(v > 0 for v in phases.values())
-    assert set(result["elapsed_s"]) == {"loop", "sharing", "cifar", "breakdown", "total"}
+    scaling = result["scaling"]  # (e): Anil et al.'s batch-size claim, its own JSON beside
+    assert len(scaling["by_target"]) == 3 and (tmp_path / scaling["json"]).is_file()
+    assert set(result["elapsed_s"]) == {"loop", "sharing", "cifar", "breakdown", "scaling", "total"}
