@@ -5,11 +5,14 @@ reads the same examples per step. Bench, not a test.
 
 One small GPT on the offline corpus (byte tokens of Python's standard library sources) is trained alone at batch
 B/2, B, 2B and 4B, and two of them co-distil by checkpoint exchange (a stale period, burn-in) at batch B each; every
-run evaluates the validation loss every few steps. From the curves: the steps each run needs to reach target losses
-(linear between evaluations), the speed-up of each doubling of the batch (2.0 = perfect scaling, 1.0 = none), the
-batch past which doubling no longer gives 1.5x, and whether the pair at B beats one model at 2B.
+run evaluates the validation loss every few steps. "One model" is the mean of the same two models (the same two
+initialisations and batch orders as the pair) each trained alone (`alpha: 0`): early in training one seed's curve
+moves by more than the effect, and this way the pair differs from the single models only by distilling. From the
+curves: the steps each run needs to reach target losses (linear between evaluations), the speed-up of each
+doubling of the batch (2.0 = perfect scaling, 1.0 = none), the batch past which doubling no longer gives 1.5x,
+and whether the pair at B beats one model at 2B.
 
-    python bench/batch_scaling.py                       # CPU: about 10 minutes; bench/results/batch_scaling.{json,png}
+    python bench/batch_scaling.py                       # CPU: about 12 minutes; bench/results/batch_scaling.{json,png}
     python bench/batch_scaling.py --device cuda --batch 64 --width 256 --layers 4 --steps 2000   # on a GPU
     python bench/batch_scaling.py --quick               # seconds: the plumbing only
 """
@@ -32,7 +35,7 @@ SPEEDUP_THRESHOLD = 1.5
 """A doubling of the batch 'still pays' while it cuts the steps to the target by at least this factor."""
 
 
-def job(args: argparse.Namespace, batch: int, peers: int, seed: int) -> C.RunConfig:
+def job(args: argparse.Namespace, batch: int, distill: bool, seed: int) -> C.RunConfig:
     gpt = {"model": "gpt", "model_args": {"n_layer": args.layers, "n_head": 4, "n_embd": args.width, "dropout": 0.0}}
     raw = {
         "name": "batch-scaling",
@@ -53,8 +56,8 @@ def job(args: argparse.Namespace, batch: int, peers: int, seed: int) -> C.RunCon
         },
         # constant lr after warm-up: steps to a loss compare optimisers, not schedules tied to a run's length
         "optim": {"name": "adamw", "lr": args.lr, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 30},
-        "peers": [gpt] * peers,
-        "loss": {"alpha": args.alpha if peers > 1 else 0.0, "temperature": 1.0, "burn_in": args.burn_in},
+        "peers": [gpt, gpt],  # alone (alpha 0) or co-distilling: the same two models
+        "loss": {"alpha": args.alpha if distill else 0.0, "temperature": 1.0, "burn_in": args.burn_in},
         "exchange": {"mode": "checkpoint", "period": args.period},
         "tracking": "none",
     }
@@ -150,11 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps, args.eval_every, args.layers, args.width, args.batch = 40, 10, 1, 32, 4
         args.burn_in, args.period, args.max_chars, args.eval_windows = 10, 10, 100_000, 16
     b = args.batch
-    plans = [(f"1 model, batch {s}", s, 1) for s in (b // 2, b, 2 * b, 4 * b) if s >= 1]
-    plans.append((f"2 co-distilling, batch {b} each", b, 2))
+    plans = [(f"1 model, batch {s}", s, False) for s in (b // 2, b, 2 * b, 4 * b) if s >= 1]
+    plans.append((f"2 co-distilling, batch {b} each", b, True))
     runs = []
-    for label, batch, peers in plans:
-        points, wall = curve(job(args, batch, peers, args.seed))
+    for label, batch, distill in plans:
+        points, wall = curve(job(args, batch, distill, args.seed))
+        peers = 2 if distill else 1  # models whose reads one step of this arm counts
         runs.append(
             {"label": label, "batch": batch, "peers": peers, "examples_per_step": batch * peers, "curve": points}
         )

@@ -42,3 +42,13 @@ if [[ $WHAT == cifar || $WHAT == all ]]; then
         --arm "independent: loss.alpha=0" --arm "dml_T1:" \
         --arm "ckpt_p50: exchange.mode=checkpoint exchange.period=50"
 fi
+
+if [[ $WHAT == fmnist-long || $WHAT == all ]]; then  # the same images trained twice as long: to 100% training accuracy
+    experiment fmnist-small-1200 "${FMNIST[@]}" --set steps=1200 --baseline ensemble
+fi
+
+if [[ $WHAT == noise-longer || $WHAT == all ]]; then  # the compute-matched longer baseline where DML helps
+    experiment fmnist-small-noise20-longer --config fmnist_small --seeds 5 \
+        --set "data.train=$DATA/fashion_mnist/train.parquet" --set "data.test=$DATA/fashion_mnist/test.parquet" \
+        --set data.label_noise=0.2 --arm "dml_T1:" --baseline longer
+fi

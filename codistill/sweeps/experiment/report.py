@@ -197,10 +197,12 @@ def glance_markdown(report: dict, metrics: Sequence[str] | None = None) -> str:
         for metric in chosen:
             m = arm["metrics"][metric]
             s, d = m["spread"], m["delta"]
-            cell = _num(s["mean"]) + ("" if s["sd"] is None else f" ± {s['sd']:.4f}")
+            digits = 0 if metric == "best step" else 4  # a step is a whole number
+            cell = f"{s['mean']:.{digits}f}" if s["mean"] is not None else "-"
+            cell += "" if s["sd"] is None else f" ± {s['sd']:.{digits}f}"
             if d is not None and d["mean"] is not None:
                 mark = "*" if _outside(d) else ""
-                cell += f" ({d['mean']:+.4f}{mark})"
+                cell += f" ({d['mean']:+.{digits}f}{mark})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
