@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's "Where co-distillation helps" tables: every experiment, one after another, on this machine's CPU.
 # Each report lands in ~/codistill/experiments/<name>/ and is copied to bench/results/experiments/<name>/.
-#   bash bench/evidence.sh [fmnist|cifar|shakespeare|all]        (all: about 80 minutes on 2 cores)
+#   bash bench/evidence.sh [fmnist|shakespeare|cifar|all]        (all: about 90 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets}
@@ -41,14 +41,4 @@ if [[ $WHAT == cifar || $WHAT == all ]]; then
         --set "data.train=$DATA/cifar10/train.parquet" --set "data.test=$DATA/cifar10/test.parquet" \
         --arm "independent: loss.alpha=0" --arm "dml_T1:" \
         --arm "ckpt_p50: exchange.mode=checkpoint exchange.period=50"
-fi
-
-if [[ $WHAT == fmnist-long || $WHAT == all ]]; then  # the same images trained twice as long: to 100% training accuracy
-    experiment fmnist-small-1200 "${FMNIST[@]}" --set steps=1200 --baseline ensemble
-fi
-
-if [[ $WHAT == noise-longer || $WHAT == all ]]; then  # the compute-matched longer baseline where DML helps
-    experiment fmnist-small-noise20-longer --config fmnist_small --seeds 5 \
-        --set "data.train=$DATA/fashion_mnist/train.parquet" --set "data.test=$DATA/fashion_mnist/test.parquet" \
-        --set data.label_noise=0.2 --arm "dml_T1:" --baseline longer
 fi
