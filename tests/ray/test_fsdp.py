@@ -39,10 +39,10 @@ EXCHANGES = {
 }
 
 
-def assert_same_weights(a: dict, b: dict, who: str) -> None:
+def assert_same_weights(a: dict, b: dict, who: str, atol: float = 1e-4) -> None:
     assert a.keys() == b.keys(), who
     for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4, msg=f"{who} {k}")
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=atol, msg=f"{who} {k}")
 
 
 @pytest.mark.parametrize("exchange", ["logits", "checkpoint"])
@@ -111,4 +111,7 @@ def test_a_killed_driver_with_an_fsdp_peer_resumes_to_the_uninterrupted_weights(
     summary = json.loads((out / "summary.json").read_text())
     assert [p["steps"] for p in summary["peers"]] == [18, 18]
     for i, (a, b) in enumerate(zip(final_weights(out, cfg), final_weights(tmp_path / "local", cfg))):
-        assert_same_weights(a, b, f"peer {i}")
+        # 18 AdamW steps normalise each element's update: the sharded group's gloo reductions (another summation order
+        # than the one process) move a weight whose gradient is near zero by up to ~2e-4 of lr 3e-3 on some CPUs; a
+        # resume that lost its optimizer state or a step is off by ~1e-2
+        assert_same_weights(a, b, f"peer {i}", atol=5e-4)
