@@ -45,10 +45,11 @@ class DataConfig(_Section):
     says which rows were flipped; training accuracy is scored on the given and on the clean labels."""
     noise_seed: int = 0
     """The draw of the flipped rows and their new labels: the same for every arm and run seed unless set."""
-    train_eval: int = 512
+    train_eval: int | None = None
     """Training examples (evenly spaced over a peer's shard, no augmentation) each evaluation also scores: the
     training loss and accuracy on the labels trained on and, with `label_noise`, on the clean labels (0: none;
-    data held in memory only)."""
+    null: 512 for classification, none for language models, whose windows cost far more; data held in memory
+    only)."""
     num_classes: int | None = None
     """parquet: the number of classes when the file does not declare them (Hugging Face ClassLabel);
     labels must lie in [0, num_classes). None = declared, or inferred from dense labels."""
@@ -127,7 +128,12 @@ class DataConfig(_Section):
         for key in ("subset_seed", "noise_seed"):
             v = getattr(self, key)
             self._check(0 <= v < 2**63, key, v, "an integer in [0, 2**63)")
-        self._check(self.train_eval >= 0, "train_eval", self.train_eval, "an integer >= 0 (0: no training scores)")
+        self._check(
+            self.train_eval is None or self.train_eval >= 0,
+            "train_eval",
+            self.train_eval,
+            "null or an integer >= 0 (0: no training scores)",
+        )
         self._check(
             self.loader == "auto" or (not self.limit_balanced and self.label_noise == 0),
             "limit_balanced" if self.limit_balanced else "label_noise",

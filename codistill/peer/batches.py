@@ -115,7 +115,8 @@ class PeerData:
             )
         )
         # data.train_eval: fixed, evenly spaced positions of this shard scored at every evaluation (in memory only)
-        count = min(cfg.train_eval, len(self.sample_ids)) if self.streamed is None and not self.lazy else 0
+        wanted = cfg.train_eval if cfg.train_eval is not None else self.task.default_train_eval
+        count = min(wanted, len(self.sample_ids)) if self.streamed is None and not self.lazy else 0
         self.train_eval_positions = torch.linspace(0, len(self.sample_ids) - 1, count).round().long().unique()
 
     @property

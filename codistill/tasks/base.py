@@ -78,6 +78,7 @@ class Task:
     name: ClassVar[str]
     topk_eval: ClassVar[int] = 0  # top-k probabilities kept per position for the ensemble's accuracy (0: none)
     holds_out_the_tail: ClassVar[bool] = False  # validation rows: the last ones (True) or a random subset
+    default_train_eval: ClassVar[int] = 0  # training rows each evaluation scores when data.train_eval is null
 
     def input_shape(self, ds: Dataset) -> tuple[int, ...]:
         """What a model of this task is built for (`build_model`'s input_shape)."""

@@ -18,6 +18,7 @@ __all__ = ["Classification"]
 class Classification(Task):
     name = "classification"
     topk_eval = 10  # the ensemble's accuracy is exact whenever the classes are at most 10
+    default_train_eval = 512  # training accuracy at every evaluation (memorisation, label noise): cheap for images
 
     def input_shape(self, ds: Dataset) -> tuple[int, ...]:
         return tuple(ds.train_x.shape[1:])
