@@ -207,7 +207,8 @@ class PeerData:
         clean = self.ds.train_y_clean
         for i in range(0, len(self.train_eval_positions), self.eval_batch_size):
             pos = self.train_eval_positions[i : i + self.eval_batch_size]
-            x, y = self.task.prepare(self, self.train_x[pos.to(self.device)], self.train_y[pos.to(self.device)], None)
+            pos_dev = pos.to(self.device)  # one copy for both gathers
+            x, y = self.task.prepare(self, self.train_x[pos_dev], self.train_y[pos_dev], None)
             ids = self.sample_ids[pos]  # in-memory data: a tensor of ids
             yield x, y, None if clean is None else clean[ids].to(self.device)
 
