@@ -40,17 +40,21 @@ class ExchangeConfig(_Section):
     onto its rank 0 and go through the object store; larger ones are written by every rank as its own shards
     (torch.distributed.checkpoint) under the run directory's `published/<peer>/v<version>/`, and each consumer
     reads them from there (a sharded consumer only its own slices): nothing holds them whole."""
-    logits: Literal["full", "topk"] = "full"
+    logits: Literal["full", "topk", "sampled"] = "full"
     """logits mode: `full` shards carry every class's logit; `topk` shards carry each position's `topk` largest
     (ids and values) plus the log-sum-exp at the job's temperature, exact for those k classes and one bucket
-    for the rest (for language models: a fraction of the bytes)."""
+    for the rest (for language models: a fraction of the bytes), but a biased estimate of the full loss's
+    gradient; `sampled` shards carry `topk` ids drawn per position from the teacher's distribution at the job's
+    temperature with their counts (Sparse Logit Sampling, Anshumann et al., ACL 2025): the forward-KL loss and
+    its gradient are unbiased, at fewer bytes than top-k (no values travel). Seeded: a rerun draws the same ids."""
     topk: int = 32
-    """topk shards: classes kept per position."""
+    """topk shards: classes kept per position; sampled shards: tokens drawn per position (with replacement)."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.exchange", "EXCHANGES", self.mode, "mode")
         self._registered("codistill.peer.topology", "TOPOLOGIES", self.topology, "topology")
         self._check(1 <= self.topk <= 1_000_000, "topk", self.topk, "an integer in [1, 1000000]")
+        self._check(self.logits in ("full", "topk", "sampled"), "logits", self.logits, "'full', 'topk' or 'sampled'")
         self._check(0 <= self.staleness <= MAX_STEPS, "staleness", self.staleness, "an integer >= 0")
         self._check(
             0 <= self.inline_max_bytes <= 1 << 20,

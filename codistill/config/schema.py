@@ -173,12 +173,21 @@ class RunConfig(_Section):
                 "0 or whole GPUs per worker for a data-parallel peer (NCCL cannot put two ranks on one GPU)",
             )
         lookup("codistill.losses.weighting", "WEIGHTINGS")[self.loss.weighting].check(self)  # what it needs of the job
-        if self.exchange.logits == "topk" and shared_order and self.loss.teacher_reduce != "each":
+        compact = self.exchange.logits in ("topk", "sampled")
+        if compact and shared_order and self.loss.teacher_reduce != "each":
             raise ConfigError(
                 "loss.teacher_reduce",
                 self.loss.teacher_reduce,
-                "'each' with exchange.logits=topk (top-k shards of different teachers cover different classes: "
-                "there is no full distribution to average; use exchange.logits=full)",
+                f"'each' with exchange.logits={self.exchange.logits} (the shards of different teachers cover "
+                "different classes: there is no full distribution to average; use exchange.logits=full)",
+            )
+        if self.exchange.logits == "sampled" and shared_order and self.loss.divergence != "kl":
+            raise ConfigError(
+                "loss.divergence",
+                self.loss.divergence,
+                "'kl' with exchange.logits=sampled (sampled shards estimate the forward KL without bias; "
+                f"{self.loss.divergence} is an expectation the teacher's samples cannot give: use exchange.logits=topk "
+                "or full)",
             )
 
     @property

@@ -10,6 +10,9 @@ the data section (`vocab_size`, `root` for caches). Entries:
 - `hf:<name or local path>`: a Hugging Face tokenizer (`transformers.AutoTokenizer`), encoded without
   special tokens; its vocabulary is `len(tokenizer)`.
 
+For chat corpora (codistill.data.chat) a tokenizer also encodes with character offsets
+(`encode_with_offsets`), names its pad id and, for `hf:`, renders conversations by its own chat template.
+
 `tokenizer_from_meta(meta)` rebuilds the tokenizer a text Dataset was made with. No ray, no mlflow;
 `tokenizers` and `transformers` are imported when a tokenizer that needs them is built.
 """
@@ -17,6 +20,7 @@ the data section (`vocab_size`, `root` for caches). Entries:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -72,6 +76,29 @@ class Tokenizer:
         """What reloads this tokenizer exactly (None: nothing to save)."""
         return None
 
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each text, (int64 ids (n,), int64 character offsets (n, 2)): token j covers the characters
+        [offsets[j, 0], offsets[j, 1]) of the text (tokens of one multi-byte character share its range). The
+        ids are one encoding of the whole text, without special tokens (chat corpora: codistill.data.chat)."""
+        raise NotImplementedError
+
+    @property
+    def pad_id(self) -> int:
+        """The id that pads a row (its positions are never trained on or scored): 0 unless the tokenizer has one."""
+        return 0
+
+    def own_chat_template(self) -> str | None:
+        """The tokenizer's own chat template (its text), or None: chat corpora are then rendered as ChatML."""
+        return None
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """`messages` as text by the tokenizer's own chat template (only when `own_chat_template` is not None)."""
+        raise NotImplementedError
+
+    def vocab(self) -> dict[str, int] | None:
+        """token -> id for tokenizers whose tokens are strings (None: ids are the tokens, as bytes)."""
+        return None
+
 
 TokenizerFactory = Callable[[str, "DataConfig"], Tokenizer]
 """A TOKENIZERS entry: `make(train_text, cfg)` with the training split's text and the data section."""
@@ -86,6 +113,14 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: np.ndarray) -> str:
         return np.asarray(ids).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for text in texts:
+            ids = self.encode(text)  # (n,) UTF-8 bytes
+            char = np.cumsum((ids & 0xC0) != 0x80) - 1  # (n,) a byte that is no continuation (10xxxxxx) starts a char
+            out.append((ids, np.stack([char, char + 1], axis=1)))
+        return out
 
 
 _BOUNDARY = re.compile(r"\n(?=\S)")
@@ -106,6 +141,11 @@ def chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
             return
         yield text[start : m.start()]
         start = m.start()
+
+
+def _ids_and_offsets(ids: list[int], offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (n,) ids and (n, 2) character offsets."""
+    return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
 def _concat(id_lists: list[list[int]]) -> np.ndarray:
@@ -172,11 +212,18 @@ class BPETokenizer(Tokenizer):
         encodings = self.tokenizer.encode_batch_fast(list(chunks(text)), add_special_tokens=False)
         return _concat([e.ids for e in encodings])
 
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)  # offsets in characters
+        return [_ids_and_offsets(e.ids, e.offsets) for e in encodings]
+
     def decode(self, ids: np.ndarray) -> str:
         return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()
+
+    def vocab(self) -> dict[str, int]:
+        return dict(self.tokenizer.get_vocab(with_added_tokens=True))
 
 
 def bpe_cache_path(cache_dir: Path, vocab_size: int, text: str) -> Path:
@@ -250,8 +297,42 @@ class HFTokenizer(Tokenizer):
         out = self.tokenizer(list(chunks(text)), add_special_tokens=False, verbose=False)
         return _concat(out["input_ids"])
 
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ConfigError(
+                "data.tokenizer",
+                self.name,
+                "a fast Hugging Face tokenizer (tokenizer.json) for a chat corpus: its assistant tokens are "
+                "found from character offsets, which slow tokenizers do not give",
+            )
+        out = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [_ids_and_offsets(ids, offs) for ids, offs in zip(out["input_ids"], out["offset_mapping"])]
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id, else its end-of-sequence id, else 0."""
+        for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if isinstance(token_id, int) and 0 <= token_id < self.vocab_size:
+                return token_id
+        return 0
+
+    def own_chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            return None
+        return template if isinstance(template, str) else json.dumps(template, sort_keys=True)  # named templates
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        if not isinstance(text, str):
+            raise TypeError(f"apply_chat_template(tokenize=False) gave a {type(text).__name__}, not text")
+        return text
+
     def decode(self, ids: np.ndarray) -> str:
         return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+    def vocab(self) -> dict[str, int]:
+        return dict(self.tokenizer.get_vocab())
 
 
 def _hf(name: str) -> TokenizerFactory:

@@ -56,6 +56,8 @@ def check_models(cfg: RunConfig, dataset: Dataset) -> None:
             raise ConfigError(f"peers.{i}.model", pc.model, f"a model for this data: {e}") from None
         except Exception:  # a builder that needs real tensors (user code): its peer builds it
             continue
+        if pc.pretrained and pc.model.startswith("hf:"):
+            _check_token_ids(i, pc.model, dataset)
         if pc.strategy == "fsdp" and not shard_units(model):
             raise ConfigError(
                 f"peers.{i}.strategy",
@@ -63,3 +65,20 @@ def check_models(cfg: RunConfig, dataset: Dataset) -> None:
                 f"'ddp' for model {pc.model}: it has no layers FSDP can shard one by one (transformer blocks, "
                 "Hugging Face decoder layers or network stages: codistill.models.units)",
             )
+
+
+def _check_token_ids(index: int, model: str, dataset: Dataset) -> None:
+    """A pretrained Hugging Face peer's own tokenizer against the job's, token by token (`check_token_ids`)."""
+    from codistill.data.tokenizers import tokenizer_from_meta
+    from codistill.models.hf import check_token_ids
+
+    if "tokenizer" not in dataset.meta:
+        return
+    tokenizer = tokenizer_from_meta(dataset.meta)
+    job_vocab = tokenizer.vocab()
+    if job_vocab is None:  # byte tokens: ids are bytes, no strings to compare
+        return
+    try:
+        check_token_ids(model[3:], job_vocab, tokenizer.name, model)
+    except ValueError as e:
+        raise ConfigError(f"peers.{index}.model", message=str(e)) from None

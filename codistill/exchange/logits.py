@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from codistill.config import ExchangeConfig, RunConfig
-from codistill.data.dataset import as_tensor
+from codistill.data.dataset import as_tensor, mix_seed
 from codistill.errors import CodistillError
 from codistill.exchange.base import Exchange
 from codistill.exchange.slots import influence_slot, overlapping_ranks
 from codistill.exchange.wire import LogitShard, decode_array, encode_tensor, id_dtype, join_shards
 from codistill.losses.distill import TeacherSignal
 from codistill.losses.divergences import zscore
+from codistill.losses.sampled import SampledLogits, sample_logits
 from codistill.losses.terms import TeacherOutput
 from codistill.losses.topk import TopKLogits, topk_logits
 from codistill.peer.topology import consumers_of, part_bounds, rank_slot
@@ -39,7 +40,14 @@ class TeacherMismatch(CodistillError, RuntimeError):
 
 
 def decode_shard(shard: LogitShard, device: torch.device | str) -> TeacherSignal:
-    """A shard as the loss takes it: full logits, or TopKLogits."""
+    """A shard as the loss takes it: full logits, TopKLogits or SampledLogits."""
+    if shard.sample_counts is not None and shard.topk_ids is not None and shard.teacher_term is not None:
+        return SampledLogits(
+            torch.from_numpy(shard.topk_ids.astype(np.int64)).to(device),
+            torch.from_numpy(shard.sample_counts.astype(np.int64)).to(device),
+            as_tensor(np.asarray(shard.teacher_term)).to(device),
+            shard.num_classes,
+        )
     values = decode_array(shard.logits, shard.dtype, device)
     if shard.topk_ids is None or shard.lse is None or shard.lse_rest is None:
         return values
@@ -73,6 +81,8 @@ class LogitExchange(Exchange):
         value_bytes = 4 if ex.dtype == "float32" else 2
         if ex.logits == "topk" and ex.topk < num_classes:
             per_position = ex.topk * (value_bytes + np.dtype(id_dtype(num_classes)).itemsize) + 8  # + lse, lse_rest
+        elif ex.logits == "sampled":  # ids, counts, the teacher's term
+            per_position = ex.topk * (np.dtype(id_dtype(num_classes)).itemsize + id_dtype(ex.topk + 1).itemsize) + 4
         else:
             per_position = num_classes * value_bytes
         between = min(cfg.output.checkpoint_every or cfg.eval_every, cfg.eval_every) + ex.staleness + 1
@@ -106,7 +116,9 @@ class LogitExchange(Exchange):
         t0 = time.perf_counter()
         sample_ids = ids.numpy().astype(np.int64, copy=False)
         dtype = self.cfg.exchange.dtype
-        if self.cfg.exchange.logits == "topk":
+        if self.cfg.exchange.logits == "sampled":
+            shard = self._sampled_shard(batch_step, produced_step, sample_ids, logits)
+        elif self.cfg.exchange.logits == "topk":
             # standardised first when the loss is (its mean and std need every class: the student cannot)
             z = zscore(logits.float()) if self.cfg.loss.zscore else logits
             top = topk_logits(z, self.cfg.exchange.topk, self.cfg.loss.temperature)
@@ -128,6 +140,29 @@ class LogitExchange(Exchange):
         self.board.publish_logits(self.slot, shard)  # this rank's part of the batch
         self.stats.bytes_published += shard.nbytes
         self.stats.exchange_s += time.perf_counter() - t0
+
+    def _sampled_shard(
+        self, batch_step: int, produced_step: int, sample_ids: np.ndarray, logits: torch.Tensor
+    ) -> LogitShard:
+        """`exchange.topk` ids drawn per position from this peer's distribution at T (codistill.losses.sampled),
+        from a generator seeded by (job seed, peer, rank, batch): a rerun draws the same ids."""
+        cfg = self.cfg
+        z = zscore(logits.float()) if cfg.loss.zscore else logits  # as the student standardises its own
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(mix_seed(cfg.seed, self.index, self.rank, batch_step))
+        drawn = sample_logits(z, cfg.exchange.topk, cfg.loss.temperature, generator)
+        n = drawn.ids.shape[0]
+        return LogitShard(
+            batch_step,
+            produced_step,
+            sample_ids,
+            np.zeros((n, 0), dtype=encode_tensor(logits[:0], cfg.exchange.dtype).dtype),  # no values travel
+            cfg.exchange.dtype,
+            drawn.ids.cpu().numpy().astype(id_dtype(drawn.num_classes)),
+            num_classes=drawn.num_classes,
+            sample_counts=drawn.counts.cpu().numpy().astype(id_dtype(cfg.exchange.topk + 1)),
+            teacher_term=drawn.teacher_term.cpu().numpy(),
+        )
 
     def teacher_signals(self, peer: Peer, step: int) -> list[TeacherOutput] | None:
         if not self.distills_at(step):

@@ -71,9 +71,11 @@ def id_dtype(num_classes: int) -> np.dtype:
 
 @dataclass
 class LogitShard:
-    """One peer's logits for one batch, keyed by the sample ids they cover: full, (B, C) or (B, T, V),
-    or top-k (`topk_ids` set; codistill.losses.topk): per position the k largest logits in `logits`
-    (N, k), their ids, and the log-sum-exps over all classes and over the rest at the job's temperature."""
+    """One peer's logits for one batch, keyed by the sample ids they cover: full, (B, C) or (B, T, V);
+    top-k (`topk_ids` set; codistill.losses.topk): per position the k largest logits in `logits`
+    (N, k), their ids, and the log-sum-exps over all classes and over the rest at the job's temperature;
+    or sampled (`sample_counts` set; codistill.losses.sampled): per position the drawn ids in `topk_ids`, how
+    often each was drawn, and the teacher's own term of the loss; `logits` is then (N, 0)."""
 
     batch_step: int  # the step whose batch these logits are for
     produced_step: int  # the publisher's step (weights) when it computed them
@@ -85,10 +87,13 @@ class LogitShard:
     lse_rest: np.ndarray | None = None  # (N,) float32
     num_classes: int = 0
     taps: dict[str, np.ndarray] | None = None  # named intermediate tensors loss terms read, (B, ...) in the wire dtype
+    sample_counts: np.ndarray | None = None  # sampled: (N, k) in id_dtype(k + 1)
+    teacher_term: np.ndarray | None = None  # sampled: (N,) float32
 
     @property
     def nbytes(self) -> int:
-        extra = (self.topk_ids, self.lse, self.lse_rest, *(self.taps or {}).values())
+        compact = (self.topk_ids, self.lse, self.lse_rest, self.sample_counts, self.teacher_term)
+        extra = (*compact, *(self.taps or {}).values())
         return int(self.logits.nbytes + self.sample_ids.nbytes + sum(a.nbytes for a in extra if a is not None))
 
     def state_dict(self) -> dict:
@@ -109,6 +114,13 @@ class LogitShard:
                 "lse_rest": torch.from_numpy(self.lse_rest.copy()),
                 "num_classes": self.num_classes,
             }
+        if self.topk_ids is not None and self.sample_counts is not None and self.teacher_term is not None:
+            out |= {
+                "topk_ids": torch.from_numpy(self.topk_ids.astype(np.int64)),
+                "sample_counts": torch.from_numpy(self.sample_counts.astype(np.int64)),
+                "teacher_term": torch.from_numpy(self.teacher_term.copy()),
+                "num_classes": self.num_classes,
+            }
         if self.taps:
             out["taps"] = {k: torch.from_numpy(a.copy()) for k, a in self.taps.items()}
         return out
@@ -117,6 +129,8 @@ class LogitShard:
     def from_state_dict(cls, state: dict) -> LogitShard:
         topk = state.get("topk_ids")
         num_classes = int(state.get("num_classes", 0))
+        counts = state.get("sample_counts")
+        exact = topk is not None and counts is None  # top-k; sampled shards have no log-sum-exps
         return cls(
             int(state["batch_step"]),
             int(state["produced_step"]),
@@ -124,10 +138,12 @@ class LogitShard:
             state["logits"].numpy(),
             str(state["dtype"]),
             None if topk is None else topk.numpy().astype(id_dtype(num_classes)),
-            None if topk is None else state["lse"].numpy(),
-            None if topk is None else state["lse_rest"].numpy(),
+            state["lse"].numpy() if exact else None,
+            state["lse_rest"].numpy() if exact else None,
             num_classes,
             {k: t.numpy() for k, t in state["taps"].items()} if "taps" in state else None,
+            None if counts is None else counts.numpy().astype(id_dtype(counts.shape[-1] + 1)),
+            None if counts is None else state["teacher_term"].numpy(),
         )
 
 
@@ -218,4 +234,6 @@ def join_shards(shards: list[LogitShard], lo: int, hi: int) -> LogitShard:
         cut([s.lse_rest for s in shards]),
         first.num_classes,
         {k: cut([s.taps[k] for s in shards if s.taps]) for k in first.taps} if first.taps else None,  # type: ignore[misc]
+        cut([s.sample_counts for s in shards]),
+        cut([s.teacher_term for s in shards]),
     )

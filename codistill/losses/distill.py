@@ -5,7 +5,7 @@
 Both terms are means over *valid positions*: examples for classification, tokens for language models
 (logits (B, T, V) are flattened to positions; targets equal to IGNORE_INDEX, or a `mask` that is
 false, are padding and count nowhere). Teacher logits are always detached; a teacher is full logits
-(same shape as the student's) or a `TopKLogits` over the same positions. No ray, no mlflow.
+(same shape as the student's), or a `TopKLogits` or `SampledLogits` over the same positions. No ray, no mlflow.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from codistill.config import LossConfig
 from codistill.losses.divergences import DIVERGENCES, Divergence, zscore
+from codistill.losses.sampled import SampledLogits
 from codistill.losses.teachers import reduce_teachers
 from codistill.losses.topk import TopKLogits
 
@@ -36,7 +37,8 @@ __all__ = [
 IGNORE_INDEX = -100
 """A target with this id is padding: no loss, no metric (PyTorch's cross-entropy convention)."""
 
-TeacherSignal = torch.Tensor | TopKLogits
+TeacherSignal = torch.Tensor | TopKLogits | SampledLogits
+CompactTeacher = (TopKLogits, SampledLogits)  # a teacher over positions (N, ...), not full logits
 
 
 def _positions(t: torch.Tensor) -> torch.Tensor:
@@ -73,9 +75,9 @@ def per_position_divergences(
     s = _positions(student_logits.float())  # (N, V)
     teachers: list[TeacherSignal] = []
     for t in teacher_logits:  # no gradient ever flows into another peer
-        if isinstance(t, TopKLogits):
+        if isinstance(t, CompactTeacher):
             if t.ids.shape[0] != s.shape[0]:
-                raise ValueError(f"a top-k teacher covers {t.ids.shape[0]} positions, the student {s.shape[0]}")
+                raise ValueError(f"a compact teacher covers {t.ids.shape[0]} positions, the student {s.shape[0]}")
             teachers.append(t)
             continue
         if t.shape != student_logits.shape:
@@ -85,13 +87,13 @@ def per_position_divergences(
         teachers.append(_positions(t.detach().float()))
     if standardize:  # a top-k teacher was standardised by its publisher (over all its classes)
         s = zscore(s)
-        teachers = [t if isinstance(t, TopKLogits) else zscore(t) for t in teachers]
+        teachers = [t if isinstance(t, CompactTeacher) else zscore(t) for t in teachers]
     fn = DIVERGENCES[divergence]
-    if any(isinstance(t, TopKLogits) for t in teachers):
+    if any(isinstance(t, CompactTeacher) for t in teachers):
         if teacher_reduce != "each":
-            raise ValueError(f"top-k teachers need teacher_reduce 'each', got {teacher_reduce!r}")
+            raise ValueError(f"top-k and sampled teachers need teacher_reduce 'each', got {teacher_reduce!r}")
         if not isinstance(fn, Divergence):
-            raise ValueError(f"divergence {divergence!r} is a plain function: it cannot use top-k teachers")
+            raise ValueError(f"divergence {divergence!r} is a plain function: it cannot use top-k or sampled teachers")
     else:
         teachers = list(reduce_teachers(teachers, teacher_reduce, temperature))  # type: ignore[arg-type]
     return [fn(s, t, temperature) for t in teachers]  # type: ignore[arg-type]

@@ -3,7 +3,8 @@
 Each returns one value per position (summed over classes): `(student_logits, teacher_logits,
 temperature) -> (N,)`; the reduction over positions is the caller's. Registry: DIVERGENCES of
 `Divergence`s, callable that way, which also compute the same divergence against a top-k teacher
-(`codistill.losses.topk`): the distribution-based ones on the k + 1 buckets, `mse` on the k logits. A new
+(`codistill.losses.topk`): the distribution-based ones on the k + 1 buckets, `mse` on the k logits; `kl` also
+against a sampled teacher (`codistill.losses.sampled`: unbiased, in value and gradient). A new
 divergence is one function and one entry. No ray, no mlflow.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from codistill.losses.sampled import SampledLogits, sampled_kl
 from codistill.losses.topk import TopKLogits, bucket_log_probs
 from codistill.registry import Registry
 
@@ -79,8 +81,16 @@ class Divergence:
 
     on_logits: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     on_log_probs: LogProbDivergence | None = None
+    on_samples: Callable[[torch.Tensor, SampledLogits, float], torch.Tensor] | None = None
+    """The unbiased estimate against a sampled teacher (`exchange.logits: sampled`); None: it has none."""
 
-    def __call__(self, student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits, temperature: float):
+    def __call__(
+        self, student_logits: torch.Tensor, teacher: torch.Tensor | TopKLogits | SampledLogits, temperature: float
+    ):
+        if isinstance(teacher, SampledLogits):
+            if self.on_samples is None:
+                raise ValueError("this divergence has no unbiased estimate from sampled teachers (only kl has)")
+            return self.on_samples(student_logits, teacher, temperature)
         if not isinstance(teacher, TopKLogits):
             return self.on_logits(student_logits, teacher, temperature)
         if self.on_log_probs is not None:
@@ -94,7 +104,7 @@ DivergenceFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # fu
 DIVERGENCES: Registry[Divergence | DivergenceFn] = Registry(
     "divergence",
     {
-        "kl": Divergence(kl, _kl),
+        "kl": Divergence(kl, _kl, sampled_kl),
         "reverse_kl": Divergence(reverse_kl, _reverse_kl),
         "js": Divergence(js, _js),
         "mse": Divergence(mse),  # logit matching: on a top-k teacher, the mean over its k classes

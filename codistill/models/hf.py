@@ -6,7 +6,10 @@
   `AutoModelForCausalLM.from_config`, freshly initialised; this needs no network.
 - `hf:<hub id or local path>`: that model's config (`AutoConfig.from_pretrained`; `model_args` override
   its attributes) and, with `pretrained=True`, its weights (`AutoModelForCausalLM.from_pretrained`).
-  Its vocabulary must be the job tokenizer's (`num_classes`). The model's own Python code (a config with
+  Its output layer must have at least the job tokenizer's `num_classes` columns; columns past them (padding,
+  as many released families have) are dropped from the logits (`HFCausalLM`). With pretrained weights, a
+  tokenizer saved with the model must give every token the id the job's tokenizer gives it
+  (`check_token_ids`). The model's own Python code (a config with
   `auto_map`) runs only when `model_args.trust_remote_code: true` *and* the person starting the run allows
   it (`codistill.trust`); other loader options (revision, token, cache_dir, ...) are not job fields.
 
@@ -17,7 +20,7 @@ float32 whatever the checkpoint's dtype (mixed precision is the peer's autocast)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +32,26 @@ from codistill.models.gpt import lm_block_size
 from codistill.models.taps import Layers
 from codistill.trust import OPT_IN, require_remote_code
 
-__all__ = ["HFCausalLM", "check_hf_name", "hf", "hf_model"]
+__all__ = ["HFCausalLM", "check_hf_name", "check_token_ids", "hf", "hf_model"]
 
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions")
 
 
 class HFCausalLM(nn.Module):
-    """A Hugging Face causal LM whose forward returns only the logits."""
+    """A Hugging Face causal LM whose forward returns only the logits of the job tokenizer's ids.
 
-    def __init__(self, hf_model: nn.Module):
+    Released families pad their output layer past the tokenizer (Qwen2.5: 151,936 or 152,064 logit columns for
+    151,665 tokens) so that matrix sizes divide nicely; the padded columns are no token. The forward keeps the
+    first `num_classes` columns, the ids the tokenizer can produce, before any softmax: every loss, shard and
+    metric sees the same vocabulary whatever each peer's padding, and nothing padded is ever sent.
+    """
+
+    def __init__(self, hf_model: nn.Module, num_classes: int | None = None):
         super().__init__()
         self.hf_model = hf_model
+        padded = _vocab_size(hf_model.config)
+        self.num_classes = padded if num_classes is None else num_classes
+        self.padded_vocab_size = padded
 
     def distill_layers(self) -> Layers:
         """Hidden states: the input embeddings' output, then each decoder layer's (B, T, C). No attention taps:
@@ -60,7 +72,10 @@ class HFCausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.hf_model(input_ids=tokens, use_cache=False, return_dict=True)  # tokens (B, T)
-        return out.logits  # (B, T, V)
+        logits = out.logits  # (B, T, V_padded)
+        if self.padded_vocab_size != self.num_classes:
+            logits = logits[..., : self.num_classes]  # (B, T, V): the tokenizer's ids only
+        return logits
 
 
 def _vocab_size(config: Any) -> int | None:
@@ -85,22 +100,25 @@ def _fit_positions(config: Any, block_size: int) -> None:
 
 
 def _check_vocab(config: Any, num_classes: int, who: str) -> None:
+    """The output layer must have a column for every id of the job's tokenizer; more (padding) is fine."""
     vocab = _vocab_size(config)
-    if vocab != num_classes:
+    if not isinstance(vocab, int) or vocab < num_classes:
         raise ValueError(
-            f"{who}: the model's vocabulary has {vocab} tokens but the job's tokenizer has {num_classes} "
-            "(num_classes); use a tokenizer with the model's vocabulary"
+            f"{who}: the model's output layer has {vocab} logits but the job's tokenizer has {num_classes} tokens "
+            "(ids the model could never predict); use the model's own tokenizer (data.tokenizer: hf:<its id>) or "
+            f"a model whose vocab_size is at least {num_classes}"
         )
 
 
 def _wrap(model: nn.Module, num_classes: int, who: str) -> HFCausalLM:
     _check_vocab(model.config, num_classes, who)
-    return HFCausalLM(model)
+    return HFCausalLM(model, num_classes)
 
 
 def hf(input_shape: tuple[int, ...], num_classes: int, **model_args: Any) -> nn.Module:
     """`hf`: a freshly initialised causal LM of `model_args["model_type"]`, the other `model_args` its
-    config's keyword arguments, with `vocab_size = num_classes` and room for `input_shape == (block_size,)`."""
+    config's keyword arguments, with `vocab_size = num_classes` (or `model_args.vocab_size`, an output layer
+    padded past the tokenizer) and room for `input_shape == (block_size,)`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     block_size = lm_block_size(input_shape, "hf")
@@ -111,10 +129,14 @@ def hf(input_shape: tuple[int, ...], num_classes: int, **model_args: Any) -> nn.
             "model_args: hf needs model_type, a transformers model type (llama, gpt2, mistral, qwen2, ...), "
             f"got {model_type!r}"
         )
-    if "vocab_size" in rest:
-        raise ValueError("model_args: hf sets vocab_size to the job tokenizer's vocabulary (num_classes); remove it")
+    vocab_size = rest.pop("vocab_size", num_classes)  # larger: an output layer padded past the tokenizer
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < num_classes:
+        raise ValueError(
+            f"model_args: vocab_size of hf must be an integer >= the job tokenizer's {num_classes} tokens "
+            f"(the output layer, padded or not), got {vocab_size!r}"
+        )
     try:
-        config = AutoConfig.for_model(model_type, vocab_size=num_classes, **rest)
+        config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **rest)
     except ValueError as e:
         if "Unrecognized model identifier" in str(e):
             raise ValueError(
@@ -192,6 +214,28 @@ def load_config(name: str, trust: bool, who: str) -> Any:
                 "give a local path or download it first (huggingface-cli download)"
             ) from None
     return load()
+
+
+def check_token_ids(name: str, job_vocab: Mapping[str, int], job_tokenizer: str, who: str) -> None:
+    """Pretrained weights learned id i as one token: a tokenizer saved with `hf:<name>` (loaded offline, its own
+    code never run) must give every token of the job's tokenizer (`job_vocab`, token -> id) the same id, else a
+    ValueError naming the first token that differs, both ids and the fix. Nothing to compare (no tokenizer files
+    beside the model): no check."""
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    except Exception:  # no tokenizer saved with the model, or one needing its own code: nothing to compare
+        return
+    own_vocab: Mapping[str, int] = own.get_vocab()
+    for token, job_id in sorted(job_vocab.items(), key=lambda item: item[1]):
+        own_id = own_vocab.get(token)
+        if own_id != job_id:
+            raise ValueError(
+                f"{who}: its tokenizer maps token {token!r} to id {own_id} but the job's tokenizer ({job_tokenizer}, "
+                f"{len(job_vocab)} tokens) maps it to {job_id}; pretrained weights need the ids they were trained "
+                f"with: set data.tokenizer: hf:{name}"
+            )
 
 
 def _first_line(e: BaseException) -> str:

@@ -128,7 +128,7 @@ def test_bad_model_args():
         build_model("hf", (BLOCK,), VOCAB, {"hidden_size": 32})
     with pytest.raises(ValueError, match="unknown model_type 'nope'"):
         build_model("hf", (BLOCK,), VOCAB, {"model_type": "nope"})
-    with pytest.raises(ValueError, match="hf sets vocab_size"):
+    with pytest.raises(ValueError, match="vocab_size of hf must be an integer >= the job tokenizer's 50 tokens"):
         build_model("hf", (BLOCK,), VOCAB, {**LLAMA, "vocab_size": 7})
     # vision builders are unchanged with empty model_args
     assert build_model("mlp", (1, 8, 8), 10, {})(torch.randn(2, 1, 8, 8)).shape == (2, 10)
@@ -224,5 +224,5 @@ def test_hf_family_from_a_local_directory(tmp_path):
 def test_hf_family_vocabulary_mismatch(tmp_path):
     _save_tiny_llama(tmp_path, vocab=40)
     for pretrained in (True, False):
-        with pytest.raises(ValueError, match="vocabulary has 40 tokens but the job's tokenizer has 50"):
+        with pytest.raises(ValueError, match="output layer has 40 logits but the job's tokenizer has 50 tokens"):
             build_model(f"hf:{tmp_path}", (BLOCK,), VOCAB, pretrained=pretrained)

@@ -69,12 +69,12 @@ def test_evaluation_sends_no_full_logits_and_the_summary_records_the_text(tmp_pa
         assert p.eval.nbytes == positions * 8 + 256 * 256 * 4
 
 
-def test_a_model_whose_vocabulary_differs_from_the_tokenizer_is_refused_before_anything_starts(tmp_path):
+def test_a_model_whose_output_layer_is_smaller_than_the_tokenizer_is_refused_before_anything_starts(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model_dir = tmp_path / "llama-300"
+    model_dir = tmp_path / "llama-200"
     cfg = LlamaConfig(
-        vocab_size=300,
+        vocab_size=200,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
@@ -83,7 +83,7 @@ def test_a_model_whose_vocabulary_differs_from_the_tokenizer_is_refused_before_a
     )
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     job = lm_job(tmp_path, f"peers.1.model=hf:{model_dir}", "peers.1.model_args={}")
-    with pytest.raises(ConfigError, match=r"^peers.1.model: .*300.*256"):
+    with pytest.raises(ConfigError, match=r"^peers.1.model: .*output layer has 200 logits.*tokenizer has 256 tokens"):
         run_job(job, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -94,9 +94,9 @@ def test_bundled_lm_jobs_validate(job):
     assert cfg.data.name == "text" and cfg.num_peers == 2
 
 
-def test_hugging_face_peers_of_two_architectures_train_together(tmp_path):
-    """lm_hf's two architectures (Llama-type, GPT-2-type, from configs, offline), made tiny: a few lockstep
-    steps on the LocalEngine."""
+def test_hugging_face_peers_with_differently_padded_vocabularies_train_together(tmp_path):
+    """lm_hf's two Qwen2-type configs (from configs, offline), output layers padded past the byte tokenizer by
+    different amounts, at the job's sizes: a few lockstep steps on the LocalEngine."""
     job = load_job(str(ROOT / "jobs" / "lm_hf.yaml"))
     peers = [dict(p.model_args) for p in job.peers]
     cfg = lm_job(
@@ -107,6 +107,7 @@ def test_hugging_face_peers_of_two_architectures_train_together(tmp_path):
         "peers.1.model_args=" + json.dumps(peers[1]),
         steps=6,
     )
+    assert sorted(p["vocab_size"] for p in peers) == [320, 384]  # padded past the 256 byte tokens, differently
     engine = LocalEngine(cfg)
     history = engine.run()
     assert [p.model for p in history[-1].peers] == ["hf", "hf"]
