@@ -103,7 +103,10 @@ def plain_loop(raw: dict, variant: str = "plain loop") -> dict[str, Any]:
     for step in range(int(raw["steps"])):
         start = (step * b) % (len(x_all) - b + 1)
         idx = order[start : start + b]
-        x, y = (x_all[idx, :-1], x_all[idx, 1:]) if lm else (x_all[idx], y_all[idx])
+        if lm:  # next tokens, or a chat corpus's own labels (-100 on prompts: F.cross_entropy's ignore_index)
+            x, y = x_all[idx, :-1], (y_all[idx] if y_all.ndim == 2 else x_all[idx, 1:])
+        else:
+            x, y = x_all[idx], y_all[idx]
         with autocast:
             logits = [m(x).flatten(0, -2).float() for m in models]  # one forward each; (B [* T], C)
         targets = y.flatten()

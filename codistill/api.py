@@ -219,7 +219,9 @@ def run_job(
                 # stopped from outside (a Tune scheduler, Ctrl-C) is KILLED; an error in the run is FAILED
                 reporters.on_fail("FAILED" if isinstance(e, Exception) else "KILLED")
                 raise
-            summary = build_summary(cfg, history, time.perf_counter() - t0, engine.prior_rounds, engine.final)
+            summary = build_summary(
+                cfg, history, time.perf_counter() - t0, engine.prior_rounds, engine.final, engine.exports
+            )
             summary.update(run_id=run_id, run_dir=out_dir, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
             if dataset.meta:  # what text, which tokenizer: two runs can tell they trained on the same
                 summary["data"] = {k: v for k, v in dataset.meta.items() if k not in ("tokenizer_json", "stream")}

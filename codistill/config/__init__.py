@@ -18,6 +18,7 @@ from codistill.config.parse import (
 )
 from codistill.config.schema import (
     MAX_STEPS,
+    AdapterConfig,
     DataConfig,
     ExchangeConfig,
     LossConfig,
@@ -33,6 +34,7 @@ from codistill.config.schema import (
 
 __all__ = [
     "MAX_STEPS",
+    "AdapterConfig",
     "DataConfig",
     "ExchangeConfig",
     "LossConfig",

@@ -24,7 +24,7 @@ from codistill.config.checks import (
     is_safe_name,
 )
 from codistill.config.run_sections import ExchangeConfig, OutputConfig, ResourcesConfig, TrackingConfig
-from codistill.config.sections import DataConfig, LossConfig, OptimConfig, PeerConfig, TermConfig
+from codistill.config.sections import AdapterConfig, DataConfig, LossConfig, OptimConfig, PeerConfig, TermConfig
 from codistill.errors import ConfigError
 from codistill.registry import lookup
 
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_PEER_MODELS",
     "DEFAULT_STEPS",
     "MAX_STEPS",
+    "AdapterConfig",
     "DataConfig",
     "ExchangeConfig",
     "LossConfig",

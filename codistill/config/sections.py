@@ -69,7 +69,11 @@ class DataConfig(_Section):
     block_size: int = 128
     """text only: tokens per training sequence (the model sees `block_size` tokens and predicts the next)."""
     text_column: str = "text"
-    """text only: the column of a Parquet/Arrow file that holds the text."""
+    """text only: the column of a Parquet/Arrow file (or key of a JSONL object) that holds the text."""
+    messages_column: str = "messages"
+    """text only: the column (Parquet/Arrow) or key (JSONL) that makes a source a chat corpus: a list of
+    {role, content} messages per row, rendered by the tokenizer's chat template, trained only on the assistant's
+    turns (codistill.data.chat)."""
     val_fraction: float = 0.1
     """text only: the share of the corpus (its end) held out for validation and test."""
     max_chars: int | None = 3_000_000
@@ -95,6 +99,15 @@ class DataConfig(_Section):
         self._registered("codistill.data", "TOKENIZERS", self.tokenizer, "tokenizer")
         self._check(2 <= self.vocab_size <= 1_000_000, "vocab_size", self.vocab_size, "an integer in [2, 1000000]")
         self._check(1 <= self.block_size <= 1_000_000, "block_size", self.block_size, "an integer in [1, 1000000]")
+        for key in ("text_column", "messages_column"):
+            v = getattr(self, key)
+            self._check(isinstance(v, str) and v.strip() != "", key, v, "a non-empty column name")
+        self._check(
+            self.messages_column != self.text_column,
+            "messages_column",
+            self.messages_column,
+            f"a column other than data.text_column ({self.text_column!r})",
+        )
         self._check(
             _finite(self.val_fraction) and 0 < self.val_fraction < 1,
             "val_fraction",
@@ -245,6 +258,40 @@ class WorkerResources(_Section):
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
+class AdapterConfig(_Section):
+    """`peers[i].adapter`: train low-rank adapters on a frozen base instead of the whole model (codistill.models.
+    adapters, through `peft`): LoRA, W x + (alpha / r) B A x with A (r, in) and B (out, r) (Hu et al., "LoRA:
+    Low-Rank Adaptation of Large Language Models", ICLR 2022)."""
+
+    SECTION: ClassVar[str] = "adapter"
+
+    kind: Literal["lora"] = "lora"
+    """The adapter family (peft's): `lora`."""
+    r: int = 8
+    """The rank of each adapter."""
+    alpha: float = 16.0
+    """LoRA's scale numerator: the update is (alpha / r) B A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: tuple[str, ...] | None = None
+    """Names (or name suffixes) of the Linear layers to adapt; None: the model's default (the built-in GPT's
+    qkv, proj and fc; a Hugging Face model's from peft's table for its model_type, e.g. q_proj, v_proj)."""
+
+    def __post_init__(self) -> None:
+        self._check(self.kind == "lora", "kind", self.kind, "'lora'")
+        self._check(1 <= self.r <= 4096, "r", self.r, "an integer in [1, 4096]")
+        self._check(_finite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a finite number > 0")
+        self._check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        names = self.target_modules
+        self._check(
+            names is None or (len(names) > 0 and all(isinstance(n, str) and n.strip() for n in names)),
+            "target_modules",
+            names,
+            "null or a non-empty list of module names",
+        )
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
 class PeerConfig(_Section):
     SECTION: ClassVar[str] = "peer"
 
@@ -273,6 +320,10 @@ class PeerConfig(_Section):
     """fsdp: recompute each sharded unit's activations in the backward pass instead of keeping them."""
     resources: WorkerResources | None = None
     """Per worker of this peer, overriding the job's `resources` (num_cpus, num_gpus)."""
+    adapter: AdapterConfig | None = None
+    """Train only adapters (`{kind: lora, r, alpha, dropout, target_modules}`) on a frozen base: the base is built
+    from the job's seed (or loaded, `pretrained`), the same for every peer with the same model, so checkpoint
+    exchange publishes and loads only the adapters and a process holds each base once."""
 
     def __post_init__(self) -> None:
         self._registered("codistill.models", "MODELS", self.model, "model")
@@ -286,6 +337,12 @@ class PeerConfig(_Section):
         )
         if self.name is not None:
             self._check(is_safe_name(self.name), "name", self.name, NAME_RULE)
+        self._check(
+            self.adapter is None or self.strategy == "ddp",
+            "adapter",
+            "lora",
+            "no adapter with strategy=fsdp (adapters are for models whose frozen base fits each worker: use ddp)",
+        )
 
 
 TERM_LAYERS = ("uniform", "last")

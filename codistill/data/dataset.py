@@ -37,13 +37,14 @@ class Dataset:
 
     `task` names how batches become inputs and targets (codistill.tasks.TASKS). For `causal_lm`, `train_x`
     and `test_x` are int64 token windows (N, block_size + 1) (a model reads [:, :-1] and predicts [:, 1:]),
-    `train_y`/`test_y` are zeros (N,), `num_classes` is the vocabulary size, and `meta` says what the text
-    and the tokenizer were (`tokenizer`, `vocab_size`, `corpus_sha256`, `tokenizer_json`, ...).
+    `train_y`/`test_y` are zeros (N,) -- or, for a chat corpus, int64 labels (N, block_size) that replace
+    [:, 1:], -100 where no loss counts (codistill.data.chat) --, `num_classes` is the vocabulary size, and `meta`
+    says what the text and the tokenizer were (`tokenizer`, `vocab_size`, `corpus_sha256`, `tokenizer_json`, ...).
     """
 
     name: str
     train_x: Rows
-    train_y: Rows  # int64 (N,)
+    train_y: Rows  # int64 (N,); a chat corpus: (N, block_size)
     test_x: Rows
     test_y: Rows
     num_classes: int

@@ -3,11 +3,15 @@ language models. No ray, no mlflow.
 
 Sources (`data.train`, and optionally `data.test`):
 
-- a text file (`.txt` or any other not tabular suffix), read as UTF-8;
+- a text file (`.txt` or any other suffix not named here), read as UTF-8;
 - a folder: its `*.txt`, `*.md` and `*.py` files, recursively, in sorted order of their relative paths
   (hidden files and folders and `__pycache__` skipped), each after a header line `# ---- <path> ----`;
 - a Parquet (`.parquet`) or Arrow (`.arrow`, `.feather`; IPC file or stream) file: the string column
   `data.text_column`, non-null rows joined with a blank line;
+- a `.jsonl` file (one JSON object per line): the string `data.text_column` of every object, joined the same way;
+- a chat corpus: a `.jsonl` file whose first object, or a Parquet/Arrow file that, has `data.messages_column`
+  (`messages`): one conversation per row, rendered by the tokenizer's chat template, one row of block_size + 1
+  tokens each, trained only on the assistant's turns (codistill.data.chat has the format and the mask);
 - nothing (`data.train` null): the offline default corpus, the running Python's standard library
   sources (`*.py`, sorted by relative path, without site-packages, test suites, idlelib, lib2to3 and
   files over 200 KB), each after a header line as for a folder.
@@ -15,7 +19,9 @@ Sources (`data.train`, and optionally `data.test`):
 Each source is cut to its first `data.max_chars` characters. Without `data.test`, the last
 `data.val_fraction` of the characters is held out (cut at that character). The tokenizer is built from
 the training text only; the token stream of each split becomes windows of `block_size + 1` tokens with
-stride `block_size` (window i = tokens[i*T : i*T + T + 1]; the incomplete tail is dropped).
+stride `block_size` (window i = tokens[i*T : i*T + T + 1]; the incomplete tail is dropped), and
+`train_y`/`test_y` are zeros (N,): the targets are the windows shifted by one. A chat corpus's `train_y`/`test_y`
+are its labels (N, block_size) instead, -100 on positions no loss counts.
 """
 
 from __future__ import annotations
@@ -26,15 +32,15 @@ import os
 import platform
 import sysconfig
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from codistill.config import DataConfig
+from codistill.data import chat
 from codistill.data.dataset import Dataset, Rows
+from codistill.data.tables import TABLE_SUFFIXES, column_values, jsonl_rows, open_table
 from codistill.data.tokenizers import TOKENIZERS, Tokenizer
 from codistill.errors import ConfigError
 
@@ -50,7 +56,6 @@ __all__ = [
 
 log = logging.getLogger("codistill")
 
-TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
 FOLDER_SUFFIXES = (".txt", ".md", ".py")
 STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 STDLIB_MAX_FILE_BYTES = 200_000
@@ -109,27 +114,8 @@ def _table(path: Path, column: str, max_chars: int | None, field: str) -> str:
     """The string column `column` of a Parquet or Arrow file, rows joined, read batch by batch until
     `max_chars` is reached."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    batches: Iterable[Any]
-    try:
-        if path.suffix == ".parquet":
-            pf = pq.ParquetFile(path)
-            schema = pf.schema_arrow
-            batches = pf.iter_batches(columns=[column]) if column in schema.names else iter(())
-        else:
-            source = pa.memory_map(str(path))
-            try:
-                reader = pa.ipc.open_file(source)
-                schema = reader.schema
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            except pa.ArrowInvalid:  # not the IPC file format: the stream format (Hugging Face datasets)
-                source.seek(0)
-                stream = pa.ipc.open_stream(source)
-                schema = stream.schema
-                batches = iter(stream)
-    except (pa.ArrowException, OSError) as e:
-        raise ConfigError(field, message=f"cannot read {path} as {path.suffix[1:]} ({e})") from None
+    schema, batches = open_table(path, column, field)
     if column not in schema.names:
         raise ConfigError(
             "data.text_column", column, f"a column of {path}, which has {', '.join(schema.names) or 'none'}"
@@ -139,8 +125,8 @@ def _table(path: Path, column: str, max_chars: int | None, field: str) -> str:
         raise ConfigError("data.text_column", column, f"a string column; in {path} it is {kind}")
     rows: list[str] = []
     total = 0
-    for batch in batches:
-        for value in batch.column(batch.schema.get_field_index(column)).to_pylist():
+    for values in column_values(batches, column):
+        for value in values:
             if value is None:
                 continue
             rows.append(value)
@@ -150,17 +136,42 @@ def _table(path: Path, column: str, max_chars: int | None, field: str) -> str:
     return ROW_SEPARATOR.join(rows)[:max_chars]
 
 
+def _jsonl(path: Path, cfg: DataConfig, field: str) -> str:
+    """The string `data.text_column` of each object of a JSONL file (one JSON object per line, blank lines
+    skipped), rows joined with a blank line as a table's are, read until `data.max_chars` is reached."""
+    rows: list[str] = []
+    total = 0
+    for where, row in jsonl_rows(path, field):
+        value = row.get(cfg.text_column)
+        if not isinstance(value, str):
+            raise ConfigError(
+                field,
+                message=f"{path} {where}: no string {cfg.text_column!r} (data.text_column) nor "
+                f"{cfg.messages_column!r} (data.messages_column, a chat corpus) column; it has "
+                f"{', '.join(map(str, row)) or 'none'}",
+            )
+        rows.append(value)
+        total += len(value) + len(ROW_SEPARATOR)
+        if cfg.max_chars is not None and total >= cfg.max_chars:
+            break
+    return ROW_SEPARATOR.join(rows)[: cfg.max_chars]
+
+
 def read_source(path_str: str, cfg: DataConfig, field: str) -> str:
-    """The text of `path_str` (a text file, folder, Parquet or Arrow file), cut to `cfg.max_chars`."""
+    """The text of `path_str` (a text file, folder, JSONL, Parquet or Arrow file), cut to `cfg.max_chars`."""
     path = Path(path_str).expanduser()
     if not path.exists():
         raise ConfigError(
-            field, path_str, "an existing text file, folder of .txt/.md/.py files, or .parquet/.arrow/.feather file"
+            field,
+            path_str,
+            "an existing text file, folder of .txt/.md/.py files, or .jsonl/.parquet/.arrow/.feather file",
         )
     if path.is_dir():
         return _folder(path, cfg.max_chars, field)
     if path.suffix.lower() in TABLE_SUFFIXES:
         return _table(path, cfg.text_column, cfg.max_chars, field)
+    if path.suffix.lower() == ".jsonl":
+        return _jsonl(path, cfg, field)
     try:
         with path.open(encoding="utf-8", newline="") as f:
             return f.read(cfg.max_chars if cfg.max_chars is not None else -1)
@@ -189,8 +200,16 @@ def _too_short(split: str, source: str, n_tokens: int, block_size: int) -> Confi
 
 
 def text(cfg: DataConfig) -> Dataset:
-    """The `text` dataset (module docstring): token windows (N, block_size + 1), task `causal_lm`."""
+    """The `text` dataset (module docstring): token windows (N, block_size + 1), task `causal_lm`; a chat
+    corpus gives one row per conversation and its labels (codistill.data.chat)."""
     t0 = time.perf_counter()
+    if cfg.train is not None and chat.is_chat_source(cfg.train, cfg):
+        c = chat.chat_corpus(cfg)
+        log.info("text: chat corpus %s read and tokenized in %.2f s", cfg.train, time.perf_counter() - t0)
+        name = Path(cfg.train).expanduser().stem or "chat"
+        return language_model_dataset(name, c.train.x, c.train.y, c.test.x, c.test.y, c.vocab_size, c.meta)
+    if cfg.test is not None and chat.is_chat_source(cfg.test, cfg, "data.test"):
+        raise ConfigError("data.test", cfg.test, "a text source like data.train, which is not a chat corpus")
     if cfg.train is None:
         corpus, source = stdlib_corpus(cfg.max_chars)
         name = "text"
@@ -250,8 +269,9 @@ def text(cfg: DataConfig) -> Dataset:
 def language_model_dataset(
     name: str, train_x: Rows, train_y: Rows, test_x: Rows, test_y: Rows, vocab_size: int, meta: dict
 ) -> Dataset:
-    """A `causal_lm` Dataset of token windows (N, block_size + 1); the targets are the windows shifted by one,
-    so `train_y`/`test_y` are zeros; token ids are stored as they are (no scaling, no normalisation)."""
+    """A `causal_lm` Dataset of token rows (N, block_size + 1): `train_y`/`test_y` are zeros (N,) when the targets
+    are the rows shifted by one, or the labels (N, block_size) (IGNORE_INDEX where no loss counts) of a chat
+    corpus; token ids are stored as they are (no scaling, no normalisation)."""
     return Dataset(
         name,
         train_x,

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from codistill.config import RunConfig
 from codistill.data import Dataset
+from codistill.engine.export import export_peers
 from codistill.engine.peer_start import peer_start
 from codistill.engine.preflight import check_job
 from codistill.engine.report import (
@@ -51,9 +52,11 @@ class LocalEngine:
         self.final: RoundResult | None = None
         self.peers: list[Peer] = []
         self.board = in_memory_board(cfg)
+        self.exports: dict[str, dict] = {}  # peer name -> its Hugging Face export's record (engine.export)
 
     def run(self, out_dir: str | Path | None = None, dataset: Dataset | None = None) -> list[RoundResult]:
-        """Train all peers; write each peer's final weights to out_dir/peers/<name>.pt."""
+        """Train all peers; write each peer's final weights to out_dir/peers/<name>.pt and, for a language model,
+        a Hugging Face model folder out_dir/peers/<name>/ (codistill.engine.export)."""
         cfg = self.cfg
         dataset = dataset if dataset is not None else check_job(cfg)
         peers = [Peer(peer_start(cfg, i), dataset, self.device) for i in range(cfg.num_peers)]
@@ -133,6 +136,8 @@ class LocalEngine:
         self.peers = peers
         if out_dir is not None:
             storage = Storage(out_dir)
-            for p in peers:
-                storage.write_torch(f"peers/{p.name}.pt", p.weights())
+            finals = {p.name: p.weights() for p in peers}
+            for name, final in finals.items():
+                storage.write_torch(f"peers/{name}.pt", final)
+            self.exports = export_peers(cfg, dataset, storage, finals, self.reporter.on_event)
         return history

@@ -21,6 +21,7 @@ import torch
 from codistill import trust
 from codistill.config import RunConfig
 from codistill.data import Dataset
+from codistill.engine.export import export_peers
 from codistill.engine.failure import Decision, FailurePolicy, PeerFailure
 from codistill.engine.peer_start import peer_start
 from codistill.engine.preflight import check_job
@@ -71,6 +72,7 @@ class RayEngine:
         self.final: RoundResult | None = None  # the last round, when this driver ran none
         self.run_id = run_id or uuid.uuid4().hex[:8]  # in actor names, the run directory and MLflow alike
         self.board_name = f"codistill-{self.run_id}-board"
+        self.exports: dict[str, dict] = {}  # peer name -> its Hugging Face export's record (engine.export)
 
     @staticmethod
     def init_ray() -> None:
@@ -217,7 +219,6 @@ class RayEngine:
             finals = ray.get([a.final_weights.remote() for a in actors])
             for name, w in zip(names, finals):
                 storage.write_torch(f"peers/{name}.pt", w)
-            return history
         finally:
             groups = [a for i, a in enumerate(actors) if cfg.peers[i].workers > 1]
             ray.wait([g.shutdown.remote() for g in groups], num_returns=len(groups), timeout=60)
@@ -226,6 +227,10 @@ class RayEngine:
             ray.kill(board, no_restart=True)
             if own_pg:
                 ray.util.remove_placement_group(pg)
+        # language models: peers/<name>/ as Hugging Face model folders, made here from the final weights once the
+        # peers' resources are free again
+        self.exports = export_peers(cfg, dataset, storage, dict(zip(names, finals)), self.reporter.on_event)
+        return history
 
     def _check_groups_fit(self) -> None:
         """A worker group the cluster can never hold fails now, naming the peer (Train would wait forever)."""

@@ -4,7 +4,7 @@ that progress lines, MLflow and Tune implement, and the run's summary."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,10 +215,12 @@ def build_summary(
     wall_time_s: float,
     prior_rounds: Sequence[dict] = (),
     final: RoundResult | None = None,
+    exports: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The run's summary.json: final per-peer and ensemble results plus the per-round history
     (`prior_rounds`: records of rounds an earlier driver of the same run finished; `final`: the last
-    round when this driver ran none, as when a run resumes after its last round)."""
+    round when this driver ran none, as when a run resumes after its last round; `exports`: each language-model
+    peer's Hugging Face export, by name (codistill.engine.export), as its `export` entry)."""
     final = history[-1] if history else final
     assert final is not None, "a summary needs a round"
     total = ExchangeStats()
@@ -244,12 +246,14 @@ def build_summary(
             "node_id": r.node_id,
             "node_ids": r.node_ids or ([r.node_id] if r.node_id else []),
             "bytes_published": r.exchange.bytes_published,
+            "bytes_per_publish": r.exchange.to_dict()["bytes_per_publish"],  # checkpoint mode: one version's
             "bytes_pulled": r.exchange.bytes_pulled,
             "staleness": r.exchange.staleness(),
             "exchange_s": r.exchange.exchange_s,
             "teacher_forward_s": r.exchange.teacher_forward_s,
             "busy_s": r.busy_s,
             **({"terms": dict(r.terms)} if r.terms else {}),
+            **({"export": dict(exports[r.name])} if exports and r.name in exports else {}),
         }
         for r in final.peers
     ]

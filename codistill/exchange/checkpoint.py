@@ -175,15 +175,16 @@ class CheckpointExchange(Exchange):
             if peer.rank == 0:
                 self.board.publish_weights(self.index, w)
                 self.stats.bytes_published += w.shard_bytes
+                self.stats.publishes += 1
             self.stats.exchange_s += time.perf_counter() - t0
             return
         if peer.sharded:
             weights = peer.weights()  # every rank (it checks the losses first)
         else:
-            peer.check_losses()  # weights trained past a NaN are never published
-            weights = peer.module.state_dict()
+            weights = peer.published_weights()  # the model's weights, or an adapter peer's adapters only
         if peer.rank == 0:
             w = encode_weights(weights, version, self.cfg.exchange.dtype)
             self.board.publish_weights(self.index, w)
             self.stats.bytes_published += w.nbytes
+            self.stats.publishes += 1
         self.stats.exchange_s += time.perf_counter() - t0

@@ -20,6 +20,7 @@ class ExchangeStats:
     teacher_forward_s: float = 0.0  # checkpoint mode: running the local teachers (compute, not exchange)
     teacher_updates: int = 0
     teacher_forwards: int = 0  # checkpoint mode: batches run through a local teacher (one per teacher and step)
+    publishes: int = 0  # checkpoint mode: versions this peer published (bytes_published / publishes per version)
 
     def see_staleness(self, staleness: int) -> None:
         """`staleness` = student step - the teacher step that produced the signal. A free-running
@@ -40,6 +41,7 @@ class ExchangeStats:
             "teacher_forward_s",
             "teacher_updates",
             "teacher_forwards",
+            "publishes",
         ):
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.staleness_max = max(self.staleness_max, other.staleness_max)
@@ -62,6 +64,8 @@ class ExchangeStats:
             "teacher_forward_s": self.teacher_forward_s,
             "teacher_updates": self.teacher_updates,
             "teacher_forwards": self.teacher_forwards,
+            "publishes": self.publishes,
+            "bytes_per_publish": self.bytes_published // self.publishes if self.publishes else 0,
         }
 
     def state_dict(self) -> dict[str, float | int]:

@@ -25,6 +25,7 @@ from codistill.losses import total_loss
 from codistill.losses.distill import TeacherSignal
 from codistill.losses.terms import StudentOutput, TeacherOutput
 from codistill.models import build_model
+from codistill.models.adapters import adapter_state, add_adapter, has_adapter, load_adapter_state, share_base
 from codistill.models.randomness import draws_random_numbers
 from codistill.models.taps import TapRecorder
 from codistill.models.units import shard_units
@@ -61,6 +62,14 @@ class _Pending:
     y: torch.Tensor
     logits: torch.Tensor
     taps: dict[str, torch.Tensor]
+
+
+BASE_SALT = 0xBA5E
+
+
+def base_seed(job_seed: int) -> int:
+    """The initialisation seed of an adapter peer's frozen base (the same for every peer of the job)."""
+    return mix_seed(job_seed, BASE_SALT)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,10 +147,11 @@ class Peer:
         self.heads, self.student_taps, self.publish_taps = plan.heads, plan.student_taps, plan.publish_taps
         self.teacher_taps, self.extra_names = plan.teacher_taps, plan.extra_names
         oc = cfg.peer_optim(index)
-        self.optimizer = make_optimizer(list(self.module.parameters()) + list(self.heads.parameters()), oc)
+        trained = [p for p in self.module.parameters() if p.requires_grad]  # an adapter peer's base is frozen
+        self.optimizer = make_optimizer(trained + list(self.heads.parameters()), oc)
         self.scheduler = make_scheduler(self.optimizer, oc, self.total_steps)
         self.step = 0  # completed training steps
-        self.teachers = LocalTeachers(self._build_teacher, load_full_state_dict if self.sharded else None)
+        self.teachers = LocalTeachers(self._build_teacher, load_full_state_dict if self.sharded else self._load_teacher)
         self._pending: _Pending | None = None
         self.influence: torch.Tensor | None = None  # this step's own normalised influence weights (B_part,)
         self.ledger = LossLedger(self.name, self.loss_plan.extra_names, world_size, self.device)
@@ -149,9 +159,11 @@ class Peer:
     # -- construction ------------------------------------------------------------------------
 
     def _build(self, index: int, seed: int, on_device: bool = True) -> nn.Module:
+        pc = self.cfg.peers[index]
         with torch.random.fork_rng(devices=[]):  # initialise from the peer's seed without touching global RNG
-            torch.manual_seed(seed)
-            pc = self.cfg.peers[index]
+            # An adapter peer's frozen base comes from the job's seed: the same base for every peer of that model
+            # (what makes publishing only the adapters enough, and one base per process possible).
+            torch.manual_seed(base_seed(self.cfg.seed) if pc.adapter is not None else seed)
             model = build_model(
                 pc.model,
                 self.task.input_shape(self.dataset),
@@ -159,6 +171,9 @@ class Peer:
                 model_args=pc.model_args,
                 pretrained=pc.pretrained,
             )
+            if pc.adapter is not None:
+                torch.manual_seed(seed)  # the adapters' own initialisation: the peer's
+                model = add_adapter(model, pc.adapter)
         if not on_device:
             return model
         model = model.to(self.device)
@@ -168,11 +183,27 @@ class Peer:
 
     def _build_teacher(self, index: int) -> nn.Module:
         """A frozen local copy of peer `index` (checkpoint mode): a sharded peer shards it the same way, so each
-        rank holds 1/W of it (a teacher with no units to shard, e.g. an MLP, is kept whole on every rank)."""
+        rank holds 1/W of it (a teacher with no units to shard, e.g. an MLP, is kept whole on every rank). A teacher
+        with this peer's base and adapter layout shares this peer's base tensors: one base per process."""
+        if self._same_base(index):
+            return share_base(self.module)
         model = self._build(index, seed=0, on_device=False)
         if self.sharded and shard_units(model):
             return shard_model(model, self.device, bf16=self.amp, frozen=True)
         return model.to(self.device)
+
+    def _same_base(self, index: int) -> bool:
+        """Whether peer `index` is an adapter peer on this peer's frozen base, with the same adapter layout."""
+        own, other = self.cfg.peers[self.index], self.cfg.peers[index]
+        same = ("model", "model_args", "pretrained", "adapter")
+        return own.adapter is not None and all(getattr(own, f) == getattr(other, f) for f in same)
+
+    def _load_teacher(self, model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+        """Published weights into a local teacher: an adapter peer publishes its adapters only."""
+        if has_adapter(model):
+            load_adapter_state(model, weights)
+        else:
+            model.load_state_dict(dict(weights))
 
     def _autocast(self):
         if self.amp:
@@ -350,6 +381,14 @@ class Peer:
 
     def teacher_versions(self) -> dict[int, int]:
         return self.teachers.versions()
+
+    def published_weights(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint exchange publishes (one process, not sharded): the whole model's weights, or an adapter
+        peer's adapters only (its consumers hold the same frozen base)."""
+        self.check_losses()  # weights trained past a NaN are never published
+        if self.cfg.peers[self.index].adapter is not None:
+            return adapter_state(self.module)
+        return self.module.state_dict()
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The model's full weights on the CPU (what a checkpoint exchange publishes, and the final weights). A

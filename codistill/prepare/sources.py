@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from codistill.config import DataConfig
+from codistill.data.chat import is_chat_source
 from codistill.data.sources import (
     TABLE_SUFFIXES,
     TEXT_SUFFIXES,
@@ -47,6 +48,13 @@ def plan_text(cfg: DataConfig, shard_bytes: int) -> tuple[list[dict], dict[str, 
     plans = [("train", cfg.train, "data.train")] + ([("test", cfg.test, "data.test")] if cfg.test else [])
     for split, location, field in plans:
         root, files = list_files(location, field, TEXT_SUFFIXES)
+        for p in files:
+            if is_chat_source(str(p), cfg, field):  # a chat row is a conversation with its own labels, not a stream
+                raise ConfigError(
+                    field,
+                    message=f"{p} is a chat corpus ({cfg.messages_column!r} rows): prepare writes token streams; "
+                    "train on it without a prepare (data.name text reads it in memory)",
+                )
         sources[split] = [fingerprint(p) for p in files]
         line_units: list[tuple[Path, str, int]] = []  # (file, header, bytes read)
         table_units: list[tuple[Path, int, int]] = []  # (file, row group, rows)

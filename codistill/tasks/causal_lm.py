@@ -1,5 +1,7 @@
 """Causal language modelling: a row is a window of block_size + 1 token ids; the model reads the first
-block_size and predicts each next token. Losses and metrics count tokens (positions), not windows."""
+block_size and predicts each next token. Losses and metrics count tokens (positions), not windows. A dataset
+whose targets are (N, block_size) labels (a chat corpus, codistill.data.chat) gives them instead of the shifted
+window, IGNORE_INDEX (-100) where no loss or metric counts (prompts, padding)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ class CausalLM(Task):
         return (int(ds.train_x.shape[1]) - 1,)  # (block_size,)
 
     def prepare(self, data: PeerData, x: torch.Tensor, y: torch.Tensor, step: int | None) -> tuple[torch.Tensor, ...]:
-        del y  # the targets are the window shifted by one
-        return x[:, :-1], x[:, 1:]  # (B, T) inputs, (B, T) next tokens
+        if y.ndim == 2:  # (B, T) labels of their own (a chat corpus): IGNORE_INDEX where no loss counts
+            return x[:, :-1], y
+        return x[:, :-1], x[:, 1:]  # (B, T) inputs, (B, T) next tokens: the window shifted by one (y is zeros)
 
     def validation_rows(self, num_rows: int, fraction: float, seed: int) -> torch.Tensor:
         """The last windows of the training text: windows are consecutive, so a random subset would share

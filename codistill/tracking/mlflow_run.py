@@ -9,7 +9,9 @@ What a run holds: params = the flattened config; tags = codistill kind, exchange
 own source, user and git tags; per round: ensemble metrics (job run), per-peer metrics and the
 training loss of every step (`step_loss`, batched per round); system metrics (CPU, memory, GPU) while
 it runs; at the end: the dataset as an input, each peer's final model (`mlflow.pytorch.log_model`
-with a signature and an input example), job.yaml, summary.json, curves.png and the peers' weights.
+with a signature and an input example; a language model exported as a Hugging Face folder,
+`mlflow.transformers.log_model` as a text-generation pipeline), job.yaml, summary.json, curves.png and the
+peers' weights.
 """
 
 from __future__ import annotations
@@ -359,15 +361,18 @@ class Tracker(NullTracker):
         does not take is tried again; a model that cannot be serialised is a warning, not a lost run)."""
         from mlflow.exceptions import MlflowException
 
-        from codistill.tracking.models import log_dataset, log_peer_model
+        from codistill.tracking.models import log_dataset, log_hf_model, log_peer_model
+
+        def store_failing(e: Exception) -> bool:  # the store, for a moment: the call is tried again
+            local = isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))  # not the store
+            return is_transient(e) and isinstance(e, (MlflowException, OSError)) and not local
 
         def guarded(fn: Callable[[], None]) -> Callable[[], None]:
             def call() -> None:
                 try:
                     fn()
                 except Exception as e:
-                    local = isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))  # not the store
-                    if is_transient(e) and isinstance(e, (MlflowException, OSError)) and not local:  # try again
+                    if store_failing(e):
                         raise
                     self.mlflow.note(
                         f"warning: MLflow could not log the models or the dataset: {type(e).__name__}: {e}"
@@ -379,15 +384,38 @@ class Tracker(NullTracker):
             if self.job_run is not None:
                 log_dataset(self.mlflow.client, [self.job_run, *self.peer_runs.values()], example)
 
-        def model(i: int, name: str) -> None:
+        def model(i: int, name: str, export: dict) -> None:
+            """A Hugging Face export with the transformers flavour; else (none, or the flavour failed) the
+            pytorch flavour, and an export's folder beside it as artifacts (`hf/`)."""
             weights = storage.read_torch(f"peers/{name}.pt")
             run_id = self.peer_runs.get(name)
-            if weights is not None and run_id is not None:
+            if weights is None or run_id is None:
+                return
+            if not export.get("path"):
                 log_peer_model(run_id, name, example.build(i), weights, example)
+                return
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+                folder = Path(tmp)
+                for file in export.get("files", []):
+                    data = storage.read(f"{export['path']}/{file}")
+                    if data is not None:
+                        (folder / file).write_bytes(data)
+                try:
+                    log_hf_model(run_id, name, folder)
+                    return
+                except Exception as e:
+                    if store_failing(e):
+                        raise
+                    self.mlflow.note(
+                        f"warning: MLflow could not log peer {name} with mlflow.transformers ({type(e).__name__}: "
+                        f"{e}); logged with mlflow.pytorch, its Hugging Face folder as artifacts hf/"
+                    )
+                log_peer_model(run_id, name, example.build(i), weights, example)
+                self.mlflow.client.log_artifacts(run_id, str(folder), artifact_path="hf")
 
         self.mlflow.submit(guarded(dataset), "log_inputs")
         for i, p in enumerate(summary["peers"]):
-            self.mlflow.submit(guarded(functools.partial(model, i, p["name"])), "log_model")
+            self.mlflow.submit(guarded(functools.partial(model, i, p["name"], p.get("export") or {})), "log_model")
 
     def _close_runs(self, status: str, record: str) -> None:
         """Queue the runs' end, wait for the queue to empty (giving up on a store that keeps failing for
