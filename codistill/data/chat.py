@@ -100,6 +100,14 @@ class ChatTemplate:
     sha256: str | None = None  # of a tokenizer's own template text
 
 
+CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""`chatml` as a Jinja chat template: what an exported tokenizer of a ChatML-trained peer carries, so
+`apply_chat_template` renders prompts exactly as the peer was trained on them."""
+
+
 def chatml(messages: list[Message], add_generation_prompt: bool) -> str:
     """The default template (module docstring), as plain text."""
     text = "".join(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n" for m in messages)

@@ -78,14 +78,13 @@ def _export_one(
     pc, name = cfg.peers[index], cfg.peer_name(index)
     with torch.device("meta"):  # the architecture only: the weights are the final ones, assigned, not copied
         model = build_model(pc.model, task_of(dataset).input_shape(dataset), dataset.num_classes, pc.model_args)
-        adapter = getattr(pc, "adapter", None)
-        if adapter is not None:  # LoRA: its layers, so that the final weights fit; export_hf merges them
+        if pc.adapter is not None:  # LoRA: its layers, so that the final weights fit; export_hf merges them
             from codistill.models.adapters import add_adapter
 
-            model = add_adapter(model, adapter)
+            model = add_adapter(model, pc.adapter)
     rel = peer_export_dir(name)
     with tempfile.TemporaryDirectory(prefix="codistill-export-") as tmp:
-        result = export_hf(model, weights, tokenizer, Path(tmp))
+        result = export_hf(model, weights, tokenizer, Path(tmp), _chat_template(dataset))
         if isinstance(result, str):
             return {"skipped": result}
         storage.delete_dir(rel)  # an earlier driver's export of this run (resumed): no stale file stays
@@ -98,6 +97,16 @@ def _export_one(
         "files": list(result.files),
         "tokenizer": result.tokenizer,
     }
+
+
+def _chat_template(dataset: Dataset) -> str | None:
+    """ChatML as Jinja when the peers were trained on a chat corpus rendered as ChatML (codistill.data.chat)."""
+    chat = dataset.meta.get("chat")
+    if not isinstance(chat, dict) or chat.get("template") != "chatml":
+        return None
+    from codistill.data.chat import CHATML_JINJA
+
+    return CHATML_JINJA
 
 
 def _one_line(e: BaseException) -> str:

@@ -66,6 +66,7 @@ def export_hf(
     weights: dict[str, torch.Tensor],
     tokenizer: Tokenizer | None,
     folder: str | os.PathLike[str],
+    chat_template: str | None = None,
 ) -> ExportResult | str:
     """Write `model` with `weights` (its `state_dict`, on the CPU) and `tokenizer` as a Hugging Face model folder;
     the reason, one line, when there is no exact Hugging Face equivalent (nothing is written then).
@@ -73,7 +74,8 @@ def export_hf(
     `model` has the peer's architecture and may be on any device, PyTorch's meta device included (how the engines
     build it: no memory, no initialisation): an `HFCausalLM`'s tensors are replaced by `weights`
     (`load_state_dict(assign=True)`), a `GPT` is only read for its sizes. A model with LoRA adapters has them in
-    `model` and `weights` and is exported merged (see the module docstring)."""
+    `model` and `weights` and is exported merged (see the module docstring). `chat_template` (Jinja): the one the
+    peer was trained with on a chat corpus, saved with a tokenizer that has none of its own."""
     if any(is_adapter_key(k) for k in weights):
         plain = _merge_adapters(model, weights)
         if isinstance(plain, str):
@@ -101,7 +103,10 @@ def export_hf(
     with quiet_progress():
         hf_model.save_pretrained(out)  # safetensors (the default since transformers 4.35, the only format in 5)
         if tokenizer is not None:
-            hf_tokenizer(tokenizer).save_pretrained(out)
+            saved = hf_tokenizer(tokenizer)
+            if chat_template is not None and not getattr(saved, "chat_template", None):
+                saved.chat_template = chat_template
+            saved.save_pretrained(out)
     files = tuple(sorted(p.name for p in out.iterdir() if p.is_file()))
     return ExportResult(out, fmt, str(getattr(hf_model.config, "model_type", "")), files, tokenizer is not None)
 

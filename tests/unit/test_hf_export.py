@@ -159,6 +159,21 @@ def test_lora_adapters_are_merged_into_a_plain_model_with_the_same_logits(tmp_pa
         torch.testing.assert_close(model(tokens).logits, peer(tokens), atol=1e-5, rtol=1e-5)  # (B, T, V)
 
 
+def test_a_chatml_trained_peer_exports_the_template_it_was_trained_with(tmp_path, monkeypatch):
+    from codistill.data.chat import CHATML_JINJA, chatml
+
+    _offline(monkeypatch)
+    gpt = build_model("gpt-tiny", (16,), 256)
+    result = export_hf(_meta("gpt-tiny", 16, 256, {}), gpt.state_dict(), ByteTokenizer(), tmp_path, CHATML_JINJA)
+    assert not isinstance(result, str), result
+    _, tokenizer = _load(tmp_path)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"}]
+    messages.append({"role": "assistant", "content": "héllo"})
+    for prompt in (False, True):  # as the peer saw its training conversations, and a prompt to answer
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        assert rendered == chatml(messages, prompt)
+
+
 def test_a_model_without_a_hugging_face_equivalent_is_a_reason_and_nothing_is_written(tmp_path):
     mlp = build_model("mlp", (1, 8, 8), 10)
     reason = export_hf(mlp, mlp.state_dict(), None, tmp_path / "out")
