@@ -7,7 +7,7 @@ Bench, not a test.
 
     python bench/lm_exchange.py                 # writes bench/results/lm_exchange.json
     python bench/lm_exchange.py --steps 40 --device cuda
-    python bench/lm_exchange.py --vocabs none --quality-steps 300 --seeds 0,1,2   # the quality part only
+    python bench/lm_exchange.py --vocabs none --quality-steps 900 --seeds 0,1,2   # the quality part only
 
 Real runs (V = 256, 8192) use the LocalEngine on the offline corpus: the step time includes both peers'
 forward, publish (top-k selection and encoding), fetch, decode, loss and backward; Ray's object-store
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--vocabs", default="256,8192,50000", help="'none': skip the bytes and time part")
-    ap.add_argument("--quality-steps", type=int, default=300, help="0: skip the quality part")
+    ap.add_argument("--quality-steps", type=int, default=900, help="the quickstart's own 900; 0: skip the quality part")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_exchange.json"))
     args = ap.parse_args()

@@ -63,8 +63,10 @@ def sample_logits(
     draws, _ = draws.sort(dim=-1)  # equal ids side by side
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]  # (N, k): the first slot of each distinct id
-    # a distinct id's count is how many draws equal it; a repeat's slot keeps the id with count 0
-    counts = (draws[:, :, None] == draws[:, None, :]).sum(-1) * first  # (N, k)
+    # a distinct id's count is the length of its run of equal draws; a repeat's slot keeps the id with count 0
+    run = first.cumsum(-1) - 1  # (N, k): which run (distinct id) each slot is in
+    run_length = torch.zeros_like(draws).scatter_add_(1, run, torch.ones_like(draws))  # (N, k): run r's length at r
+    counts = run_length.gather(1, run) * first  # (N, k)
     teacher_term = (counts.float() / k * log_p.gather(1, draws)).sum(-1)  # (N,)
     return SampledLogits(draws, counts, teacher_term, flat.shape[-1])
 

@@ -284,10 +284,10 @@ def test_a_peer_that_cannot_be_exported_is_one_line_and_a_skipped_record(tmp_pat
     _offline(monkeypatch)
     real = export.export_hf
 
-    def flaky(model, weights, tokenizer, folder, **kwargs):
+    def flaky(model, weights, tokenizer, folder, *args, **kwargs):
         if isinstance(model, GPT) and model.tok_emb.embedding_dim == 48:
             raise RuntimeError("disk on fire\nsecond line")
-        return real(model, weights, tokenizer, folder, **kwargs)
+        return real(model, weights, tokenizer, folder, *args, **kwargs)
 
     monkeypatch.setattr(export, "export_hf", flaky)
     from codistill.engine.report import Reporter
