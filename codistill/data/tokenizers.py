@@ -294,7 +294,10 @@ class HFTokenizer(Tokenizer):
         return cls(name, tok)
 
     def encode(self, text: str) -> np.ndarray:
-        out = self.tokenizer(list(chunks(text)), add_special_tokens=False, verbose=False)
+        pieces = list(chunks(text))
+        if not pieces:  # no text: transformers cannot tokenize an empty batch
+            return np.zeros(0, dtype=np.int64)
+        out = self.tokenizer(pieces, add_special_tokens=False, verbose=False)
         return _concat(out["input_ids"])
 
     def encode_with_offsets(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
