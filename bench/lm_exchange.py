@@ -26,7 +26,7 @@ import torch
 
 from codistill import config as C
 from codistill.engine import LocalEngine
-from codistill.exchange.logits import decode_shard
+from codistill.exchange.logits import decode_shard, sampled_shard
 from codistill.exchange.wire import LogitShard, encode_tensor, id_dtype
 from codistill.losses import distillation_loss
 from codistill.losses.sampled import sample_logits
@@ -91,17 +91,7 @@ def synthetic(vocab: int, shard: tuple[str, int] | None, positions: int, device:
                 wire = LogitShard(0, 0, torch.zeros(1).long().numpy(), encode_tensor(teacher, "bfloat16"), "bfloat16")
             elif shard[0] == "sampled":
                 drawn = sample_logits(teacher, shard[1], 1.0, torch.Generator(device=device).manual_seed(0))
-                wire = LogitShard(
-                    0,
-                    0,
-                    torch.zeros(1).long().numpy(),
-                    encode_tensor(teacher[:, :0], "bfloat16"),
-                    "bfloat16",
-                    drawn.ids.cpu().numpy().astype(id_dtype(vocab)),
-                    num_classes=vocab,
-                    sample_counts=drawn.counts.cpu().numpy().astype(id_dtype(shard[1] + 1)),
-                    teacher_term=drawn.teacher_term.cpu().numpy(),
-                )
+                wire = sampled_shard(0, 0, torch.zeros(1).long().numpy(), drawn, "bfloat16")
             else:
                 top = topk_logits(teacher, shard[1], 1.0)
                 wire = LogitShard(

@@ -41,6 +41,17 @@ def make_peer(cfg: C.RunConfig, index: int, dataset: "Dataset") -> "Peer":
     return Peer(peer_start(cfg, index), dataset)
 
 
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+"""`model_args` of a tiny Llama-type `hf` model (built offline from its config)."""
+
+
 def tiny_text() -> str:
     """Deterministic text, the same on every machine and Python (the stdlib corpus is not)."""
     words = "the peer learns from its teachers while they train and the others learn from it too".split()  # noqa: SIM905

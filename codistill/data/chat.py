@@ -59,6 +59,7 @@ from codistill.config import DataConfig
 from codistill.data.tables import TABLE_SUFFIXES, column_values, jsonl_rows, open_table
 from codistill.data.tokenizers import TOKENIZERS, Tokenizer
 from codistill.errors import ConfigError
+from codistill.losses.distill import IGNORE_INDEX  # the label no loss or metric counts
 
 __all__ = [
     "IGNORE_INDEX",
@@ -79,8 +80,6 @@ __all__ = [
 
 log = logging.getLogger("codistill")
 
-IGNORE_INDEX = -100
-"""The label no loss or metric counts (codistill.losses.distill.IGNORE_INDEX, PyTorch's `ignore_index`)."""
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 ASSISTANT = "assistant"
 

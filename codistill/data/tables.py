@@ -9,11 +9,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from codistill.data.sources import TABLE_SUFFIXES
 from codistill.errors import ConfigError
 
 __all__ = ["TABLE_SUFFIXES", "column_values", "jsonl_rows", "open_table"]
-
-TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
 
 
 def open_table(path: Path, column: str, field: str) -> tuple[Any, Iterable[Any]]:

@@ -246,7 +246,7 @@ def build_summary(
             "node_id": r.node_id,
             "node_ids": r.node_ids or ([r.node_id] if r.node_id else []),
             "bytes_published": r.exchange.bytes_published,
-            "bytes_per_publish": r.exchange.to_dict()["bytes_per_publish"],  # checkpoint mode: one version's
+            "bytes_per_publish": r.exchange.bytes_per_publish,  # checkpoint mode: one version's
             "bytes_pulled": r.exchange.bytes_pulled,
             "staleness": r.exchange.staleness(),
             "exchange_s": r.exchange.exchange_s,

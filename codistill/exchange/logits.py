@@ -32,7 +32,7 @@ from codistill.peer.topology import consumers_of, part_bounds, rank_slot
 if TYPE_CHECKING:
     from codistill.peer import Peer
 
-__all__ = ["LogitExchange", "TeacherMismatch", "decode_shard"]
+__all__ = ["LogitExchange", "TeacherMismatch", "decode_shard", "sampled_shard"]
 
 
 class TeacherMismatch(CodistillError, RuntimeError):
@@ -57,6 +57,26 @@ def decode_shard(shard: LogitShard, device: torch.device | str) -> TeacherSignal
         as_tensor(np.asarray(shard.lse)).to(device),
         as_tensor(np.asarray(shard.lse_rest)).to(device),
         shard.num_classes,
+    )
+
+
+def sampled_shard(
+    batch_step: int, produced_step: int, sample_ids: np.ndarray, drawn: SampledLogits, dtype: str
+) -> LogitShard:
+    """The wire form of a sampled teacher signal: ids, counts and the teacher's term; no values travel (the
+    shard's `logits` is (N, 0) in the wire dtype, for what reads every shard alike)."""
+    n, k = drawn.ids.shape
+    wire_values = np.int16 if dtype == "bfloat16" else np.dtype(dtype)  # bf16 travels as its raw 16 bits
+    return LogitShard(
+        batch_step,
+        produced_step,
+        sample_ids,
+        np.zeros((n, 0), dtype=wire_values),
+        dtype,
+        drawn.ids.cpu().numpy().astype(id_dtype(drawn.num_classes)),
+        num_classes=drawn.num_classes,
+        sample_counts=drawn.counts.cpu().numpy().astype(id_dtype(k + 1)),
+        teacher_term=drawn.teacher_term.cpu().numpy(),
     )
 
 
@@ -151,18 +171,7 @@ class LogitExchange(Exchange):
         generator = torch.Generator(device=logits.device)
         generator.manual_seed(mix_seed(cfg.seed, self.index, self.rank, batch_step))
         drawn = sample_logits(z, cfg.exchange.topk, cfg.loss.temperature, generator)
-        n = drawn.ids.shape[0]
-        return LogitShard(
-            batch_step,
-            produced_step,
-            sample_ids,
-            np.zeros((n, 0), dtype=encode_tensor(logits[:0], cfg.exchange.dtype).dtype),  # no values travel
-            cfg.exchange.dtype,
-            drawn.ids.cpu().numpy().astype(id_dtype(drawn.num_classes)),
-            num_classes=drawn.num_classes,
-            sample_counts=drawn.counts.cpu().numpy().astype(id_dtype(cfg.exchange.topk + 1)),
-            teacher_term=drawn.teacher_term.cpu().numpy(),
-        )
+        return sampled_shard(batch_step, produced_step, sample_ids, drawn, cfg.exchange.dtype)
 
     def teacher_signals(self, peer: Peer, step: int) -> list[TeacherOutput] | None:
         if not self.distills_at(step):

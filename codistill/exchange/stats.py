@@ -47,6 +47,11 @@ class ExchangeStats:
         self.staleness_max = max(self.staleness_max, other.staleness_max)
         self.teacher_lead_max = max(self.teacher_lead_max, other.teacher_lead_max)
 
+    @property
+    def bytes_per_publish(self) -> int:
+        """Checkpoint mode: what one published version weighed (0 before the first)."""
+        return self.bytes_published // self.publishes if self.publishes else 0
+
     def staleness(self) -> dict[str, float]:
         """The summary's `staleness` entry."""
         mean = self.staleness_sum / self.staleness_count if self.staleness_count else 0.0
@@ -65,7 +70,7 @@ class ExchangeStats:
             "teacher_updates": self.teacher_updates,
             "teacher_forwards": self.teacher_forwards,
             "publishes": self.publishes,
-            "bytes_per_publish": self.bytes_published // self.publishes if self.publishes else 0,
+            "bytes_per_publish": self.bytes_per_publish,
         }
 
     def state_dict(self) -> dict[str, float | int]:

@@ -15,8 +15,7 @@ job's tokenizer files, which `AutoModelForCausalLM.from_pretrained(folder)` and
 LoRA adapters are merged into the base weights before anything is saved, so the folder is a plain model that
 needs no peft to load (`W + (alpha / r) B A`, exact up to float rounding): adapters injected in place
 (`codistill.models.adapters`, `peers[i].adapter`: `weights` has their `lora_` keys and `model` their layers) through
-`adapters.merged`, and an `hf_model` wrapped in a peft `PeftModel` (anything with `merge_and_unload`) through
-that.
+`adapters.merged`.
 
 The tokenizer is written beside the model so that `AutoTokenizer.from_pretrained(folder)` encodes text to the
 job's ids (`hf_tokenizer`). No special tokens are added (they would change the vocabulary); a model whose
@@ -248,8 +247,6 @@ def _hf_model(model: HFCausalLM, weights: dict[str, torch.Tensor]) -> Any:
     inner = _assign(inner, own)
     if isinstance(inner, str):
         return inner
-    if hasattr(inner, "merge_and_unload"):  # a peft PeftModel: one plain model, no peft to load it
-        inner = inner.merge_and_unload()
     if not hasattr(inner, "save_pretrained"):
         return f"{type(inner).__name__} has no save_pretrained"
     return inner

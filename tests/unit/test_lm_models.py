@@ -10,16 +10,10 @@ import torch.nn.functional as F
 from codistill.models import MODELS, build_model
 from codistill.models.gpt import GPT, GPT_PRESETS
 from codistill.models.hf import HFCausalLM
+from tests.helpers import TINY_LLAMA
 
 VOCAB, BLOCK = 50, 16
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+LLAMA = TINY_LLAMA
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2}
 
 

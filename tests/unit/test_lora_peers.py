@@ -15,17 +15,10 @@ from codistill.exchange import in_memory_board, make_exchange
 from codistill.models import build_model
 from codistill.models.adapters import add_adapter, is_adapter_key, merged
 from codistill.peer.peer import base_seed
-from tests.helpers import ROOT, lm_job, make_peer
+from tests.helpers import ROOT, TINY_LLAMA, lm_job, make_peer
 
 LORA = "{kind: lora, r: 4, alpha: 8}"
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-}
+LLAMA = TINY_LLAMA
 
 
 def lora_job(tmp_path, *sets: str, steps: int = 8, hf: bool = False):

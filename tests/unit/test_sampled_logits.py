@@ -9,8 +9,8 @@ import torch
 from codistill.config import load_job
 from codistill.engine import LocalEngine
 from codistill.errors import ConfigError
-from codistill.exchange.logits import decode_shard
-from codistill.exchange.wire import LogitShard, id_dtype, join_shards
+from codistill.exchange.logits import decode_shard, sampled_shard
+from codistill.exchange.wire import LogitShard, join_shards
 from codistill.losses.distill import distillation_loss
 from codistill.losses.divergences import kl
 from codistill.losses.sampled import SampledLogits, sample_logits, sampled_kl
@@ -82,17 +82,7 @@ def test_sampled_draws_reproduce_with_the_same_seed():
 
 def test_sampled_shard_round_trips_through_the_wire_and_a_checkpoint():
     drawn = sample_logits(_logits(0).reshape(2, 3, V), 8, T, torch.Generator().manual_seed(0))  # (B=2, T=3)
-    shard = LogitShard(
-        4,
-        3,
-        np.array([10, 11], dtype=np.int64),
-        np.zeros((N, 0), dtype=np.int16),
-        "bfloat16",
-        drawn.ids.numpy().astype(id_dtype(V)),
-        num_classes=V,
-        sample_counts=drawn.counts.numpy().astype(id_dtype(9)),
-        teacher_term=drawn.teacher_term.numpy(),
-    )
+    shard = sampled_shard(4, 3, np.array([10, 11], dtype=np.int64), drawn, "bfloat16")  # what a publisher sends
     assert shard.nbytes == 16 + N * 8 * (1 + 1) + N * 4  # ids and counts one byte each: no values travel
     for again in (shard, LogitShard.from_state_dict(shard.state_dict())):
         got = decode_shard(again, "cpu")
